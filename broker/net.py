@@ -1,0 +1,66 @@
+"""Listening sockets and peer addresses."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+BACKLOG = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BindAddress:
+    family: socket.AddressFamily
+    host: str
+    port: int
+    optional: bool  # part of the "every address" default: a missing IPv6 stack is not fatal
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+
+def bind_addresses(hosts: tuple[str, ...], port: int) -> list[BindAddress]:
+    """Where to listen: each --host resolved, or every IPv4 and IPv6 address by default."""
+    if not hosts:
+        return [
+            BindAddress(socket.AF_INET, "0.0.0.0", port, optional=False),
+            BindAddress(socket.AF_INET6, "::", port, optional=True),
+        ]
+    found: list[BindAddress] = []
+    for host in hosts:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, _type, _proto, _name, sockaddr in infos:
+            addr = BindAddress(family, str(sockaddr[0]), port, optional=False)
+            if addr not in found:
+                found.append(addr)
+    return found
+
+
+def open_listener(addr: BindAddress) -> socket.socket:
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr.family == socket.AF_INET6:
+            # One socket per family: dual-stack behaviour varies by system; explicit is predictable.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ipv6_unavailable(e: OSError) -> bool:
+    return e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def peer_ip(host: str) -> str:
+    """SPEC.md get_ip(): dotted quad, compressed IPv6, IPv4-mapped IPv6 as plain IPv4."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return addr.compressed

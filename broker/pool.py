@@ -1,0 +1,221 @@
+"""The sandbox pool: at most `workers` children alive, a few kept pre-forked and locked down.
+
+A connection takes a warm child (no fork on the path to its first byte), or forks one if there is room,
+or waits in a bounded queue for a short time. Every child serves one session and is then killed and
+reaped; its slot is freed only when the zygote reports it gone, so `alive` is never an underestimate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+
+from broker.channel import ChildChannel, ChildGone, Deadline
+from broker.zygote import ChildProcess, Zygote, ZygoteLost
+from deadend.config import Ceilings
+from deadend.logs import BROKER, EventLog, sanitize
+from deadend.wire import ProtocolViolation
+
+READY_TIMEOUT = 5.0
+MAX_ZYGOTE_RESTARTS = 5  # within ZYGOTE_RESTART_WINDOW seconds, else the pool gives up
+ZYGOTE_RESTART_WINDOW = 60.0
+
+
+class PoolClosed(Exception):
+    pass
+
+
+class Sandbox:
+    """A ready, locked-down child and its channel, handed to exactly one session."""
+
+    def __init__(self, child: ChildProcess, channel: ChildChannel) -> None:
+        self.child = child
+        self.channel = channel
+
+
+class QueueFull(Exception):
+    pass
+
+
+class SandboxPool:
+    def __init__(self, ceilings: Ceilings, log: EventLog, workers: int, warm: int, queue_size: int) -> None:
+        self.ceilings = ceilings
+        self.log = log
+        self.workers = workers
+        self.warm_target = min(warm, workers)
+        self.queue_size = queue_size
+        self.alive = 0  # forked (or being forked) and not yet reported gone
+        self._warm: collections.deque[Sandbox] = collections.deque()
+        self._warming = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._restarts: collections.deque[float] = collections.deque()
+        self.zygote = Zygote(ceilings, log, self._on_child_exit)
+        self.failed: asyncio.Future[str] | None = None
+
+    async def start(self) -> None:
+        self.failed = asyncio.get_running_loop().create_future()
+        await self.zygote.start()
+        self._watch_zygote()
+        self._refill()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    # --- acquiring -------------------------------------------------------------------------------
+
+    async def acquire(self, timeout: float) -> Sandbox:
+        """A ready sandbox; raises QueueFull, TimeoutError (waited too long) or PoolClosed."""
+        if self._closed:
+            raise PoolClosed
+        while True:
+            while self._warm:
+                sandbox = self._warm.popleft()
+                if not sandbox.child.exited.done():
+                    self._refill()
+                    return sandbox
+                self._discard(sandbox)
+            if self.alive < self.workers:
+                self.alive += 1
+                sandbox = await self._spawn()
+                self._refill()
+                return sandbox
+            if len(self._waiters) >= self.queue_size:
+                raise QueueFull
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if self._closed:
+                raise PoolClosed
+
+    async def _spawn(self) -> Sandbox:
+        """Fork one child (its slot already counted) and wait for its "ready"."""
+        try:
+            child = await self.zygote.fork()
+        except BaseException:
+            self._slot_freed()
+            raise
+        channel = ChildChannel(child)
+        try:
+            frame = await channel.frame(READY_TIMEOUT)
+            if frame != ["ready"]:
+                raise ChildGone
+        except BaseException:
+            channel.close()
+            child.kill()
+            raise
+        return Sandbox(child, channel)
+
+    # --- releasing -------------------------------------------------------------------------------
+
+    def release(self, sandbox: Sandbox) -> None:
+        """The session is over: kill the child. Its slot frees when the zygote reports the exit."""
+        self._discard(sandbox)
+
+    def _discard(self, sandbox: Sandbox) -> None:
+        sandbox.channel.close()
+        sandbox.child.kill()
+
+    def _on_child_exit(self, child: ChildProcess) -> None:
+        child.close_fds()
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self.alive -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._refill()
+
+    # --- warm children ---------------------------------------------------------------------------
+
+    def _refill(self) -> None:
+        if self._closed or self.zygote.lost is None or self.zygote.lost.done():
+            return
+        while (
+            len(self._warm) + self._warming < self.warm_target
+            and self.alive < self.workers
+            and not self._waiters
+        ):
+            self.alive += 1
+            self._warming += 1
+            self._track(self._warm_one())
+
+    async def _warm_one(self) -> None:
+        try:
+            sandbox = await self._spawn()
+        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
+            self.log.warn(BROKER, f"a sandbox failed to start: {type(e).__name__}")
+            return
+        finally:
+            self._warming -= 1
+        if self._closed:
+            self._discard(sandbox)
+        else:
+            self._warm.append(sandbox)
+
+    def _track(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- zygote supervision ----------------------------------------------------------------------
+
+    def _watch_zygote(self) -> None:
+        self._track(self._supervise())
+
+    async def _supervise(self) -> None:
+        assert self.zygote.lost is not None
+        await self.zygote.lost
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._restarts.append(now)
+        while self._restarts and now - self._restarts[0] > ZYGOTE_RESTART_WINDOW:
+            self._restarts.popleft()
+        if len(self._restarts) > MAX_ZYGOTE_RESTARTS:
+            self.log.error(BROKER, "sandbox zygote keeps dying; giving up")
+            if self.failed is not None and not self.failed.done():
+                self.failed.set_result("sandbox zygote keeps dying")
+            return
+        self.log.error(BROKER, "sandbox zygote exited; restarting it")
+        self._warm.clear()  # their children died with the zygote; their slots were already freed
+        await self.zygote.stop()
+        try:
+            await self.zygote.start()
+        except ZygoteLost as e:
+            self.log.error(BROKER, sanitize(str(e)))
+            if self.failed is not None and not self.failed.done():
+                self.failed.set_result(str(e))
+            return
+        self._watch_zygote()
+        self._refill()
+
+    def stop_acquiring(self) -> None:
+        """Shutdown, first step: queued and future acquirers get PoolClosed; running sessions go on."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def close(self) -> None:
+        self.stop_acquiring()
+        while self._warm:
+            self._discard(self._warm.popleft())
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.zygote.stop()
+

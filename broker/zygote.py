@@ -1,0 +1,217 @@
+"""Broker-side control of the zygote: start it, ask it for children, learn how they exited."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from deadend.config import Ceilings
+from deadend.logs import BROKER, EventLog, sanitize
+
+MAX_CONTROL = 4096
+START_TIMEOUT = 10.0
+
+
+class ZygoteLost(Exception):
+    """The zygote died or could not start; no child can be forked until it is restarted."""
+
+
+class ChildProcess:
+    """One forked sandbox child as the broker holds it: two pipe ends and a pidfd."""
+
+    def __init__(self, pid: int, to_child: int, from_child: int, pidfd: int) -> None:
+        self.pid = pid
+        self.to_child = to_child
+        self.from_child = from_child
+        self.pidfd = pidfd
+        self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd: never hits a recycled pid."""
+        if self.exited.done() or self.pidfd < 0:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close_fds(self) -> None:
+        for name in ("to_child", "from_child", "pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class Zygote:
+    def __init__(self, ceilings: Ceilings, log: EventLog, on_exit: Callable[[ChildProcess], None]) -> None:
+        self.ceilings = ceilings
+        self.log = log
+        self.on_exit = on_exit  # called once per child when the zygote reports (or loses) it
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control: socket.socket | None = None
+        self.pid = 0
+        self._pending: collections.deque[asyncio.Future[ChildProcess]] = collections.deque()
+        self._children: dict[int, ChildProcess] = {}
+        self._hello: asyncio.Future[int] | None = None
+        self.lost: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {
+            "broker_pid": os.getpid(),
+            "control_fd": theirs.fileno(),
+            "address_space": self.ceilings.address_space,
+            "cpu_seconds": self.ceilings.session_cpu,
+        }
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "sandbox.zygote", json.dumps(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,  # no controlling terminal for anything sandbox-side
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.control = ours
+        self._hello = loop.create_future()
+        self.lost = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_control)
+        assert self.proc.stderr is not None
+        stderr_fd = self.proc.stderr.fileno()
+        os.set_blocking(stderr_fd, False)
+        loop.add_reader(stderr_fd, self._on_stderr, stderr_fd)
+        try:
+            self.pid = await asyncio.wait_for(asyncio.shield(self._hello), START_TIMEOUT)
+        except (TimeoutError, ZygoteLost) as e:
+            await self.stop()
+            raise ZygoteLost("the sandbox zygote did not start (is libseccomp installed?)") from e
+
+    def fork(self) -> asyncio.Future[ChildProcess]:
+        """Ask for one child; the future resolves when the zygote hands over its fds."""
+        fut: asyncio.Future[ChildProcess] = asyncio.get_running_loop().create_future()
+        if self.control is None or (self.lost is not None and self.lost.done()):
+            fut.set_exception(ZygoteLost("zygote is not running"))
+            return fut
+        try:
+            self.control.send(msgpack.packb(["fork"]))
+        except OSError as e:
+            fut.set_exception(ZygoteLost(f"zygote control failed: {e}"))
+            return fut
+        self._pending.append(fut)
+        return fut
+
+    def _on_control(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_CONTROL, 4)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._lose("zygote exited")
+                return
+            try:
+                self._dispatch(msgpack.unpackb(data), fds)
+            except Exception as e:  # the zygote is trusted, but a bug there must not kill the broker
+                for fd in fds:
+                    os.close(fd)
+                self.log.error(BROKER, f"zygote sent a bad control message: {sanitize(repr(e))}")
+
+    def _dispatch(self, msg: Any, fds: list[int]) -> None:
+        kind = msg[0]
+        if kind == "hello" and self._hello is not None and not self._hello.done():
+            self._hello.set_result(int(msg[1]))
+        elif kind == "child":
+            to_child, from_child, pidfd = fds
+            child = ChildProcess(int(msg[1]), to_child, from_child, pidfd)
+            self._children[child.pid] = child
+            fut = self._pending.popleft() if self._pending else None
+            if fut is None or fut.done():  # nobody waits any more: discard it
+                child.kill()
+            else:
+                fut.set_result(child)
+        elif kind == "exit":
+            found = self._children.pop(int(msg[1]), None)
+            if found is not None:
+                self._exited(found, int(msg[2]))
+
+    def _exited(self, child: ChildProcess, status: int | None) -> None:
+        if not child.exited.done():
+            child.exited.set_result(status)
+        self.on_exit(child)
+
+    def _on_stderr(self, fd: int) -> None:
+        # The zygote is trusted; its stderr (a crash traceback) is still logged escaped, a line at a time.
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(fd)
+            return
+        for line in data.splitlines()[-20:]:
+            if line.strip():
+                self.log.error(BROKER, f"zygote: {sanitize(line, 512)}")
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None or self.lost.done():
+            return
+        self.lost.set_result(None)
+        loop = asyncio.get_running_loop()
+        if self.control is not None:
+            loop.remove_reader(self.control.fileno())
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(ZygoteLost(why))
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(ZygoteLost(why))
+        # Its children die with it (parent-death signal); account for each exactly once.
+        for child in list(self._children.values()):
+            child.kill()
+            self._exited(child, None)
+        self._children.clear()
+
+    async def stop(self) -> None:
+        """Close the control socket (the zygote kills its children and exits) and reap the zygote."""
+        self._lose("zygote stopped")
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.proc is not None:
+            proc = self.proc
+            if proc.stderr is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(proc.stderr.fileno())
+                except (ValueError, OSError):
+                    pass
+            for _ in range(100):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+            if proc.stderr is not None:
+                proc.stderr.close()
+            self.proc = None

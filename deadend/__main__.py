@@ -1,0 +1,5 @@
+import sys
+
+from deadend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""The broker's configuration: built once from the command line, then read-only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Ceilings:
+    """Limits the broker enforces whatever a script does. Each ends only the session that hits it."""
+
+    memory_mib: int = 32  # Lua heap per session (lupa max_memory)
+    instructions: int = 50_000_000  # VM instructions between two API calls (sticky count hook)
+    cpu_slice: float = 3.0  # wall seconds a child may compute between two API calls, then SIGKILL
+    session_cpu: int = 30  # CPU seconds per session (RLIMIT_CPU backstop: SIGXCPU)
+    session_time: float = 3600.0  # wall seconds a session may last
+    linger: float = 10.0  # seconds a script may keep running after its connection closed
+    linger_calls: int = 100  # send/recv calls a script may make after its connection closed
+    log_rate: float = 20.0  # script log lines per second (token bucket), excess dropped and counted
+    log_burst: int = 100
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib << 20
+
+    @property
+    def address_space(self) -> int:
+        # The Lua heap plus room for the interpreter, lupa and its shared libraries.
+        return (self.memory_mib + 512) << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    scripts: Path
+    hosts: tuple[str, ...] = ()  # empty: every IPv4 and IPv6 address
+    port_offset: int = 0
+    workers: int = 64  # sandbox processes alive at once
+    warm: int = 4  # pre-forked, locked-down children kept ready
+    queue_size: int = 128  # connections waiting for a sandbox
+    queue_timeout: float = 2.0  # seconds a connection may wait for one
+    allow_clock: bool = False
+    log_level: str = "info"
+    shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing
+    ceilings: Ceilings = field(default_factory=Ceilings)

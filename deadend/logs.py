@@ -1,0 +1,94 @@
+"""Log events: one line per event on stdout, in a form an attacker cannot break or forge.
+
+Text line: `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`.
+Whatever a script or a client controls is escaped: control characters, bidi overrides and line separators
+become `\\xNN`/`\\uNNNN`, backslashes are doubled, invalid UTF-8 bytes become `\\xNN`, and a message is
+cut at 4 KiB with a marker.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Final, TextIO
+
+from deadend.wire import LOG_LEVELS, LOG_MAX
+
+LEVEL_ORDER: Final = {name: i for i, name in enumerate(LOG_LEVELS)}
+CUT_MARKER: Final = "…[cut]"
+
+# C0 and C1 controls, DEL, bidi controls and overrides, zero-width and line/paragraph separators, the
+# surrogates that `surrogateescape` uses for undecodable bytes, and the backslash itself.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\udc80-\udcff\\]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    if c == "\\":
+        return "\\\\"
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def sanitize(text: bytes | str, limit: int = LOG_MAX) -> str:
+    """Make untrusted text safe for a one-line log: escaped, and cut at `limit` bytes with a marker."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+    cut = len(raw) > limit
+    s = raw[:limit].decode("utf-8", "surrogateescape")
+    s = _UNSAFE.sub(_escape_char, s)
+    return s + CUT_MARKER if cut else s
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    t = time.time() if now is None else now
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Which connection an event belongs to; '-' for broker-wide events."""
+
+    port: int | None = None
+    conn: str = "-"
+    peer: str = "-"
+
+
+BROKER: Final = Where()
+
+
+class EventLog:
+    """The broker's single sink for events. `message` must already be safe (use `sanitize`)."""
+
+    def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
+        self.stream = stream or sys.stdout
+        self.threshold = LEVEL_ORDER[level]
+
+    def enabled(self, level: str) -> bool:
+        return LEVEL_ORDER[level] >= self.threshold
+
+    def emit(self, level: str, where: Where, message: str) -> None:
+        if LEVEL_ORDER[level] < self.threshold:
+            return
+        port = "-" if where.port is None else str(where.port)
+        line = f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # a closed stdout must not take the broker down
+
+    def debug(self, where: Where, message: str) -> None:
+        self.emit("debug", where, message)
+
+    def info(self, where: Where, message: str) -> None:
+        self.emit("info", where, message)
+
+    def warn(self, where: Where, message: str) -> None:
+        self.emit("warn", where, message)
+
+    def error(self, where: Where, message: str) -> None:
+        self.emit("error", where, message)

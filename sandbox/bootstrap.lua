@@ -1,0 +1,279 @@
+-- deadend sandbox bootstrap: trusted code, run once per child with the full standard library, BEFORE
+-- lockdown. It captures what it needs as upvalues, hardens the shared string table, wipes every dangerous
+-- global from the real state, and returns `start`, which compiles one untrusted script into a private
+-- environment and returns `step`, the resume function the Python driver turns into RPCs.
+--
+-- The rows of research/sandbox.md's vector table are marked [vector: ...] where they are closed.
+-- Nothing here hands a Python object to Lua, and nothing here calls a script function outside the
+-- hooked script coroutine.
+
+local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX = ...
+
+-- Captured before the globals are wiped.
+local debug_sethook, debug_getregistry = debug.sethook, debug.getregistry
+local co_create, co_resume, co_yield, co_status =
+  coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
+local load, type, select, error, pcall, tostring, pairs, ipairs, next =
+  load, type, select, error, pcall, tostring, pairs, ipairs, next
+local rawget, rawequal, setmetatable, getmetatable = rawget, rawequal, setmetatable, getmetatable
+local math_type, math_tointeger, math_randomseed, maxinteger =
+  math.type, math.tointeger, math.randomseed, math.maxinteger
+local string_sub, string_format = string.sub, string.format
+local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
+local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
+local c_rep, c_move = string.rep, table.move
+
+-- The C library initialises its time zone on first use, by opening files. Do it now: after lockdown an
+-- open() kills the process. The zygote fixed TZ=UTC, so local time and UTC agree.
+os_date("*t"); os_date("!*t"); os_date("%c"); os_time({year = 2000, month = 1, day = 1})
+
+local function argerror(i, fname, msg)
+  -- level 3: the script line that called the API function, as luaL_argerror reports it
+  error(string_format("bad argument #%d to '%s' (%s)", i, fname, msg), 3)
+end
+
+-- [vector: hook-proof C loops] string.rep with an empty result loops n times inside C, unhooked.
+local function rep(s, n, sep)
+  local ni = math_tointeger(n)
+  if ni and ni > 0 and (type(s) == "string" or type(s) == "number")
+      and (sep == nil or type(sep) == "string" or type(sep) == "number") then
+    local width = #tostring(s) + (sep ~= nil and #tostring(sep) or 0)
+    if ni > REP_MAX or (width > 0 and ni > REP_MAX // width) then
+      error(string_format("string.rep refused: %d repetitions exceed the sandbox cap of %d bytes",
+        ni, REP_MAX), 2)
+    end
+  end
+  return c_rep(s, n, sep)
+end
+
+-- [vector: hook-proof C loops] table.move loops e-f+1 times inside C.
+local function move(a1, f, e, t, a2)
+  local fi, ei = math_tointeger(f), math_tointeger(e)
+  if fi and ei and ei >= fi and ((fi <= 0 and ei >= maxinteger + fi) or ei - fi >= MOVE_MAX) then
+    error(string_format("table.move refused: more than %d elements", MOVE_MAX), 2)
+  end
+  return c_move(a1, f, e, t, a2)
+end
+
+-- Harden the REAL string table: `("").dump` and `("x"):rep(n)` resolve through the shared string
+-- metatable, never through the script's copy. [vector: string.dump]
+string.dump = nil
+string.rep = rep
+-- [vector: getmetatable("")] Lua refuses get/setmetatable on a metatable with a __metatable field.
+getmetatable("").__metatable = false
+
+-- Wipe the real state: globals and the loaded-modules registry. lupa puts `python` in both.
+-- [vector: python object reachable]
+local wiped = { "io", "os", "package", "debug", "coroutine", "python", "require", "dofile", "loadfile",
+                "load", "loadstring", "collectgarbage", "print", "warn" }
+local loaded = debug_getregistry()._LOADED
+for _, name in ipairs(wiped) do
+  _G[name] = nil
+  if loaded then loaded[name] = nil end
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+local string_lib, table_lib, math_lib, utf8_lib = copy(string), copy(table), copy(math), copy(utf8)
+table_lib.move = move
+
+-- [vector: __gc finalizers] a finalizer runs with hooks off; Lua marks an object for finalization only
+-- if __gc is present when setmetatable runs, so refusing it here is enough.
+local function safe_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable refused: __gc metamethods are not allowed in the sandbox", 2)
+  end
+  return setmetatable(t, mt)
+end
+
+local function value_type(v, present)
+  if not present then return "no value" end
+  return type(v)
+end
+
+-- Integers follow math.tointeger on numbers only: 10 and 10.0 pass, 10.5 and "10" do not (SPEC.md).
+local function checkint(fname, i, v, present, lo, hi)
+  local mt = math_type(v)
+  if mt == "float" then
+    local iv = math_tointeger(v)
+    if iv == nil then argerror(i, fname, "number has no integer representation") end
+    v = iv
+  elseif mt ~= "integer" then
+    argerror(i, fname, "number expected, got " .. value_type(v, present))
+  end
+  if v < lo or (hi ~= nil and v > hi) then
+    if hi ~= nil then
+      argerror(i, fname, string_format("out of range: must be %d..%d", lo, hi))
+    else
+      argerror(i, fname, string_format("out of range: must be >= %d", lo))
+    end
+  end
+  return v
+end
+
+local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clock)
+  local env = {}
+  local TOKEN = {}
+  local used, exceeded = 0, false
+  local co
+
+  -- [vector: pcall swallowing the limit] once the budget is gone the hook re-arms itself at every
+  -- instruction, so no pcall can catch its way past it.
+  local STEP = 1000
+  local function hook()
+    used = used + STEP
+    if exceeded or used > budget then
+      if not exceeded then
+        exceeded = true
+        debug_sethook(co, hook, "", 1)
+      end
+      error("instruction limit exceeded", 0)
+    end
+  end
+
+  local function call(op, a, b)
+    if exceeded then error("instruction limit exceeded", 0) end
+    return co_yield(TOKEN, op, a, b)
+  end
+
+  local function log_text(fname, i, v, present)
+    if type(v) == "number" then v = tostring(v) end
+    if type(v) ~= "string" then argerror(i, fname, "string expected, got " .. value_type(v, present)) end
+    return string_sub(v, 1, LOG_MAX + 1)  -- the broker cuts and marks; never ship megabytes
+  end
+
+  local deadend = {}
+
+  function deadend.send(...)
+    local data = ...
+    if type(data) ~= "string" then
+      argerror(1, "send", "string expected, got " .. value_type(data, select("#", ...) > 0))
+    end
+    if #data > SEND_MAX then
+      argerror(1, "send", string_format("string of %d bytes is longer than %d", #data, SEND_MAX))
+    end
+    return call("send", data) == true
+  end
+
+  function deadend.recv(...)
+    local n = checkint("recv", 1, (...), select("#", ...) > 0, RECV_MIN, RECV_MAX)
+    local data = call("recv", n)
+    if type(data) == "string" then return data end
+    return nil
+  end
+
+  function deadend.sleep(...)
+    local ms = checkint("sleep", 1, (...), select("#", ...) > 0, 0, SLEEP_MAX)
+    call("sleep", ms)
+  end
+
+  function deadend.get_ip()
+    return call("get_ip")
+  end
+
+  local LEVELS = { debug = true, info = true, warn = true, error = true }
+  function deadend.log(...)
+    local message, level = ...
+    message = log_text("log", 1, message, select("#", ...) > 0)
+    if level == nil then
+      level = "info"
+    elseif type(level) ~= "string" or not LEVELS[level] then
+      argerror(2, "log", "level must be 'debug', 'info', 'warn' or 'error'")
+    end
+    call("log", message, level)
+  end
+
+  function deadend.set_tarpit(...)
+    local n, base, jitter = select("#", ...), ...
+    base = checkint("set_tarpit", 1, base, n > 0, 0, TARPIT_MAX)
+    if jitter == nil then jitter = 0 else jitter = checkint("set_tarpit", 2, jitter, true, 0, TARPIT_MAX) end
+    call("set_tarpit", base, jitter)
+  end
+
+  function deadend.set_limits(...)
+    local n, calls, bytes = select("#", ...), ...
+    calls = checkint("set_limits", 1, calls, n > 0, 0)
+    if bytes == nil then bytes = 0 else bytes = checkint("set_limits", 2, bytes, true, 0) end
+    call("set_limits", calls, bytes)
+  end
+
+  function deadend.close()
+    call("close")
+  end
+
+  -- print() is kept as a convenience: deadend.log at level info, arguments joined by tabs.
+  local function print(...)
+    local n, parts = select("#", ...), {}
+    for i = 1, n do parts[i] = tostring((select(i, ...))) end
+    call("log", string_sub(table_concat(parts, "\t"), 1, LOG_MAX + 1), "info")
+  end
+
+  -- [vector: xpcall message handler] the real handler would run inside the hook with hooks off. Run it
+  -- after unwinding instead, under the hook, and never once the budget is gone.
+  local function xpcall(f, msgh, ...)
+    if type(msgh) ~= "function" then
+      error("bad argument #2 to 'xpcall' (function expected, got " .. type(msgh) .. ")", 2)
+    end
+    local r = table_pack(pcall(f, ...))
+    if r[1] then return table_unpack(r, 1, r.n) end
+    if exceeded then error(r[2], 0) end
+    return false, msgh(r[2])
+  end
+
+  for _, name in ipairs({ "assert", "error", "getmetatable", "ipairs", "next", "pairs", "pcall",
+                          "rawequal", "rawget", "rawlen", "rawset", "select", "tonumber", "tostring",
+                          "type", "_VERSION" }) do
+    env[name] = _G[name]
+  end
+  env.setmetatable = safe_setmetatable
+  env.xpcall = xpcall
+  env.print = print
+  env.string, env.table, env.math, env.utf8 = string_lib, table_lib, math_lib, utf8_lib
+  env.deadend = deadend
+  env._G = env
+  if with_clock then
+    -- read-only clock subset only (SPEC.md): nothing else of os, ever
+    env.os = { time = os_time, date = os_date, clock = os_clock, difftime = os_difftime }
+  end
+
+  -- [vector: load of binary chunks] text mode only, into the private env.
+  local fn, err = load(source, "=" .. chunkname, "t", env)
+  if not fn then return "compile", string_sub(tostring(err), 1, LOG_MAX + 1) end
+  if mode == "compile" then return "ok" end
+
+  -- [Lua PRNG shared across forks] every child gets its own seed from the broker.
+  math_randomseed(seed_hi, seed_lo)
+
+  co = co_create(fn)
+  -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
+  debug_sethook(co, hook, "", STEP)
+
+  local function describe(e)
+    -- [vector: error objects / __tostring] never run script metamethods here, on the unhooked thread
+    local t = type(e)
+    if t == "string" then return string_sub(e, 1, LOG_MAX + 1) end
+    if t == "number" then return tostring(e) end
+    return "(error object is a " .. t .. " value)"
+  end
+
+  -- The driver's only entry point: resume the script with the broker's reply; report what it did next.
+  local function step(...)
+    if not exceeded then used = 0 end
+    local ok, a, op, x, y = co_resume(co, ...)
+    if not ok then
+      if exceeded then return "instructions", "instruction limit exceeded" end
+      if rawequal(a, "not enough memory") then return "memory", "not enough memory" end
+      return "error", describe(a)
+    end
+    if co_status(co) == "dead" then return "return" end
+    if not rawequal(a, TOKEN) then return "error", "script yielded outside the API" end
+    return "call", op, x, y
+  end
+
+  return "ready", step
+end
+
+return start
