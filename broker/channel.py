@@ -147,6 +147,7 @@ class ChildChannel:
             self._reading = False
 
     def close(self) -> None:
+        """Unregister and close both pipe ends (the channel owns them). Idempotent."""
         self._stop_reading()
         if self._writing:
             self._loop.remove_writer(self.child.to_child)
@@ -154,3 +155,7 @@ class ChildChannel:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for fd in (self.child.to_child, self.child.from_child):
+            if fd >= 0:
+                os.close(fd)
+        self.child.to_child = self.child.from_child = -1

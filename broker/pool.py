@@ -109,8 +109,9 @@ class SandboxPool:
             if frame != ["ready"]:
                 raise ChildGone
         except BaseException:
-            channel.close()
             child.kill()
+            channel.close()
+            child.release()
             raise
         return Sandbox(child, channel)
 
@@ -121,11 +122,11 @@ class SandboxPool:
         self._discard(sandbox)
 
     def _discard(self, sandbox: Sandbox) -> None:
-        sandbox.channel.close()
         sandbox.child.kill()
+        sandbox.channel.close()
+        sandbox.child.release()
 
-    def _on_child_exit(self, child: ChildProcess) -> None:
-        child.close_fds()
+    def _on_child_exit(self, _child: ChildProcess) -> None:
         self._slot_freed()
 
     def _slot_freed(self) -> None:
@@ -218,4 +219,3 @@ class SandboxPool:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.zygote.stop()
-

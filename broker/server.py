@@ -77,9 +77,8 @@ class Server:
                 listener.task = loop.create_task(self._accept_loop(listener))
             self.log.info(BROKER, f"ready: {len(servable)} script(s), {self.config.workers} workers")
             assert self.pool.failed is not None
-            stop = loop.create_task(self._stop.wait())
-            await asyncio.wait([stop, self.pool.failed], return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            self.pool.failed.add_done_callback(lambda _: self.request_stop())
+            await self._stop.wait()
         finally:
             await self._shutdown()
 

@@ -53,7 +53,9 @@ class Session:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.monitor = m.Monitor(where.peer, self.ceilings, random.Random(_system_random.random()), self.started)
+        self.monitor = m.Monitor(
+            where.peer, self.ceilings, random.Random(_system_random.random()), self.started
+        )
         self.shutting_down = False
         self._timeout: asyncio.Timeout | None = None
 
@@ -228,7 +230,12 @@ class Session:
             self.log.warn(self.where, f"{reason}: {sanitize(detail)}")
         mon = self.monitor
         log_session_end(
-            self.log, self.where, reason, self.loop.time() - self.started, mon.bytes_in, mon.bytes_out,
+            self.log,
+            self.where,
+            reason,
+            self.loop.time() - self.started,
+            mon.bytes_in,
+            mon.bytes_out,
             mon.closed_by or "-",
         )
 

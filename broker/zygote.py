@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -34,23 +35,25 @@ class ChildProcess:
         self.to_child = to_child
         self.from_child = from_child
         self.pidfd = pidfd
+        self.released = False
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: never hits a recycled pid."""
         if self.exited.done() or self.pidfd < 0:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
-    def close_fds(self) -> None:
-        for name in ("to_child", "from_child", "pidfd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+    def release(self) -> None:
+        """The broker is done with this child (its channel closed the pipes); free the pidfd once reaped."""
+        self.released = True
+        self._close_pidfd_if_done()
+
+    def _close_pidfd_if_done(self) -> None:
+        if self.released and self.exited.done() and self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class Zygote:
@@ -146,6 +149,9 @@ class Zygote:
             fut = self._pending.popleft() if self._pending else None
             if fut is None or fut.done():  # nobody waits any more: discard it
                 child.kill()
+                os.close(to_child)
+                os.close(from_child)
+                child.release()
             else:
                 fut.set_result(child)
         elif kind == "exit":
@@ -156,6 +162,7 @@ class Zygote:
     def _exited(self, child: ChildProcess, status: int | None) -> None:
         if not child.exited.done():
             child.exited.set_result(status)
+        child._close_pidfd_if_done()
         self.on_exit(child)
 
     def _on_stderr(self, fd: int) -> None:
@@ -201,10 +208,8 @@ class Zygote:
         if self.proc is not None:
             proc = self.proc
             if proc.stderr is not None:
-                try:
+                with contextlib.suppress(ValueError, OSError):
                     asyncio.get_running_loop().remove_reader(proc.stderr.fileno())
-                except (ValueError, OSError):
-                    pass
             for _ in range(100):
                 if proc.poll() is not None:
                     break

@@ -22,7 +22,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"deadend: error: {message} (see --help)\n")
 
 
-def _number(kind: Callable[[str], float], name: str, lo: float, hi: float | None = None) -> Callable[[str], float]:
+def _number(
+    kind: Callable[[str], float], name: str, lo: float, hi: float | None = None
+) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -39,48 +41,130 @@ def _number(kind: Callable[[str], float], name: str, lo: float, hi: float | None
 
 def build_parser() -> ArgumentParser:
     defaults, limits = Config(scripts=Path()), Ceilings()
-    parser = ArgumentParser(prog="deadend", description="Honeypot and tarpit daemon with sandboxed Lua services.")
+    parser = ArgumentParser(
+        prog="deadend", description="Honeypot and tarpit daemon with sandboxed Lua services."
+    )
     parser.add_argument("--version", action="version", version=f"deadend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    b = commands.add_parser("broker", help="serve <port>.lua scripts", description="Serve <port>.lua scripts.")
+    b = commands.add_parser(
+        "broker", help="serve <port>.lua scripts", description="Serve <port>.lua scripts."
+    )
     b.add_argument("--scripts", type=Path, required=True, metavar="DIR", help="folder of <port>.lua files")
-    b.add_argument("--host", action="append", default=[], metavar="ADDR",
-                   help="address to listen on (repeatable; default every IPv4 and IPv6 address)")
-    b.add_argument("--port-offset", type=_number(int, "integer", -PORT_MAX, PORT_MAX), default=0, metavar="N",
-                   help="serve <port>.lua on port+N (e.g. 10000 to run 25.lua as 10025)")
-    b.add_argument("--workers", type=_number(int, "integer", 1, 100_000), default=defaults.workers, metavar="N",
-                   help=f"sandbox processes alive at once (default {defaults.workers})")
-    b.add_argument("--allow-clock", action="store_true",
-                   help="give scripts a read-only os.time/date/clock/difftime (UTC)")
+    b.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="address to listen on (repeatable; default every IPv4 and IPv6 address)",
+    )
+    b.add_argument(
+        "--port-offset",
+        type=_number(int, "integer", -PORT_MAX, PORT_MAX),
+        default=0,
+        metavar="N",
+        help="serve <port>.lua on port+N (e.g. 10000 to run 25.lua as 10025)",
+    )
+    b.add_argument(
+        "--workers",
+        type=_number(int, "integer", 1, 100_000),
+        default=defaults.workers,
+        metavar="N",
+        help=f"sandbox processes alive at once (default {defaults.workers})",
+    )
+    b.add_argument(
+        "--allow-clock",
+        action="store_true",
+        help="give scripts a read-only os.time/date/clock/difftime (UTC)",
+    )
     b.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level)
 
     q = b.add_argument_group("pool and queue")
-    q.add_argument("--warm", type=_number(int, "integer", 0, 10_000), default=defaults.warm, metavar="N",
-                   help=f"pre-forked sandboxes kept ready (default {defaults.warm})")
-    q.add_argument("--queue-size", type=_number(int, "integer", 0, 1_000_000), default=defaults.queue_size,
-                   metavar="N", help=f"connections that may wait for a sandbox (default {defaults.queue_size})")
-    q.add_argument("--queue-timeout", type=_number(float, "number", 0, 3600), default=defaults.queue_timeout,
-                   metavar="S", help=f"seconds a connection may wait (default {defaults.queue_timeout:g})")
+    q.add_argument(
+        "--warm",
+        type=_number(int, "integer", 0, 10_000),
+        default=defaults.warm,
+        metavar="N",
+        help=f"pre-forked sandboxes kept ready (default {defaults.warm})",
+    )
+    q.add_argument(
+        "--queue-size",
+        type=_number(int, "integer", 0, 1_000_000),
+        default=defaults.queue_size,
+        metavar="N",
+        help=f"connections that may wait for a sandbox (default {defaults.queue_size})",
+    )
+    q.add_argument(
+        "--queue-timeout",
+        type=_number(float, "number", 0, 3600),
+        default=defaults.queue_timeout,
+        metavar="S",
+        help=f"seconds a connection may wait (default {defaults.queue_timeout:g})",
+    )
 
     c = b.add_argument_group("ceilings (per session; each ends only the session that hits it)")
-    c.add_argument("--memory", type=_number(int, "integer", 1, 4096), default=limits.memory_mib, metavar="MiB",
-                   help=f"Lua heap (default {limits.memory_mib})")
-    c.add_argument("--instructions", type=_number(int, "integer", 1000, 10**12), default=limits.instructions,
-                   metavar="N", help=f"Lua instructions between two API calls (default {limits.instructions})")
-    c.add_argument("--cpu-slice", type=_number(float, "number", 0.01, 3600), default=limits.cpu_slice,
-                   metavar="S", help=f"wall seconds between two API calls before SIGKILL (default {limits.cpu_slice:g})")
-    c.add_argument("--session-cpu", type=_number(int, "integer", 1, 86400), default=limits.session_cpu,
-                   metavar="S", help=f"CPU seconds per session, RLIMIT_CPU (default {limits.session_cpu})")
-    c.add_argument("--session-time", type=_number(float, "number", 0.1, 30 * 86400), default=limits.session_time,
-                   metavar="S", help=f"wall seconds per session (default {limits.session_time:g})")
-    c.add_argument("--linger", type=_number(float, "number", 0, 3600), default=limits.linger, metavar="S",
-                   help=f"seconds a script may run on after its connection closed (default {limits.linger:g})")
-    c.add_argument("--linger-calls", type=_number(int, "integer", 0, 10**6), default=limits.linger_calls,
-                   metavar="N", help=f"send/recv calls allowed after the connection closed (default {limits.linger_calls})")
-    c.add_argument("--log-rate", type=_number(float, "number", 0.01, 10**6), default=limits.log_rate,
-                   metavar="N", help=f"script log lines per second (default {limits.log_rate:g})")
-    c.add_argument("--log-burst", type=_number(int, "integer", 1, 10**6), default=limits.log_burst,
-                   metavar="N", help=f"script log lines allowed in a burst (default {limits.log_burst})")
+    c.add_argument(
+        "--memory",
+        type=_number(int, "integer", 1, 4096),
+        default=limits.memory_mib,
+        metavar="MiB",
+        help=f"Lua heap (default {limits.memory_mib})",
+    )
+    c.add_argument(
+        "--instructions",
+        type=_number(int, "integer", 1000, 10**12),
+        default=limits.instructions,
+        metavar="N",
+        help=f"Lua instructions between two API calls (default {limits.instructions})",
+    )
+    c.add_argument(
+        "--cpu-slice",
+        type=_number(float, "number", 0.01, 3600),
+        default=limits.cpu_slice,
+        metavar="S",
+        help=f"wall seconds between two API calls before SIGKILL (default {limits.cpu_slice:g})",
+    )
+    c.add_argument(
+        "--session-cpu",
+        type=_number(int, "integer", 1, 86400),
+        default=limits.session_cpu,
+        metavar="S",
+        help=f"CPU seconds per session, RLIMIT_CPU (default {limits.session_cpu})",
+    )
+    c.add_argument(
+        "--session-time",
+        type=_number(float, "number", 0.1, 30 * 86400),
+        default=limits.session_time,
+        metavar="S",
+        help=f"wall seconds per session (default {limits.session_time:g})",
+    )
+    c.add_argument(
+        "--linger",
+        type=_number(float, "number", 0, 3600),
+        default=limits.linger,
+        metavar="S",
+        help=f"seconds a script may run on after its connection closed (default {limits.linger:g})",
+    )
+    c.add_argument(
+        "--linger-calls",
+        type=_number(int, "integer", 0, 10**6),
+        default=limits.linger_calls,
+        metavar="N",
+        help=f"send/recv calls allowed after the connection closed (default {limits.linger_calls})",
+    )
+    c.add_argument(
+        "--log-rate",
+        type=_number(float, "number", 0.01, 10**6),
+        default=limits.log_rate,
+        metavar="N",
+        help=f"script log lines per second (default {limits.log_rate:g})",
+    )
+    c.add_argument(
+        "--log-burst",
+        type=_number(int, "integer", 1, 10**6),
+        default=limits.log_burst,
+        metavar="N",
+        help=f"script log lines allowed in a burst (default {limits.log_burst})",
+    )
     return parser
 
 

@@ -74,7 +74,9 @@ class EventLog:
         if LEVEL_ORDER[level] < self.threshold:
             return
         port = "-" if where.port is None else str(where.port)
-        line = f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
+        line = (
+            f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
+        )
         try:
             self.stream.write(line)
             self.stream.flush()

@@ -196,8 +196,17 @@ REQUESTS: Final = {
 
 
 # How many arguments each request carries (the child trims Lua's trailing nils with it).
-ARITY: Final = {"send": 1, "recv": 1, "sleep": 1, "get_ip": 0, "log": 2, "set_tarpit": 2, "set_limits": 2,
-                "close": 0, "done": 2}
+ARITY: Final = {
+    "send": 1,
+    "recv": 1,
+    "sleep": 1,
+    "get_ip": 0,
+    "log": 2,
+    "set_tarpit": 2,
+    "set_limits": 2,
+    "close": 0,
+    "done": 2,
+}
 
 
 def parse_request(frame: Any) -> Request:

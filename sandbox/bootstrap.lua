@@ -10,7 +10,7 @@
 local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX = ...
 
 -- Captured before the globals are wiped.
-local debug_sethook, debug_getregistry = debug.sethook, debug.getregistry
+local debug_sethook, debug_getregistry, debug_getmetatable = debug.sethook, debug.getregistry, debug.getmetatable
 local co_create, co_resume, co_yield, co_status =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local load, type, select, error, pcall, tostring, pairs, ipairs, next =
@@ -18,7 +18,7 @@ local load, type, select, error, pcall, tostring, pairs, ipairs, next =
 local rawget, rawequal, setmetatable, getmetatable = rawget, rawequal, setmetatable, getmetatable
 local math_type, math_tointeger, math_randomseed, maxinteger =
   math.type, math.tointeger, math.randomseed, math.maxinteger
-local string_sub, string_format = string.sub, string.format
+local string_sub, string_format, string_gsub = string.sub, string.format, string.gsub
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
 local c_rep, c_move = string.rep, table.move
@@ -32,6 +32,17 @@ local function argerror(i, fname, msg)
   error(string_format("bad argument #%d to '%s' (%s)", i, fname, msg), 3)
 end
 
+-- Errors raised by a wrapped C function must name the script's line, not the bootstrap's. Callers use
+-- `return (rethrow(pcall(...)))`: the parentheses keep it from being a tail call, so level 3 is the script.
+local function rethrow(ok, ...)
+  if ok then return ... end
+  local e = ...
+  if type(e) == "string" and e ~= "not enough memory" and e ~= "instruction limit exceeded" then
+    error((string_gsub(e, "^bootstrap:%d+: ", "")), 3)
+  end
+  error(e, 0)
+end
+
 -- [vector: hook-proof C loops] string.rep with an empty result loops n times inside C, unhooked.
 local function rep(s, n, sep)
   local ni = math_tointeger(n)
@@ -43,7 +54,7 @@ local function rep(s, n, sep)
         ni, REP_MAX), 2)
     end
   end
-  return c_rep(s, n, sep)
+  return (rethrow(pcall(c_rep, s, n, sep)))
 end
 
 -- [vector: hook-proof C loops] table.move loops e-f+1 times inside C.
@@ -52,7 +63,7 @@ local function move(a1, f, e, t, a2)
   if fi and ei and ei >= fi and ((fi <= 0 and ei >= maxinteger + fi) or ei - fi >= MOVE_MAX) then
     error(string_format("table.move refused: more than %d elements", MOVE_MAX), 2)
   end
-  return c_move(a1, f, e, t, a2)
+  return (rethrow(pcall(c_move, a1, f, e, t, a2)))
 end
 
 -- Harden the REAL string table: `("").dump` and `("x"):rep(n)` resolve through the shared string
@@ -83,8 +94,18 @@ table_lib.move = move
 -- [vector: __gc finalizers] a finalizer runs with hooks off; Lua marks an object for finalization only
 -- if __gc is present when setmetatable runs, so refusing it here is enough.
 local function safe_setmetatable(t, mt)
-  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+  if type(t) ~= "table" then
+    error("bad argument #1 to 'setmetatable' (table expected, got " .. type(t) .. ")", 2)
+  end
+  if mt ~= nil and type(mt) ~= "table" then
+    error("bad argument #2 to 'setmetatable' (nil or table expected)", 2)
+  end
+  if mt ~= nil and rawget(mt, "__gc") ~= nil then
     error("setmetatable refused: __gc metamethods are not allowed in the sandbox", 2)
+  end
+  local current = debug_getmetatable(t)
+  if current ~= nil and rawget(current, "__metatable") ~= nil then
+    error("cannot change a protected metatable", 2)
   end
   return setmetatable(t, mt)
 end

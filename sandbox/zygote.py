@@ -14,6 +14,7 @@ Control messages (msgpack, one per datagram):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -90,10 +91,8 @@ class Zygote:
 
     def kill_all(self) -> None:
         for pid in self.children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # safe: unreaped children keep their pids
-            except ProcessLookupError:
-                pass
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe()

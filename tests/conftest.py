@@ -1,0 +1,206 @@
+"""Test harness: the real broker as a subprocess, real sandbox children, loopback sockets only."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+HOST = "127.0.0.1"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (by walking /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def free_offset(ports: list[int]) -> int:
+    """An offset that puts every script port on a free loopback port."""
+    for _ in range(200):
+        offset = random.randint(20000, 50000) - min(ports)
+        socks = []
+        try:
+            for p in ports:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((HOST, p + offset))
+            return offset
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class Broker:
+    """One running `deadend broker` process and its log lines."""
+
+    def __init__(self, scripts: Path, args: list[str], ports: list[int]) -> None:
+        self.scripts = scripts
+        self.offset = free_offset(ports) if ports else 20000
+        cmd = [sys.executable, "-m", "deadend", "broker", "--scripts", str(scripts), "--host", HOST]
+        cmd += ["--port-offset", str(self.offset), *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=REPO
+        )
+        self.lines: list[str] = []
+        self.stderr = ""
+        self._cond = threading.Condition()
+        self._cursor = 0
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def wait_for(self, pattern: str, timeout: float = 10.0, since: int | None = None) -> re.Match[str]:
+        """The first log line at or after `since` (default: anywhere) matching `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        start = 0 if since is None else since
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    found = rx.search(line)
+                    if found:
+                        return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._more_coming()):
+                    tail = "\n".join(self.lines[-30:])
+                    raise AssertionError(f"no log line matching {pattern!r}; last lines:\n{tail}\n{self.stderr}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def _more_coming(self) -> bool:
+        return self.proc.stdout is not None and not self.proc.stdout.closed and self.proc.poll() is None
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def port(self, script_port: int) -> int:
+        return script_port + self.offset
+
+    def connect(self, script_port: int, timeout: float = 5.0) -> socket.socket:
+        s = socket.create_connection((HOST, self.port(script_port)), timeout=timeout)
+        return s
+
+    def session_end(self, conn: str, timeout: float = 10.0) -> re.Match[str]:
+        return self.wait_for(rf"conn={conn} .*session end reason=(\S+) .*closed_by=(\S+)", timeout)
+
+    def conn_ids(self) -> list[str]:
+        return re.findall(r"conn=([0-9a-f]{12}) .* connect from", "\n".join(self.lines))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            break
+    return data
+
+
+def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Start brokers on given scripts ({"25.lua": source} or a folder); each is stopped and checked after."""
+    started: list[Broker] = []
+
+    def start(scripts: dict[str, str] | Path, *args: str, ready: bool = True) -> Broker:
+        if isinstance(scripts, dict):
+            folder = tmp_path / f"scripts{len(started)}"
+            folder.mkdir()
+            for name, source in scripts.items():
+                (folder / name).write_text(source)
+        else:
+            folder = scripts
+        ports = [int(p.name[:-4]) for p in folder.iterdir() if re.fullmatch(r"[1-9][0-9]{0,4}\.lua", p.name)]
+        ports = [p for p in ports if p <= 65535]
+        broker = Broker(folder, list(args), ports)
+        started.append(broker)
+        if ready:
+            broker.wait_for(r"ready: \d+ script")
+        return broker
+
+    yield start
+    for broker in started:
+        pid = broker.proc.pid
+        alive_before = descendants(pid)
+        broker.stop()
+        deadline = time.monotonic() + 5
+        leftover = [p for p in alive_before if _alive(p)]
+        while leftover and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leftover = [p for p in alive_before if _alive(p)]
+        assert not leftover, f"processes left behind by the broker: {leftover}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

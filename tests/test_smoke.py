@@ -1,0 +1,10 @@
+from conftest import read_all
+
+
+def test_echo_roundtrip(make_broker):
+    b = make_broker({"7.lua": 'deadend.send("hi\\n"); local d = deadend.recv(100); deadend.send(d or "nil")'})
+    s = b.connect(7)
+    s.sendall(b"ping")
+    assert read_all(s) == b"hi\nping"
+    conn = b.conn_ids()[0]
+    assert b.session_end(conn).group(1) == "done"
