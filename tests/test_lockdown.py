@@ -143,9 +143,15 @@ def test_lockdown_layers_below_the_filter() -> None:
         os._exit(0)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=20, cwd=REPO, pass_fds=(), close_fds=True
-    )
+    inherited_r, inherited_w = os.pipe()  # something a careless spawn would leak into the child
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=20, cwd=REPO,
+            pass_fds=(inherited_r, inherited_w),
+        )
+    finally:
+        os.close(inherited_r)
+        os.close(inherited_w)
     assert proc.returncode == 0 and proc.stdout == b"ok", proc.stderr[-800:]
 
 
