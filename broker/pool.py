@@ -65,6 +65,10 @@ class SandboxPool:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def at_capacity(self) -> bool:
+        """True when the next acquire would have to wait in the queue."""
+        return not self._warm and self.alive >= self.workers
+
     # --- acquiring -------------------------------------------------------------------------------
 
     async def acquire(self, timeout: float) -> Sandbox:
@@ -131,12 +135,17 @@ class SandboxPool:
 
     def _slot_freed(self) -> None:
         self.alive -= 1
+        if not self._wake_one():
+            self._refill()
+
+    def _wake_one(self) -> bool:
+        """Let the first queued acquirer retry (a slot freed or a warm child is ready)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
-        self._refill()
+                return True
+        return False
 
     # --- warm children ---------------------------------------------------------------------------
 
@@ -164,6 +173,7 @@ class SandboxPool:
             self._discard(sandbox)
         else:
             self._warm.append(sandbox)
+            self._wake_one()
 
     def _track(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -50,6 +50,7 @@ class Server:
     listeners: list[Listener] = field(default_factory=list)
     sessions: set[Session] = field(default_factory=set)
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    handle_signals: bool = True  # False when embedded in another program's loop (it stops us itself)
     _stop: asyncio.Event | None = None
 
     # --- start-up --------------------------------------------------------------------------------
@@ -71,8 +72,9 @@ class Server:
                 raise StartupError(f"no servable script in {self.config.scripts}")
             self._bind_all(servable)
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.request_stop)
+            if self.handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, self.request_stop)
             for listener in self.listeners:
                 listener.task = loop.create_task(self._accept_loop(listener))
             self.log.info(BROKER, f"ready: {len(servable)} script(s), {self.config.workers} workers")
@@ -163,6 +165,11 @@ class Server:
         where = Where(listener.address.port, secrets.token_hex(6), peer_ip(addr[0]))
         self.log.info(where, f"connect from {where.peer} port {addr[1]} script={listener.script.name}")
         refused: str | None = None
+        queued = self.pool.at_capacity()
+        if queued:
+            self.log.info(
+                where, f"all {self.config.workers} sandboxes busy; queued ({self.pool.queued} already waiting)"
+            )
         try:
             sandbox = await self.pool.acquire(self.config.queue_timeout)
         except QueueFull:
@@ -176,6 +183,8 @@ class Server:
         except Exception as e:  # zygote trouble: this connection fails, the broker goes on
             refused = m.END_CRASH
             self.log.error(where, f"no sandbox could be started: {sanitize(type(e).__name__)}")
+        if refused is None and queued:
+            self.log.info(where, f"dequeued after {(loop.time() - started) * 1000:.0f}ms")
         if refused is not None:
             conn.close()
             log_session_end(self.log, where, refused, loop.time() - started, 0, 0, "-")
@@ -193,9 +202,10 @@ class Server:
     async def _shutdown(self) -> None:
         if self.listeners:
             self.log.info(BROKER, "shutting down")
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
         for listener in self.listeners:
             if listener.task is not None:
                 listener.task.cancel()
