@@ -78,6 +78,8 @@ class Session:
             pool.release(sandbox)
             if reason == m.END_CRASH and not detail:
                 reason, detail = await self._classify_exit(sandbox)
+            if reason == m.END_RETURNED and self.shutting_down:
+                reason = m.END_SHUTDOWN  # it returned because recv/send failed for the shutdown
             self._finish(reason, detail)
 
     def begin_shutdown(self) -> None:
