@@ -22,7 +22,9 @@ PRELUDE = (
     "local function out(k, v) deadend.send(k .. '=' .. tostring(v) .. '\\n') end\n"
 )
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z (DEBUG|INFO|WARN|ERROR)\s+port=\S+ conn=\S+ peer=\S+ ")
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z (DEBUG|INFO|WARN|ERROR)\s+port=\S+ conn=\S+ peer=\S+ "
+)
 
 
 def script(body: str) -> str:
@@ -424,7 +426,9 @@ def test_log_escapes_control_characters(make_broker):
     conn = conn_id(b)
     lines = conn_lines(b, conn)
     assert script_lines(b, conn) == ["a\\x0ab\\x1b[31mc\\\\d", "next"]
-    assert all(LOG_LINE.match(line) for line in b.lines), "a log line was split or forged:\n" + "\n".join(lines)
+    assert all(LOG_LINE.match(line) for line in b.lines), "a log line was split or forged:\n" + "\n".join(
+        lines
+    )
     assert not any("\x1b" in line for line in b.lines)
 
 
@@ -452,9 +456,7 @@ def test_log_rate_limit_drops_and_counts(make_broker):
     b = make_broker(
         {
             "7.lua": (
-                "for i = 1, 50 do deadend.log('burst ' .. i) end\n"
-                "deadend.sleep(1200)\n"
-                "deadend.log('after')\n"
+                "for i = 1, 50 do deadend.log('burst ' .. i) end\ndeadend.sleep(1200)\ndeadend.log('after')\n"
             )
         },
         "--log-rate",
@@ -794,13 +796,40 @@ def test_pcall_caught_errors_do_not_end_the_script(make_broker):
 
 # --- the environment a script sees ------------------------------------------------------------------
 
-BASE_FUNCTIONS = (
-    "assert error getmetatable ipairs next pairs pcall rawequal rawget rawlen rawset select setmetatable "
-    "tonumber tostring type xpcall print"
-).split()
-LIBRARIES = "string table math utf8 deadend".split()
-UNAVAILABLE = "io os package debug coroutine require dofile loadfile load collectgarbage".split()
-API = "send recv sleep get_ip log set_tarpit set_limits close".split()
+BASE_FUNCTIONS = [
+    "assert",
+    "error",
+    "getmetatable",
+    "ipairs",
+    "next",
+    "pairs",
+    "pcall",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "rawset",
+    "select",
+    "setmetatable",
+    "tonumber",
+    "tostring",
+    "type",
+    "xpcall",
+    "print",
+]
+LIBRARIES = ["string", "table", "math", "utf8", "deadend"]
+UNAVAILABLE = [
+    "io",
+    "os",
+    "package",
+    "debug",
+    "coroutine",
+    "require",
+    "dofile",
+    "loadfile",
+    "load",
+    "collectgarbage",
+]
+API = ["send", "recv", "sleep", "get_ip", "log", "set_tarpit", "set_limits", "close"]
 
 
 def _lua_list(names: list[str]) -> str:
@@ -906,12 +935,7 @@ def test_clock_option_gives_read_only_os(make_broker):
 
 def test_string_metatable_is_not_handed_out(make_broker):
     b = make_broker(
-        {
-            "7.lua": script(
-                "out('type', type(getmetatable('')))\n"
-                "out('value', tostring(getmetatable('')))\n"
-            )
-        }
+        {"7.lua": script("out('type', type(getmetatable('')))\nout('value', tostring(getmetatable('')))\n")}
     )
     got = results(run(b))
     assert got["type"] != "table"
