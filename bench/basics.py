@@ -48,7 +48,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def child_start(n: int) -> tuple[list[float], list[float]]:
-    zygote = Zygote(Ceilings(), EventLog(open(os.devnull, "w")), lambda _c: None)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the zygote)
+    zygote = Zygote(Ceilings(), EventLog(devnull), lambda _c: None)
     await zygote.start()
     ready: list[float] = []
     try:
@@ -118,9 +119,26 @@ def baseline_server(banner: bytes) -> tuple[int, asyncio.AbstractEventLoop]:
 
 def start_broker(offset: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deadend", "broker", "--scripts", str(REPO / "examples"), "--host", "127.0.0.1",
-         "--port-offset", str(offset), "--log-level", "warn", "--warm", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "deadend",
+            "broker",
+            "--scripts",
+            str(REPO / "examples"),
+            "--host",
+            "127.0.0.1",
+            "--port-offset",
+            str(offset),
+            "--log-level",
+            "warn",
+            "--warm",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -160,16 +178,22 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=300)
     parser.add_argument("--starts", type=int, default=100)
     args = parser.parse_args()
-    print(f"# deadend basics — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    print(
+        f"# deadend basics — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
 
     ready, bare = asyncio.run(child_start(args.starts))
     print(f"\n## 1. sandbox child start-to-ready, N={args.starts}")
     print("| | median ms | p90 ms | p99 ms |\n|---|---|---|---|")
-    print(f"| zygote fork + Lua state + lockdown + seccomp + ready | {statistics.median(ready):.2f} | "
-          f"{pct(ready, 90):.2f} | {pct(ready, 99):.2f} |")
-    print(f"| baseline: bare fork + pipe byte | {statistics.median(bare):.2f} | {pct(bare, 90):.2f} | "
-          f"{pct(bare, 99):.2f} |")
+    print(
+        f"| zygote fork + Lua state + lockdown + seccomp + ready | {statistics.median(ready):.2f} | "
+        f"{pct(ready, 90):.2f} | {pct(ready, 99):.2f} |"
+    )
+    print(
+        f"| baseline: bare fork + pipe byte | {statistics.median(bare):.2f} | {pct(bare, 90):.2f} | "
+        f"{pct(bare, 99):.2f} |"
+    )
 
     banner = b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n"
     base_port, _loop = baseline_server(banner)
@@ -184,10 +208,14 @@ def main() -> None:
             base_t += ttfb(base_port, 50)
         print(f"\n## 2. connect to first banner byte, one client, N={len(deadend_t)} each")
         print("| | p50 ms | p90 ms | p99 ms |\n|---|---|---|---|")
-        print(f"| deadend, examples/25.lua, sandboxed | {statistics.median(deadend_t):.3f} | "
-              f"{pct(deadend_t, 90):.3f} | {pct(deadend_t, 99):.3f} |")
-        print(f"| baseline: asyncio server writing the banner | {statistics.median(base_t):.3f} | "
-              f"{pct(base_t, 90):.3f} | {pct(base_t, 99):.3f} |")
+        print(
+            f"| deadend, examples/25.lua, sandboxed | {statistics.median(deadend_t):.3f} | "
+            f"{pct(deadend_t, 90):.3f} | {pct(deadend_t, 99):.3f} |"
+        )
+        print(
+            f"| baseline: asyncio server writing the banner | {statistics.median(base_t):.3f} | "
+            f"{pct(base_t, 90):.3f} | {pct(base_t, 99):.3f} |"
+        )
         print(f"| ratio p50 | {statistics.median(deadend_t) / statistics.median(base_t):.1f}x | | |")
 
         time.sleep(1.0)  # let the pool refill

@@ -168,7 +168,8 @@ class Server:
         queued = self.pool.at_capacity()
         if queued:
             self.log.info(
-                where, f"all {self.config.workers} sandboxes busy; queued ({self.pool.queued} already waiting)"
+                where,
+                f"all {self.config.workers} sandboxes busy; queued ({self.pool.queued} already waiting)",
             )
         try:
             sandbox = await self.pool.acquire(self.config.queue_timeout)

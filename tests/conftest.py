@@ -106,7 +106,9 @@ class Broker:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._more_coming()):
                     tail = "\n".join(self.lines[-30:])
-                    raise AssertionError(f"no log line matching {pattern!r}; last lines:\n{tail}\n{self.stderr}")
+                    raise AssertionError(
+                        f"no log line matching {pattern!r}; last lines:\n{tail}\n{self.stderr}"
+                    )
                 self._cond.wait(min(remaining, 0.2))
 
     def _more_coming(self) -> bool:

@@ -3,6 +3,7 @@
 The broker hands it a start message like any child; the script source names the misbehaviour.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -109,9 +110,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(BrokenPipeError):
         main()
-    except BrokenPipeError:
-        pass
     sys.stdout.flush()
     os._exit(0)

@@ -23,7 +23,8 @@ def test_session_cpu_rlimit_sigxcpu(make_broker) -> None:
     # Work split into small slices with API calls between them: no per-slice ceiling fires, the total does.
     b = make_broker(
         {"7.lua": GOOD, "8.lua": "while true do for i = 1, 2e6 do end deadend.sleep(0) end"},
-        "--session-cpu", "1",
+        "--session-cpu",
+        "1",
     )
     s = b.connect(8)
     assert _good(b) == b"good:ping"
@@ -42,7 +43,8 @@ def test_instruction_budget_is_per_slice(make_broker) -> None:
             "deadend.send('ok')",
             "9.lua": "local x = 0 for i = 1, 1e7 do x = x + i end deadend.send('unreachable')",
         },
-        "--instructions", "100000",
+        "--instructions",
+        "100000",
     )
     with b.connect(8) as s:
         assert read_all(s) == b"ok"
@@ -60,7 +62,8 @@ def test_memory_ceiling(make_broker) -> None:
             "8.lua": "local s = string.rep('x', 2 << 20) deadend.send(tostring(#s))",
             "9.lua": "local t = {} for i = 1, 1e8 do t[i] = ('x'):rep(64) .. i end",
         },
-        "--memory", "8",
+        "--memory",
+        "8",
     )
     with b.connect(8) as s:
         assert read_all(s) == str(2 << 20).encode()
@@ -83,7 +86,8 @@ def test_linger_after_close(make_broker) -> None:
     # The script closed its connection but keeps running: ended after --linger seconds.
     b = make_broker(
         {"8.lua": "deadend.send('bye') deadend.close() while true do deadend.sleep(50) end"},
-        "--linger", "0.5",
+        "--linger",
+        "0.5",
     )
     with b.connect(8) as s:
         assert read_all(s) == b"bye"
@@ -104,7 +108,14 @@ def test_linger_calls_after_peer_left(make_broker) -> None:
 def test_capacity_queue_then_refuse(make_broker) -> None:
     b = make_broker(
         {"7.lua": GOOD},
-        "--workers", "1", "--warm", "1", "--queue-timeout", "0.4", "--queue-size", "1",
+        "--workers",
+        "1",
+        "--warm",
+        "1",
+        "--queue-timeout",
+        "0.4",
+        "--queue-size",
+        "1",
     )
     holder = b.connect(7)  # takes the only sandbox and waits in recv
     b.wait_for(r"connect from")

@@ -81,9 +81,22 @@ def test_port_in_use_is_one_clear_error(tmp_path) -> None:
     port = blocker.getsockname()[1]
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "deadend", "broker", "--scripts", str(tmp_path), "--host", HOST,
-             "--port-offset", str(port - 25)],
-            capture_output=True, text=True, timeout=30, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "deadend",
+                "broker",
+                "--scripts",
+                str(tmp_path),
+                "--host",
+                HOST,
+                "--port-offset",
+                str(port - 25),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
         )
     finally:
         blocker.close()

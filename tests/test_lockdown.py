@@ -30,7 +30,9 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def _sandbox_children(broker_pid: int) -> list[int]:
-    zygote = [p for p in descendants(broker_pid) if "sandbox.zygote" in _cmdline(p) and _ppid(p) == broker_pid]
+    zygote = [
+        p for p in descendants(broker_pid) if "sandbox.zygote" in _cmdline(p) and _ppid(p) == broker_pid
+    ]
     assert len(zygote) == 1, "expected exactly one zygote"
     return descendants(zygote[0])
 
@@ -65,7 +67,8 @@ import ctypes, os, socket, sys, mmap, time
 from sandbox.lockdown import Rlimits, lockdown
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+c_int = ctypes.c_int
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, c_int, c_int, c_int, ctypes.c_long]
 lockdown(Rlimits(address_space=1 << 31, cpu_seconds=10), os.getppid())
 """
 
@@ -77,7 +80,7 @@ FORBIDDEN = {
     "fork": "os.fork()",
     "kill another process": "os.kill(1, 0)",
     "ptrace": "libc.ptrace(0, 0, 0, 0)",
-    "executable mmap": "libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)",
+    "executable mmap": "libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, 0x22, -1, 0)",  # private|anon
     "mprotect to executable": "libc.mprotect(libc.mmap(None, 4096, 3, 0x22, -1, 0), 4096, 5)",
     "ioctl on the terminal": "libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",  # TIOCSTI
     "unshare namespaces": "libc.unshare(0x40000000)",  # CLONE_NEWNET
@@ -146,7 +149,10 @@ def test_lockdown_layers_below_the_filter() -> None:
     inherited_r, inherited_w = os.pipe()  # something a careless spawn would leak into the child
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, timeout=20, cwd=REPO,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            timeout=20,
+            cwd=REPO,
             pass_fds=(inherited_r, inherited_w),
         )
     finally:

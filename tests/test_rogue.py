@@ -41,12 +41,15 @@ class RoguePool(SandboxPool):
         if self._closed:
             raise PoolClosed
         proc = subprocess.Popen(
-            [sys.executable, str(ROGUE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, str(ROGUE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         assert proc.stdin is not None and proc.stdout is not None
-        child = ChildProcess(proc.pid, os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno()),
-                             os.pidfd_open(proc.pid))
+        child = ChildProcess(
+            proc.pid, os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno()), os.pidfd_open(proc.pid)
+        )
         proc.stdin.close()
         proc.stdout.close()
         loop = asyncio.get_running_loop()
@@ -95,8 +98,17 @@ class Lines(io.TextIOBase):
         raise AssertionError(f"no line matching {pattern!r} in:\n{self.text()[-3000:]}")
 
 
-BEHAVIOURS = ["good", *SINGLE_FRAMES, *RAW, "two-requests", "flood", "truncated", "silent", "exit",
-              "close-then-send"]
+BEHAVIOURS = [
+    "good",
+    *SINGLE_FRAMES,
+    *RAW,
+    "two-requests",
+    "flood",
+    "truncated",
+    "silent",
+    "exit",
+    "close-then-send",
+]
 PORT = {name: 1000 + i for i, name in enumerate(BEHAVIOURS)}
 
 
@@ -129,8 +141,13 @@ def _session(offset: int, name: str) -> bytes:
 
 
 EXPECTED = {name: "protocol-violation" for name in [*SINGLE_FRAMES, *RAW, "two-requests", "flood"]}
-EXPECTED |= {"truncated": "sandbox-crash", "exit": "sandbox-crash", "silent": "cpu-deadline",
-             "close-then-send": "linger", "good": "done"}
+EXPECTED |= {
+    "truncated": "sandbox-crash",
+    "exit": "sandbox-crash",
+    "silent": "cpu-deadline",
+    "close-then-send": "linger",
+    "good": "done",
+}
 
 
 def test_each_misbehaviour_ends_only_its_own_session(rogue: tuple[Server, Lines, int]) -> None:
@@ -162,7 +179,7 @@ def test_each_misbehaviour_ends_only_its_own_session(rogue: tuple[Server, Lines,
 
 
 def test_flood_keeps_broker_memory_bounded(rogue: tuple[Server, Lines, int]) -> None:
-    server, out, offset = rogue
+    _server, out, offset = rogue
 
     def rss_kib() -> int:
         with open("/proc/self/status") as f:

@@ -42,12 +42,10 @@ PROBES = {
     "move_wrap": "return select(2, pcall(table.move, {}, math.mininteger, math.maxinteger, 1))",
     # vector: memory bombs caught as an ordinary Lua error
     "rep_bomb": "return select(2, pcall(string.rep, 'x', 1 << 25, 'y'))",
-    "concat_bomb": "local s = 'x' local ok, e = pcall(function() for i = 1, 40 do s = s .. s end end) return e",
+    "concat_bomb": "local s = 'x' return select(2, pcall(function() for i = 1, 40 do s = s .. s end end))",
     # vector: deep recursion
     "recursion": "local function f() return 1 + f() end return select(2, pcall(f))",
-    "gsub_recursion": (
-        "local function f(s) return (s:gsub('.', f)) end return select(2, pcall(f, 'a'))"
-    ),
+    "gsub_recursion": ("local function f(s) return (s:gsub('.', f)) end return select(2, pcall(f, 'a'))"),
     # vector: large argument counts
     "unpack": "return select(2, pcall(table.unpack, {}, 1, 1e8))",
     "format": "return select(2, pcall(string.format, '%0999d', 1))",
@@ -65,7 +63,7 @@ PROBE_EXPECT = {
     "dump": r"^nil,nil$",
     "strmeta": r"^false$",
     "strmeta_set": r"attempt to index a boolean value",
-    "strmeta_protected": r"^script:1: cannot change a protected metatable|cannot change a protected metatable",
+    "strmeta_protected": r"^cannot change a protected metatable$",
     "gc": r"^nil$",
     "__gc": r"__gc metamethods are not allowed",
     "coroutine": r"^nil$",
@@ -104,6 +102,7 @@ def test_vectors_fail_cleanly(probes: Broker) -> None:
             outcomes[name] = read_all(s).decode(errors="replace")
     for name, pattern in PROBE_EXPECT.items():
         assert re.search(pattern, outcomes[name]), f"{name}: got {outcomes[name]!r}"
+        assert "bootstrap" not in outcomes[name]  # errors never point into the trusted bootstrap
     # every probe session ended normally: nothing crashed the child, let alone the broker
     for i in range(len(PROBES)):
         assert probes.wait_for(rf"port={probes.port(100 + i)} .*session end reason=(\S+)").group(1) == "done"
@@ -165,7 +164,7 @@ def test_hostile_scripts_end_only_their_session(make_broker) -> None:
     # well-behaved sessions are served while every hostile one burns its budget
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda _: good_session(), range(8))) == [b"good:ping"] * 8
-    for (name, (_, reason)), s in zip(HOSTILE.items(), hostile, strict=True):
+    for name, s in zip(HOSTILE, hostile, strict=True):
         assert read_all(s, timeout=10) == b"", name
         s.close()
     text = "\n".join(b.lines)
