@@ -25,7 +25,8 @@ local peer = deadend.get_ip()
 
 -- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
 local function q(s)
-  s = tostring(s or "")
+  if s == nil then return "-" end
+  s = tostring(s)
   if #s > 256 then s = s:sub(1, 256) .. "..." end
   return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
 end

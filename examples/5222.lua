@@ -25,7 +25,8 @@ deadend.set_tarpit(200, 300)
 local peer = deadend.get_ip()
 
 local function q(s)
-  s = tostring(s or "")
+  if s == nil then return "-" end
+  s = tostring(s)
   if #s > 256 then s = s:sub(1, 256) .. "..." end
   return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
 end

@@ -27,9 +27,10 @@ local c_rep, c_move = string.rep, table.move
 -- open() kills the process. The zygote fixed TZ=UTC, so local time and UTC agree.
 os_date("*t"); os_date("!*t"); os_date("%c"); os_time({year = 2000, month = 1, day = 1})
 
-local function argerror(i, fname, msg)
-  -- level 3: the script line that called the API function, as luaL_argerror reports it
-  error(string_format("bad argument #%d to '%s' (%s)", i, fname, msg), 3)
+local function argerror(i, fname, msg, level)
+  -- Blame the script line that called the API function, as luaL_argerror does: level 3 from a direct
+  -- call in an API function, one more for each checking helper in between.
+  error(string_format("bad argument #%d to '%s' (%s)", i, fname, msg), level or 3)
 end
 
 -- Errors raised by a wrapped C function must name the script's line, not the bootstrap's. Callers use
@@ -120,16 +121,16 @@ local function checkint(fname, i, v, present, lo, hi)
   local mt = math_type(v)
   if mt == "float" then
     local iv = math_tointeger(v)
-    if iv == nil then argerror(i, fname, "number has no integer representation") end
+    if iv == nil then argerror(i, fname, "number has no integer representation", 4) end
     v = iv
   elseif mt ~= "integer" then
-    argerror(i, fname, "number expected, got " .. value_type(v, present))
+    argerror(i, fname, "number expected, got " .. value_type(v, present), 4)
   end
   if v < lo or (hi ~= nil and v > hi) then
     if hi ~= nil then
-      argerror(i, fname, string_format("out of range: must be %d..%d", lo, hi))
+      argerror(i, fname, string_format("out of range: must be %d..%d", lo, hi), 4)
     else
-      argerror(i, fname, string_format("out of range: must be >= %d", lo))
+      argerror(i, fname, string_format("out of range: must be >= %d", lo), 4)
     end
   end
   return v
@@ -162,7 +163,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
 
   local function log_text(fname, i, v, present)
     if type(v) == "number" then v = tostring(v) end
-    if type(v) ~= "string" then argerror(i, fname, "string expected, got " .. value_type(v, present)) end
+    if type(v) ~= "string" then argerror(i, fname, "string expected, got " .. value_type(v, present), 4) end
     return string_sub(v, 1, LOG_MAX + 1)  -- the broker cuts and marks; never ship megabytes
   end
 
