@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -119,3 +120,34 @@ def test_child_stderr_never_reaches_the_terminal(make_broker) -> None:
     assert "\x1b" not in text and "\r" not in text
     assert "script: \\x1b[2J\\x1b]0;pwned\\x07" in text
     assert "script: \\x0d\\x0aFAKE INFO line" in text
+
+
+def test_broker_survives_the_zygote_dying(make_broker) -> None:
+    b = make_broker({"7.lua": 'deadend.send("up")'})
+    with b.connect(7) as s:
+        assert read_all(s) == b"up"
+    zygote = [p for p in descendants(b.proc.pid) if _is_zygote(p, b.proc.pid)]
+    assert len(zygote) == 1
+    os.kill(zygote[0], signal.SIGKILL)
+    b.wait_for(r"sandbox zygote exited; restarting it")
+    deadline = time.monotonic() + 10
+    while True:  # the next connections are served by the new zygote's children
+        try:
+            with b.connect(7) as s:
+                if read_all(s) == b"up":
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "not serving after a zygote restart"
+        time.sleep(0.1)
+    assert b.proc.poll() is None
+
+
+def _is_zygote(pid: int, broker_pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return ppid == broker_pid and b"sandbox.zygote" in f.read()
+    except OSError:
+        return False
