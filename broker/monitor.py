@@ -37,6 +37,8 @@ END_SESSION_TIME: Final = "session-time"
 END_SHUTDOWN: Final = "shutdown"
 END_CAPACITY: Final = "capacity"
 END_QUEUE_FULL: Final = "queue-full"
+END_CONN_LIMIT: Final = "conn-limit"
+END_PER_IP_LIMIT: Final = "per-ip-limit"
 
 DONE_REASONS: Final = {
     "return": END_RETURNED,

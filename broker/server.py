@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from broker import monitor as m
 from broker.compile import compile_error
+from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.net import BindAddress, bind_addresses, ipv6_unavailable, open_listener, peer_ip
 from broker.pool import PoolClosed, QueueFull, SandboxPool
 from broker.session import Session, SessionSettings, log_session_end
@@ -28,6 +29,7 @@ from deadend.scripts import PORT_MAX, Script, discover
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 SHUTDOWN_EXTRA = 3.0  # seconds past the scripts' grace before remaining sessions are cancelled
+FD_WARNING_INTERVAL = 10.0  # seconds between two "out of descriptors" lines
 
 
 class StartupError(Exception):
@@ -51,7 +53,10 @@ class Server:
     sessions: set[Session] = field(default_factory=set)
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
     handle_signals: bool = True  # False when embedded in another program's loop (it stops us itself)
+    gate: Gate | None = None
     _stop: asyncio.Event | None = None
+    _released: asyncio.Event | None = None  # set whenever a connection ends (fds came free)
+    _last_fd_warning: float = float("-inf")
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -71,6 +76,7 @@ class Server:
             if not servable:
                 raise StartupError(f"no servable script in {self.config.scripts}")
             self._bind_all(servable)
+            self.gate = self._make_gate()
             loop = asyncio.get_running_loop()
             if self.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,32 +143,78 @@ class Server:
                 self.listeners.append(Listener(sock, address, script))
                 self.log.info(Where(port=port), f"listening on {address} script={script.name}")
 
+    def _make_gate(self) -> Gate:
+        c = self.config
+        allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm)
+        if allowed < c.max_connections:
+            self.log.warn(
+                BROKER, f"the file descriptor limit allows {allowed} concurrent connections; capping there"
+            )
+        return Gate(max_connections=min(c.max_connections, allowed), max_per_ip=c.max_per_ip)
+
     # --- connections -----------------------------------------------------------------------------
 
     async def _accept_loop(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
+        assert self.gate is not None
         while True:
             try:
                 conn, addr = await loop.sock_accept(listener.sock)
             except OSError as e:
                 if e.errno in ACCEPT_ERRORS_RESOURCES:
-                    # Out of descriptors or buffers: keep what we serve, retry shortly (never exit).
-                    self.log.warn(BROKER, f"accept on {listener.address} failed: {e.strerror}; retrying")
-                    await asyncio.sleep(0.25)
+                    await self._out_of_resources(listener, e)
                 elif e.errno not in ACCEPT_ERRORS_TRANSIENT:
                     self.log.error(BROKER, f"accept on {listener.address} failed: {e.strerror}")
                     await asyncio.sleep(0.25)
                 continue
+            where = Where(listener.address.port, secrets.token_hex(6), peer_ip(addr[0]))
+            refused = self.gate.admit(where.peer)
+            if refused is not None:
+                # Cheap: no sandbox, no connect line; the one session-end line says why.
+                conn.close()
+                log_session_end(self.log, where, refused, 0.0, 0, 0, "-")
+                continue
             conn.setblocking(False)
-            task = loop.create_task(self._handle(conn, addr, listener))
+            task = loop.create_task(self._handle(conn, addr, where, listener))
             self.handlers.add(task)
             task.add_done_callback(self.handlers.discard)
 
-    async def _handle(self, conn: socket.socket, addr: tuple[str, int], listener: Listener) -> None:
+    async def _out_of_resources(self, listener: Listener, e: OSError) -> None:
+        """Out of descriptors or buffers: keep serving what we have, and accept again once one ends."""
+        loop = asyncio.get_running_loop()
+        assert self.gate is not None
+        if loop.time() - self._last_fd_warning >= FD_WARNING_INTERVAL:
+            self._last_fd_warning = loop.time()
+            self.log.warn(
+                BROKER,
+                f"accept on {listener.address} failed: {e.strerror}; pausing accepts "
+                f"({self.gate.active} connections open)",
+            )
+        self.gate.refused["accept-" + (errno.errorcode.get(e.errno or 0, "error").lower())] += 1
+        if self._released is None:
+            self._released = asyncio.Event()
+        self._released.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._released.wait()
+
+    async def _handle(
+        self, conn: socket.socket, addr: tuple[str, int], where: Where, listener: Listener
+    ) -> None:
+        try:
+            await self._serve_connection(conn, addr, where, listener)
+        finally:
+            assert self.gate is not None
+            self.gate.release(where.peer)
+            if self._released is not None:
+                self._released.set()
+
+    async def _serve_connection(
+        self, conn: socket.socket, addr: tuple[str, int], where: Where, listener: Listener
+    ) -> None:
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
-        where = Where(listener.address.port, secrets.token_hex(6), peer_ip(addr[0]))
         self.log.info(where, f"connect from {where.peer} port {addr[1]} script={listener.script.name}")
         refused: str | None = None
         queued = self.pool.at_capacity()

@@ -94,6 +94,20 @@ def build_parser() -> ArgumentParser:
         help=f"connections that may wait for a sandbox (default {defaults.queue_size})",
     )
     q.add_argument(
+        "--max-connections",
+        type=_number(int, "integer", 1, 10**7),
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"accepted connections at once, beyond which they are refused (default {defaults.max_connections})",
+    )
+    q.add_argument(
+        "--max-per-ip",
+        type=_number(int, "integer", 1, 10**7),
+        default=defaults.max_per_ip,
+        metavar="N",
+        help=f"accepted connections at once from one address (default {defaults.max_per_ip})",
+    )
+    q.add_argument(
         "--queue-timeout",
         type=_number(float, "number", 0, 3600),
         default=defaults.queue_timeout,
@@ -188,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         warm=args.warm,
         queue_size=args.queue_size,
         queue_timeout=args.queue_timeout,
+        max_connections=args.max_connections,
+        max_per_ip=args.max_per_ip,
         allow_clock=args.allow_clock,
         log_level=args.log_level,
         ceilings=ceilings,

@@ -39,6 +39,8 @@ class Config:
     warm: int = 4  # pre-forked, locked-down children kept ready
     queue_size: int = 128  # connections waiting for a sandbox
     queue_timeout: float = 2.0  # seconds a connection may wait for one
+    max_connections: int = 4096  # accepted connections at once (queued ones included)
+    max_per_ip: int = 32  # accepted connections at once from one address
     allow_clock: bool = False
     log_level: str = "info"
     shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing

@@ -71,6 +71,7 @@ local function read_line(partial)
       local line = inbuf:sub(1, nl - 1)
       inbuf = inbuf:sub(nl + 1)
       if line:sub(-1) == "\r" then line = line:sub(1, -2) end
+      if #line > MAX_LINE and not partial then return nil, "too-long" end
       return line, "line"
     end
     if #inbuf > MAX_LINE then

@@ -24,6 +24,7 @@ deadend.set_tarpit(200, 300)
 
 local peer = deadend.get_ip()
 
+-- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
 local function q(s)
   if s == nil then return "-" end
   s = tostring(s)
@@ -309,9 +310,13 @@ local function on_auth(el)
   if el.attrs.xmlns ~= SASL_NS then return stream_error("invalid-namespace", "auth outside SASL") end
   auth_attempts = auth_attempts + 1
   local mech = el.attrs.mechanism or ""
+  if mech ~= "PLAIN" and mech ~= "SCRAM-SHA-1" then
+    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    return sasl_failure("invalid-mechanism")
+  end
   local data = sasl_data(el.text)
   if data == false then
-    deadend.log("auth " .. q(mech) .. " bad base64", "warn")
+    deadend.log("auth " .. mech .. " bad base64", "warn")
     return sasl_failure("incorrect-encoding")
   end
   if mech == "PLAIN" then
@@ -327,8 +332,6 @@ local function on_auth(el)
     end
     return scram_first(data)
   end
-  deadend.log("auth unsupported mechanism " .. q(mech), "warn")
-  return sasl_failure("invalid-mechanism")
 end
 
 local function on_response(el)

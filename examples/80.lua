@@ -21,6 +21,7 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
+-- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
 local function q(s)
   if s == nil then return "-" end
   s = tostring(s)

@@ -1,0 +1,67 @@
+"""The connection gate: global and per-IP caps, applied at accept time before any sandbox is involved.
+
+No peer honeypot caps concurrent connections per source address (research/peers.md); without it one
+address can hold every worker. Refused connections cost one accept and one close, and are counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import resource
+from dataclasses import dataclass, field
+from typing import Final
+
+from broker import monitor as m
+
+FDS_PER_SESSION: Final = 4  # client socket, two pipe ends, one pidfd
+FDS_PER_WARM_CHILD: Final = 3
+FDS_RESERVED: Final = 64  # listeners, zygote control, stdio, event loop, logs, headroom
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the usual practice for servers); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connections_fd_allows(fd_limit: int, listeners: int, warm: int) -> int:
+    """How many concurrent connections the descriptor limit can carry, with room to spare."""
+    spare = fd_limit - FDS_RESERVED - listeners - warm * FDS_PER_WARM_CHILD
+    return max(1, spare // FDS_PER_SESSION)
+
+
+@dataclass
+class Gate:
+    max_connections: int
+    max_per_ip: int
+    active: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection in, or return the reason it is refused."""
+        if self.active >= self.max_connections:
+            reason = m.END_CONN_LIMIT
+        elif self.per_ip.get(ip, 0) >= self.max_per_ip:
+            reason = m.END_PER_IP_LIMIT
+        else:
+            self.active += 1
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            return None
+        self.refused[reason] += 1
+        return reason
+
+    def release(self, ip: str) -> None:
+        self.active -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]  # the table never holds more addresses than live connections
