@@ -98,7 +98,7 @@ def build_parser() -> ArgumentParser:
         type=_number(int, "integer", 1, 10**7),
         default=defaults.max_connections,
         metavar="N",
-        help=f"accepted connections at once, beyond which they are refused (default {defaults.max_connections})",
+        help=f"connections at once; more are refused (default {defaults.max_connections})",
     )
     q.add_argument(
         "--max-per-ip",
