@@ -177,7 +177,7 @@ class SandboxPool:
     async def _warm_one(self) -> None:
         try:
             sandbox = await self._spawn()
-        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
+        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation, OSError) as e:
             self.log.warn(BROKER, f"a sandbox failed to start: {type(e).__name__}")
             return
         finally:

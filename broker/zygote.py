@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import contextlib
 import json
 import os
@@ -123,7 +124,7 @@ class Zygote:
         assert self.control is not None
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_CONTROL, 4)
+                data, fds, flags, _addr = socket.recv_fds(self.control, MAX_CONTROL, 4)
             except BlockingIOError:
                 return
             except OSError:
@@ -132,11 +133,25 @@ class Zygote:
                 self._lose("zygote exited")
                 return
             try:
+                if flags & socket.MSG_CTRUNC:  # out of descriptors: the child's fds never arrived
+                    self._fds_lost(msgpack.unpackb(data), fds)
+                    continue
                 self._dispatch(msgpack.unpackb(data), fds)
             except Exception as e:  # the zygote is trusted, but a bug there must not kill the broker
                 for fd in fds:
                     os.close(fd)
                 self.log.error(BROKER, f"zygote sent a bad control message: {sanitize(repr(e))}")
+
+    def _fds_lost(self, msg: Any, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        if msg[0] != "child":
+            return
+        assert self.control is not None
+        self.control.send(msgpack.packb(["kill", int(msg[1])]))  # only its parent can kill it safely
+        fut = self._pending.popleft() if self._pending else None
+        if fut is not None and not fut.done():
+            fut.set_exception(OSError(errno.EMFILE, "no descriptor free to receive a sandbox"))
 
     def _dispatch(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]

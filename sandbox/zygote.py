@@ -7,6 +7,7 @@ SOCK_SEQPACKET socketpair (SCM_RIGHTS), and reports how each child exited.
 
 Control messages (msgpack, one per datagram):
     broker -> zygote   ["fork"]
+    broker -> zygote   ["kill", pid]      a child whose fds the broker could not receive
     zygote -> broker   ["hello", pid]                                  once, when ready
     zygote -> broker   ["child", pid]   + fds [to_child, from_child, pidfd]
     zygote -> broker   ["exit", pid, wait_status]
@@ -114,8 +115,11 @@ class Zygote:
                     data = self.control.recv(MAX_CONTROL)
                     if not data:
                         return  # the broker closed its end: we are done
-                    if msgpack.unpackb(data) == ["fork"]:
+                    msg = msgpack.unpackb(data)
+                    if msg == ["fork"]:
                         self.fork_child()
+                    elif msg[0] == "kill" and msg[1] in self.children:
+                        os.kill(msg[1], signal.SIGKILL)  # still unreaped: the pid cannot be reused
                 self.reap()
         finally:
             self.kill_all()
