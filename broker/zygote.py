@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import contextlib
+import errno
 import json
 import os
 import signal
