@@ -108,6 +108,8 @@ class Monitor:
         self.logs_dropped = 0
         self._log_tokens = float(ceilings.log_burst)
         self._log_stamp = now
+        self._call_tokens = float(ceilings.call_burst)
+        self._call_stamp = now
         self._busy = False  # a request is being carried out; a second one is a violation
 
     # --- the request table -----------------------------------------------------------------------
@@ -217,6 +219,18 @@ class Monitor:
         self.closed_by = by
         self.closed_at = now
         return True
+
+    def call_delay(self, now: float) -> float:
+        """Seconds to hold this call back so the session stays within its API call rate.
+
+        A script spinning on cheap calls (`while true do deadend.get_ip() end`) would otherwise cost the
+        broker as much CPU as it likes; throttled, it only wastes its own CPU budget.
+        """
+        rate, burst = self.ceilings.call_rate, self.ceilings.call_burst
+        self._call_tokens = min(float(burst), self._call_tokens + (now - self._call_stamp) * rate)
+        self._call_stamp = now
+        self._call_tokens -= 1.0
+        return 0.0 if self._call_tokens >= 0 else -self._call_tokens / rate
 
     def _log_allowed(self, now: float) -> bool:
         rate, burst = self.ceilings.log_rate, self.ceilings.log_burst

@@ -128,6 +128,9 @@ class Session:
 
             if isinstance(action, m.End):
                 return action.reason, action.detail
+            delay = monitor.call_delay(loop.time())
+            if delay:
+                await asyncio.sleep(delay)
             if isinstance(action, m.Reply):
                 reply = action
             elif isinstance(action, m.Send):

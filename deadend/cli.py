@@ -179,6 +179,13 @@ def build_parser() -> ArgumentParser:
         metavar="N",
         help=f"script log lines allowed in a burst (default {limits.log_burst})",
     )
+    c.add_argument(
+        "--call-rate",
+        type=_number(float, "number", 1, 10**7),
+        default=limits.call_rate,
+        metavar="N",
+        help=f"API calls per second per session before they are slowed down (default {limits.call_rate:g})",
+    )
     return parser
 
 
@@ -193,6 +200,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         linger_calls=args.linger_calls,
         log_rate=args.log_rate,
         log_burst=args.log_burst,
+        call_rate=args.call_rate,
+        call_burst=max(1, int(args.call_rate * 2)),
     )
     return Config(
         scripts=args.scripts,

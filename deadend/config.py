@@ -19,6 +19,8 @@ class Ceilings:
     linger_calls: int = 100  # send/recv calls a script may make after its connection closed
     log_rate: float = 20.0  # script log lines per second (token bucket), excess dropped and counted
     log_burst: int = 100
+    call_rate: float = 1000.0  # API calls per second before replies are delayed (broker CPU is shared)
+    call_burst: int = 2000
 
     @property
     def memory_bytes(self) -> int:

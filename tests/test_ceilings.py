@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from conftest import read_all
@@ -146,3 +147,19 @@ def test_queued_connection_is_served_when_a_slot_frees(make_broker) -> None:
     assert read_all(holder) == b"good:x"
     assert read_all(waiting) == b"good:y"
     b.wait_for(r"dequeued after \d+ms")
+
+
+def test_api_call_rate_throttles_spinning_scripts(make_broker) -> None:
+    # A script spinning on cheap calls is slowed to --call-rate, so it cannot monopolise the broker.
+    spin = "local n = 0 while true do deadend.get_ip() n = n + 1 if n % 100 == 0 then deadend.log(n) end end"
+    b = make_broker({"7.lua": GOOD, "8.lua": spin}, "--call-rate", "200", "--session-time", "2")
+    start = time.monotonic()
+    s = b.connect(8)
+    assert _good(b) == b"good:ping"
+    assert _end_reason(b, 8) == "session-time"
+    elapsed = time.monotonic() - start
+    counts = [int(x) for x in re.findall(r"script: (\d+)$", "\n".join(b.lines), re.M)]
+    # burst (2x rate) plus the rate over the session, with slack for timing
+    assert max(counts) <= 400 + 200 * elapsed + 100, (max(counts), elapsed)
+    assert max(counts) >= 200  # it did run
+    s.close()

@@ -139,7 +139,7 @@ def test_smtp_auth_is_logged_and_refused(make_broker, mech, initial, challenges)
     finally:
         smtp.close()
     conn = conn_id(b, 25, mark)
-    b.wait_for(rf'conn={conn} WARN .*script: auth {mech} attempt 1 user="{user}" password="{password}"')
+    b.wait_for(rf'WARN +port=\S+ conn={conn} peer=\S+ script: auth {mech} attempt 1 user="{user}" password="{password}"')
 
 
 # --- 5222.lua: XMPP -------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_xmpp_slixmpp_auth_refused_and_logged(make_broker):
     conn = conn_id(b, 5222, mark)
     b.wait_for(rf'conn={conn} .*script: stream open to="chat\.example\.org"')
     b.wait_for(rf'conn={conn} .*script: auth SCRAM-SHA-1 user="mallory" auth_message="n=mallory,r=.*" proof="')
-    b.wait_for(rf'conn={conn} WARN .*script: auth PLAIN attempt 2 authzid="" authcid="mallory" password="hunter2 pw"')
+    b.wait_for(rf'WARN +port=\S+ conn={conn} peer=\S+ script: auth PLAIN attempt 2 authzid="" authcid="mallory" password="hunter2 pw"')
     b.wait_for(rf"conn={conn} .*script: client closed the stream")
     assert b.session_end(conn).group(1) == "done"
 
@@ -227,7 +227,7 @@ def test_xmpp_garbage_gets_not_well_formed(make_broker):
     assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
     assert data.endswith(NOT_WELL_FORMED)
     conn = conn_id(b, 5222, mark)
-    b.wait_for(rf"conn={conn} WARN .*script: stream error not-well-formed")
+    b.wait_for(rf"WARN +port=\S+ conn={conn} peer=\S+ script: stream error not-well-formed")
     assert b.session_end(conn).group(1) == "done"
 
 
@@ -311,7 +311,7 @@ def test_http_garbage_gets_400(make_broker, garbage):
     assert b"\r\nConnection: close" in head
     assert b"<title>400 Bad Request</title>" in body
     conn = conn_id(b, 80, mark)
-    b.wait_for(rf"conn={conn} WARN .*script: bad request")
+    b.wait_for(rf"WARN +port=\S+ conn={conn} peer=\S+ script: bad request")
     assert b.session_end(conn).group(1) == "done"
 
 

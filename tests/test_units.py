@@ -245,3 +245,11 @@ def test_valid_names(name: str, port: int) -> None:
 )
 def test_ignored_names(name: str) -> None:
     assert isinstance(port_of(name), str)
+
+
+def test_call_rate_throttles_a_spinning_script() -> None:
+    mon = monitor(call_rate=100.0, call_burst=10)
+    delays = [mon.call_delay(0.0) for _ in range(20)]
+    assert delays[:10] == [0.0] * 10  # the burst is free
+    assert delays[10] == pytest.approx(0.01) and delays[-1] == pytest.approx(0.10)
+    assert mon.call_delay(10.0) == 0.0  # refilled after a quiet spell
