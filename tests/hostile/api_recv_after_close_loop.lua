@@ -1,0 +1,2 @@
+-- expect: linger
+deadend.close() while true do deadend.recv(1) end

@@ -1,0 +1,2 @@
+-- expect: instruction-limit
+deadend.close() deadend.log("closed") while true do end

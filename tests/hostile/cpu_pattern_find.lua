@@ -1,0 +1,2 @@
+-- expect: cpu-deadline
+string.find(string.rep("a", 3000), ".-.-.-.-b$")

@@ -1,0 +1,2 @@
+-- expect: done ^nil nil$
+deadend.send(tostring(debug) .. " " .. tostring(collectgarbage))

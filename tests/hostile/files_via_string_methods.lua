@@ -1,0 +1,2 @@
+-- expect: done ^nil nil nil$
+deadend.send(tostring(("").dump) .. " " .. tostring(("").load) .. " " .. tostring(string.load))

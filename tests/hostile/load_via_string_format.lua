@@ -1,0 +1,2 @@
+-- expect: done ^nil$
+deadend.send(tostring(string.format("%s", "x") and load))

@@ -1,0 +1,2 @@
+-- expect: memory-limit
+local s = "x" while true do s = s .. s end

@@ -1,0 +1,2 @@
+-- expect: memory-limit
+local t = setmetatable({}, {__index = function(t, k) local s = "y" while true do s = s .. s end end}) local _ = t.x

@@ -1,0 +1,2 @@
+-- expect: done ^false
+deadend.send(tostring(pcall(function() return require("socket") end)))

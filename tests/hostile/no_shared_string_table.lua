@@ -1,0 +1,2 @@
+-- expect: done ^nil$
+local before = string.evil string.evil = true deadend.send(tostring(before))

@@ -1,0 +1,2 @@
+-- expect: done ^nil nil nil$
+deadend.send(tostring(python) .. " " .. tostring(rawget(_G, "python")) .. " " .. tostring(_G.python))

@@ -1,0 +1,2 @@
+-- expect: done ^string
+local ok, e = pcall(deadend.recv, {}) deadend.send(type(e) .. " " .. tostring(e))
