@@ -129,7 +129,7 @@ class Broker:
         return self.wait_for(rf"conn={conn} .*session end reason=(\S+) .*closed_by=(\S+)", timeout)
 
     def conn_ids(self) -> list[str]:
-        return re.findall(r"conn=([0-9a-f]{12}) .* connect from", "\n".join(self.lines))
+        return re.findall(r"conn=([0-9a-f]{12}) peer=\S+ connect from", "\n".join(self.lines))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
