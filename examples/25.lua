@@ -14,8 +14,9 @@ local MAX_COMMANDS = 200      -- commands per connection
 local MAX_ERRORS = 10         -- Postfix's smtpd_hard_error_limit is 20; a honeypot can be stricter
 local MAX_AUTH = 5            -- AUTH attempts per connection
 local MAX_RCPT = 50           -- recipients per message
-local TARPIT_BASE, TARPIT_JITTER = 100, 150  -- ms after every read; grows with each error
-local TARPIT_STEP, TARPIT_MAX = 250, 3000
+local TARPIT_BASE, TARPIT_JITTER = 100, 150  -- ms after every read
+local SOFT_ERRORS = 3         -- like Postfix's smtpd_soft_error_limit: past it, each error slows reads
+local TARPIT_STEP, TARPIT_MAX = 500, 4000
 
 -- Abuse control: reads and bytes for the whole connection (a maximal message plus some slack).
 deadend.set_limits(20000, MAX_MESSAGE + 1048576)
@@ -107,10 +108,13 @@ local function queue_id()
   return table.concat(id)
 end
 
--- A 4xx/5xx answer: counted, and every error makes the next reads slower.
+-- A 4xx/5xx answer: counted; past SOFT_ERRORS every error makes the next reads slower.
 local function fail(text)
   errors = errors + 1
-  deadend.set_tarpit(math.min(TARPIT_BASE + errors * TARPIT_STEP, TARPIT_MAX), TARPIT_JITTER)
+  if errors > SOFT_ERRORS then
+    deadend.set_tarpit(math.min(TARPIT_BASE + (errors - SOFT_ERRORS) * TARPIT_STEP, TARPIT_MAX),
+      TARPIT_JITTER)
+  end
   if errors >= MAX_ERRORS then
     reply(text)
     reply("421 4.7.0 " .. HOSTNAME .. " Error: too many errors")
@@ -311,8 +315,9 @@ local function handle(line)
     reply("221 2.0.0 Bye")
     ending = "quit"
     return false
-  elseif verb == "GET" or verb == "POST" or verb == "CONNECT" or verb == "HEAD" or verb:find(":$") then
-    -- Postfix's smtpd_forbidden_commands: someone is talking HTTP (or a proxy probe) to port 25.
+  elseif verb == "GET" or verb == "POST" or verb == "CONNECT" or not verb:match("^%a") then
+    -- Postfix's smtpd_forbidden_commands (CONNECT GET POST, and anything not starting with a letter):
+    -- someone is talking HTTP, a proxy probe or binary to port 25.
     deadend.log("non-SMTP command " .. q(line), "warn")
     reply("221 2.7.0 Error: I can break rules, too. Goodbye.")
     ending = "non-SMTP command"
