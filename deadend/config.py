@@ -28,8 +28,9 @@ class Ceilings:
 
     @property
     def address_space(self) -> int:
-        # The Lua heap plus room for the interpreter, lupa and its shared libraries.
-        return (self.memory_mib + 512) << 20
+        # The Lua heap plus room for the interpreter, lupa and its shared libraries (a warm child maps
+        # ~21 MiB) and transient frame buffers. It bounds what a compromised child can map.
+        return (self.memory_mib + 96) << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ local MAX_ERRORS = 10         -- Postfix's smtpd_hard_error_limit is 20; a honey
 local MAX_AUTH = 5            -- AUTH attempts per connection
 local MAX_RCPT = 50           -- recipients per message
 local TARPIT_BASE, TARPIT_JITTER = 100, 150  -- ms after every read
-local SOFT_ERRORS = 3         -- like Postfix's smtpd_soft_error_limit: past it, each error slows reads
+local SOFT_ERRORS = 5         -- like Postfix's smtpd_soft_error_limit: past it, each error slows reads
 local TARPIT_STEP, TARPIT_MAX = 500, 4000
 
 -- Abuse control: reads and bytes for the whole connection (a maximal message plus some slack).

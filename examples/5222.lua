@@ -20,7 +20,7 @@ local MAX_DEPTH = 16
 local SCRAM_ITERATIONS = 4096
 
 deadend.set_limits(200, 65536)
-deadend.set_tarpit(200, 300)
+deadend.set_tarpit(150, 250)
 
 local peer = deadend.get_ip()
 
