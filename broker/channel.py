@@ -45,7 +45,7 @@ class ChildChannel:
 
     def _on_readable(self) -> None:
         try:
-            data = os.read(self.child.from_child, 1 << 18)
+            data = os.read(self.child.from_child, 1 << 16)
         except BlockingIOError:
             return
         except OSError:
@@ -60,7 +60,9 @@ class ChildChannel:
         except Exception as e:  # BufferFull, malformed msgpack, limits exceeded
             self._fail(wire.ProtocolViolation(f"unreadable frame: {type(e).__name__}"))
             return
-        if len(self._frames) > 1:
+        if len(self._frames) > 1 or (self._frames and (self._waiter is None or self._waiter.done())):
+            # The broker always waits for the next request before the child can have its reply, so a
+            # frame nobody waits for is a request sent ahead of its answer.
             self._fail(wire.ProtocolViolation("a second request before the first was answered"))
             return
         self._deliver()

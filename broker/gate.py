@@ -7,6 +7,7 @@ address can hold every worker. Refused connections cost one accept and one close
 from __future__ import annotations
 
 import collections
+import ipaddress
 import resource
 from dataclasses import dataclass, field
 from typing import Final
@@ -47,21 +48,30 @@ class Gate:
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection in, or return the reason it is refused."""
+        source = source_of(ip)
         if self.active >= self.max_connections:
             reason = m.END_CONN_LIMIT
-        elif self.per_ip.get(ip, 0) >= self.max_per_ip:
+        elif self.per_ip.get(source, 0) >= self.max_per_ip:
             reason = m.END_PER_IP_LIMIT
         else:
             self.active += 1
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            self.per_ip[source] = self.per_ip.get(source, 0) + 1
             return None
         self.refused[reason] += 1
         return reason
 
     def release(self, ip: str) -> None:
+        source = source_of(ip)
         self.active -= 1
-        left = self.per_ip[ip] - 1
+        left = self.per_ip[source] - 1
         if left:
-            self.per_ip[ip] = left
+            self.per_ip[source] = left
         else:
-            del self.per_ip[ip]  # the table never holds more addresses than live connections
+            del self.per_ip[source]  # the table never holds more sources than live connections
+
+
+def source_of(ip: str) -> str:
+    """What the per-IP cap counts: an IPv4 address, or an IPv6 /64 (one host usually owns a whole /64)."""
+    if ":" not in ip:
+        return ip
+    return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address)

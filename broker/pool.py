@@ -214,7 +214,8 @@ class SandboxPool:
                 self.failed.set_result("sandbox zygote keeps dying")
             return
         self.log.error(BROKER, "sandbox zygote exited; restarting it")
-        self._warm.clear()  # their children died with the zygote; their slots were already freed
+        while self._warm:  # their children died with the zygote (slots already freed): close their fds
+            self._discard(self._warm.popleft())
         await self.zygote.stop()
         try:
             await self.zygote.start()

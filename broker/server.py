@@ -33,7 +33,7 @@ FD_WARNING_INTERVAL = 10.0  # seconds between two "out of descriptors" lines
 
 
 class StartupError(Exception):
-    """A reason the broker cannot start, worded for one log line."""
+    """A reason the broker cannot start (or, once running, cannot go on), worded for one log line."""
 
 
 @dataclass(slots=True)
@@ -89,6 +89,8 @@ class Server:
             await self._stop.wait()
         finally:
             await self._shutdown()
+        if self.pool.failed is not None and self.pool.failed.done():
+            raise StartupError(f"stopped: {self.pool.failed.result()}")  # a supervisor should restart us
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -269,7 +271,10 @@ class Server:
         if self.pool is not None:
             self.pool.stop_acquiring()
         for session in list(self.sessions):
-            session.begin_shutdown()
+            try:
+                session.begin_shutdown()
+            except Exception as e:  # one odd session must not keep the others from their grace
+                self.log.error(session.where, f"shutdown of this session failed: {type(e).__name__}")
         if self.handlers:
             _done, pending = await asyncio.wait(
                 self.handlers, timeout=self.config.shutdown_grace + SHUTDOWN_EXTRA

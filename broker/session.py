@@ -66,8 +66,11 @@ class Session:
         try:
             sandbox.channel.send(self._start_message().to_frame())
             try:
-                async with asyncio.timeout(self.ceilings.session_time) as self._timeout:
-                    reason, detail = await self._serve(sandbox)
+                try:
+                    async with asyncio.timeout(self.ceilings.session_time) as self._timeout:
+                        reason, detail = await self._serve(sandbox)
+                finally:
+                    self._timeout = None  # finished: begin_shutdown must not reschedule it any more
             except TimeoutError:
                 reason = self._timeout_reason()
             except asyncio.CancelledError:
@@ -89,7 +92,7 @@ class Session:
         if self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes a pending recv (EOF) or send (EPIPE)
-        if self._timeout is not None:
+        if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time() + self.settings.shutdown_grace)
 
     def _timeout_reason(self) -> str:
@@ -155,7 +158,7 @@ class Session:
         if self.monitor.open or self.sock is None:
             return
         self._close_socket()
-        if self._timeout is not None and not self.shutting_down:
+        if self._timeout is not None and not self._timeout.expired() and not self.shutting_down:
             when = self._timeout.when()
             linger_end = self.loop.time() + self.ceilings.linger
             if when is None or linger_end < when:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes.util
 import errno
+import functools
 import json
 import os
 import signal
@@ -22,6 +24,13 @@ from deadend.logs import BROKER, EventLog, sanitize
 
 MAX_CONTROL = 4096
 START_TIMEOUT = 10.0
+
+
+@functools.cache
+def resolved_libraries() -> dict[str, str]:
+    """Shared-library names the zygote needs, resolved once (find_library forks ldconfig)."""
+    found = {name: ctypes.util.find_library(name) for name in ("c", "seccomp")}
+    return {name: path for name, path in found.items() if path}
 
 
 class ZygoteLost(Exception):
@@ -75,6 +84,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {
             "broker_pid": os.getpid(),
+            "libraries": resolved_libraries(),
             "control_fd": theirs.fileno(),
             "address_space": self.ceilings.address_space,
             "cpu_seconds": self.ceilings.session_cpu,
@@ -145,13 +155,15 @@ class Zygote:
     def _fds_lost(self, msg: Any, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
+        fds.clear()
         if msg[0] != "child":
             return
-        assert self.control is not None
-        self.control.send(msgpack.packb(["kill", int(msg[1])]))  # only its parent can kill it safely
         fut = self._pending.popleft() if self._pending else None
         if fut is not None and not fut.done():
             fut.set_exception(OSError(errno.EMFILE, "no descriptor free to receive a sandbox"))
+        if self.control is not None:
+            with contextlib.suppress(OSError):  # only its parent can kill it safely
+                self.control.send(msgpack.packb(["kill", int(msg[1])]))
 
     def _dispatch(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]
@@ -169,6 +181,11 @@ class Zygote:
                 child.release()
             else:
                 fut.set_result(child)
+        elif kind == "fork-failed":
+            fut = self._pending.popleft() if self._pending else None
+            code = int(msg[1])
+            if fut is not None and not fut.done():
+                fut.set_exception(OSError(code, f"the zygote could not fork: {os.strerror(code)}"))
         elif kind == "exit":
             found = self._children.pop(int(msg[1]), None)
             if found is not None:

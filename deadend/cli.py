@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -222,14 +223,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_broker(config: Config) -> int:
     from broker.server import Server, StartupError  # the broker is heavier than the CLI
 
-    server = Server(config, EventLog(level=config.log_level))
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Whatever the locale, never lose a line to an encoding error: escape what cannot be encoded.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    log = EventLog(level=config.log_level)
+    server = Server(config, log)
     try:
         asyncio.run(server.serve())
     except StartupError as e:
+        log.close()
         print(f"deadend: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 130
+    finally:
+        log.close()
     return 0
 
 

@@ -8,8 +8,11 @@ cut at 4 KiB with a marker.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Final, TextIO
@@ -61,11 +64,23 @@ BROKER: Final = Where()
 
 
 class EventLog:
-    """The broker's single sink for events. `message` must already be safe (use `sanitize`)."""
+    """The broker's single sink for events. `message` must already be safe (use `sanitize`).
+
+    Lines go through a bounded queue to a writer thread: a slow or stopped reader of stdout (a paused
+    terminal, a stuck log shipper) must never stall the event loop, whose timers enforce the ceilings.
+    When the queue is full, lines are dropped and their number is reported once the writer catches up.
+    """
+
+    QUEUE_LINES = 20_000
 
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
+        self._queue: queue.Queue[str | None] = queue.Queue(self.QUEUE_LINES)
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._writer = threading.Thread(target=self._drain, name="deadend-log", daemon=True)
+        self._writer.start()
 
     def enabled(self, level: str) -> bool:
         return LEVEL_ORDER[level] >= self.threshold
@@ -78,10 +93,41 @@ class EventLog:
             f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
         )
         try:
-            self.stream.write(line)
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # a closed stdout must not take the broker down
+            self._queue.put_nowait(line)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def _drain(self) -> None:
+        while True:
+            lines = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(lines) < 512:
+                    lines.append(self._queue.get_nowait())
+            done = lines[-1] is None
+            text = "".join(line for line in lines if line is not None)
+            with self._lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                text += (
+                    f"{utc_timestamp()} WARN  port=- conn=- peer=- log output too slow: "
+                    f"{dropped} lines dropped\n"
+                )
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken stdout must not take the broker down
+            if done:
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write out what is queued and stop the writer (waits at most `timeout` for a blocked stdout)."""
+        if not self._writer.is_alive():
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._writer.join(timeout)
 
     def debug(self, where: Where, message: str) -> None:
         self.emit("debug", where, message)

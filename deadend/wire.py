@@ -55,9 +55,19 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _flat_list(items: list[Any]) -> list[Any]:
+    # Requests carry scalars only. Refusing nested arrays as soon as the innermost one is built keeps a
+    # 1 MiB frame of nested empty arrays from inflating into tens of MiB of Python lists first.
+    for item in items:
+        if isinstance(item, list):
+            raise ValueError("nested array in a request")
+    return items
+
+
 def child_unpacker() -> msgpack.Unpacker:
     """The broker's bounded reader for frames from a child (hostile input)."""
     return msgpack.Unpacker(
+        list_hook=_flat_list,
         raw=False,
         max_buffer_size=MAX_CHILD_FRAME,
         max_bin_len=SEND_MAX,

@@ -242,7 +242,11 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
     local r = table_pack(pcall(f, ...))
     if r[1] then return table_unpack(r, 1, r.n) end
     if exceeded then error(r[2], 0) end
-    return false, msgh(r[2])
+    -- As real xpcall: the handler's first result, or this message if the handler itself fails.
+    local ok, handled = pcall(msgh, r[2])
+    if exceeded then error("instruction limit exceeded", 0) end
+    if not ok then return false, "error in error handling" end
+    return false, handled
   end
 
   for _, name in ipairs({ "assert", "error", "getmetatable", "ipairs", "next", "pairs", "pcall",

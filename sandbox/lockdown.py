@@ -15,8 +15,10 @@ import os
 import resource
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyseccomp as sc
+if TYPE_CHECKING:
+    import pyseccomp as sc
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -44,6 +46,8 @@ def _prctl(option: int, arg: int) -> None:
 
 def build_filter() -> sc.SyscallFilter:
     """The seccomp allowlist, one syscall per line with the reason beside it (research/sandbox.md §3.4)."""
+    import pyseccomp as sc  # imported here: the zygote first points ctypes at the resolved libseccomp
+
     f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)  # anything unlisted kills the whole process
     f.add_rule(sc.ALLOW, "read", sc.Arg(0, sc.EQ, 0))  # requests' replies: the broker's pipe on fd 0
     f.add_rule(sc.ALLOW, "write", sc.Arg(0, sc.EQ, 1))  # requests: the pipe to the broker on fd 1
@@ -83,10 +87,11 @@ def set_rlimits(limits: Rlimits) -> None:
 
 def lockdown(limits: Rlimits, parent_pid: int, seccomp_filter: sc.SyscallFilter | None = None) -> None:
     """Apply every layer; raise LockdownError (the caller exits) if any cannot be applied."""
+    seccomp_filter = seccomp_filter or build_filter()  # built while imports can still open files
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         raise LockdownError("parent exited during start-up")
     _prctl(PR_SET_DUMPABLE, 0)  # no ptrace attach, no /proc/PID/mem from same-uid processes
     close_inherited_fds()
     set_rlimits(limits)
-    (seccomp_filter or build_filter()).load()  # libseccomp sets no_new_privs itself
+    seccomp_filter.load()  # libseccomp sets no_new_privs itself

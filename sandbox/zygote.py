@@ -10,6 +10,7 @@ Control messages (msgpack, one per datagram):
     broker -> zygote   ["kill", pid]      a child whose fds the broker could not receive
     zygote -> broker   ["hello", pid]                                  once, when ready
     zygote -> broker   ["child", pid]   + fds [to_child, from_child, pidfd]
+    zygote -> broker   ["fork-failed", errno]                          out of processes or memory
     zygote -> broker   ["exit", pid, wait_status]
 """
 
@@ -28,7 +29,6 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from sandbox import child
 from sandbox.lockdown import PR_SET_PDEATHSIG, Rlimits, _prctl, build_filter
 
 MAX_CONTROL = 4096
@@ -51,10 +51,26 @@ class Zygote:
             self.control.send(data)
 
     def fork_child(self) -> None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
+        try:
+            to_child_r, to_child_w = os.pipe()
+        except OSError as e:
+            self.send(["fork-failed", e.errno or 0])
+            return
+        try:
+            from_child_r, from_child_w = os.pipe()
+        except OSError as e:
+            os.close(to_child_r)
+            os.close(to_child_w)
+            self.send(["fork-failed", e.errno or 0])
+            return
         zygote_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes (pids cgroup, RLIMIT_NPROC) or memory: say so, live on
+            for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+                os.close(fd)
+            self.send(["fork-failed", e.errno or 0])
+            return
         if pid == 0:
             self._become_child(to_child_r, from_child_w, zygote_pid)
         self.children.add(pid)
@@ -75,6 +91,8 @@ class Zygote:
             os.dup2(stdin, 0)
             os.dup2(stdout, 1)
             os.dup2(self.devnull, 2)  # child stderr never reaches anyone's terminal
+            from sandbox import child  # imported by main() already: this is a lookup, not a load
+
             child.serve(self.rlimits, zygote_pid, self.filter)
         finally:
             os._exit(1)
@@ -125,9 +143,21 @@ class Zygote:
             self.kill_all()
 
 
+def _use_resolved_libraries(paths: dict[str, str]) -> None:
+    """pyseccomp resolves libseccomp with ctypes' find_library, which forks ldconfig. The broker resolved
+    the names once; use them, so a zygote restarted when processes are scarce needs no fork."""
+    import ctypes.util
+
+    original = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: paths.get(name) or original(name)
+
+
 def main() -> NoReturn:
     config = json.loads(sys.argv[1])
     broker_pid = config["broker_pid"]
+    _use_resolved_libraries(config.get("libraries", {}))
+    import sandbox.child  # noqa: F401  (lupa, msgpack and pyseccomp, loaded once for every child)
+
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed broker takes the zygote with it...
         if os.getppid() != broker_pid:

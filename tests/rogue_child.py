@@ -59,6 +59,8 @@ RAW = {
     "map": msgpack.packb({"op": "send"}),
     "send-huge": msgpack.packb(["send", b"x" * ((1 << 20) + 1)], use_bin_type=True),
     "ext": msgpack.packb(msgpack.ExtType(1, b"pickle?")),
+    # a 1 MiB frame of nested 4-element arrays: must be refused before it is built
+    "nested": b"\x94" * 300_000 + b"\x90" * 4,
 }
 
 
@@ -84,6 +86,11 @@ def main() -> None:
         read()
     elif behaviour in RAW:
         raw(RAW[behaviour])
+        read()
+    elif behaviour == "ahead-of-reply":  # a request sent while the broker carries out the previous one
+        write(["sleep", 300])
+        time.sleep(0.05)
+        write(["get_ip"])
         read()
     elif behaviour == "two-requests":
         raw(msgpack.packb(["get_ip"]) * 2)

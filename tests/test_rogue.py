@@ -103,6 +103,7 @@ BEHAVIOURS = [
     *SINGLE_FRAMES,
     *RAW,
     "two-requests",
+    "ahead-of-reply",
     "flood",
     "truncated",
     "silent",
@@ -140,7 +141,9 @@ def _session(offset: int, name: str) -> bytes:
         return read_all(s, timeout=10)
 
 
-EXPECTED = {name: "protocol-violation" for name in [*SINGLE_FRAMES, *RAW, "two-requests", "flood"]}
+EXPECTED = {
+    name: "protocol-violation" for name in [*SINGLE_FRAMES, *RAW, "two-requests", "ahead-of-reply", "flood"]
+}
 EXPECTED |= {
     "truncated": "sandbox-crash",
     "exit": "sandbox-crash",
@@ -189,8 +192,9 @@ def test_flood_keeps_broker_memory_bounded(rogue: tuple[Server, Lines, int]) -> 
     for _ in range(5):
         _session(offset, "flood")
         _session(offset, "send-huge")
+        _session(offset, "nested")
     deadline = time.monotonic() + 10
-    while out.text().count("session end") < 10 and time.monotonic() < deadline:
+    while out.text().count("session end") < 15 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert out.text().count("session end") == 10
+    assert out.text().count("session end") == 15
     assert rss_kib() - before < 32 * 1024  # 100 MiB of hostile output, no more than a few MiB kept

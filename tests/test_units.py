@@ -253,3 +253,20 @@ def test_call_rate_throttles_a_spinning_script() -> None:
     assert delays[:10] == [0.0] * 10  # the burst is free
     assert delays[10] == pytest.approx(0.01) and delays[-1] == pytest.approx(0.10)
     assert mon.call_delay(10.0) == 0.0  # refilled after a quiet spell
+
+
+def test_gate_caps_per_source_and_globally() -> None:
+    from broker.gate import Gate
+
+    gate = Gate(max_connections=5, max_per_ip=2)
+    assert gate.admit("192.0.2.1") is None and gate.admit("192.0.2.1") is None
+    assert gate.admit("192.0.2.1") == m.END_PER_IP_LIMIT
+    # one IPv6 host rotating addresses inside its /64 counts as one source
+    assert gate.admit("2001:db8::1") is None and gate.admit("2001:db8::2") is None
+    assert gate.admit("2001:db8::3") == m.END_PER_IP_LIMIT
+    assert gate.admit("198.51.100.1") is None
+    assert gate.admit("198.51.100.2") == m.END_CONN_LIMIT
+    for ip in ("192.0.2.1", "192.0.2.1", "2001:db8::1", "2001:db8::2", "198.51.100.1"):
+        gate.release(ip)
+    assert gate.active == 0 and gate.per_ip == {}
+    assert gate.refused == {m.END_PER_IP_LIMIT: 2, m.END_CONN_LIMIT: 1}
