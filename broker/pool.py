@@ -18,6 +18,7 @@ from deadend.logs import BROKER, EventLog, sanitize
 from deadend.wire import ProtocolViolation
 
 READY_TIMEOUT = 5.0
+FORK_BACKOFF = 1.0  # seconds without pre-forking after the zygote could not fork
 REFILL_DELAY = 0.003  # seconds
 MAX_ZYGOTE_RESTARTS = 5  # within ZYGOTE_RESTART_WINDOW seconds, else the pool gives up
 ZYGOTE_RESTART_WINDOW = 60.0
@@ -54,6 +55,7 @@ class SandboxPool:
         self._closed = False
         self._restarts: collections.deque[float] = collections.deque()
         self._refill_pending = False
+        self._no_prefork_until = 0.0
         self.zygote = Zygote(ceilings, log, self._on_child_exit)
         self.failed: asyncio.Future[str] | None = None
 
@@ -165,6 +167,8 @@ class SandboxPool:
     def _refill(self) -> None:
         if self._closed or self.zygote.lost is None or self.zygote.lost.done():
             return
+        if asyncio.get_running_loop().time() < self._no_prefork_until:
+            return
         while (
             len(self._warm) + self._warming < self.warm_target
             and self.alive < self.workers
@@ -177,8 +181,17 @@ class SandboxPool:
     async def _warm_one(self) -> None:
         try:
             sandbox = await self._spawn()
-        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation, OSError) as e:
-            self.log.warn(BROKER, f"a sandbox failed to start: {type(e).__name__}")
+        except OSError as e:  # out of processes or memory: stop pre-forking for a while, say so once
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self._no_prefork_until:
+                self.log.warn(
+                    BROKER, f"cannot pre-fork sandboxes: {sanitize(e.strerror or str(e))}; backing off"
+                )
+            self._no_prefork_until = loop.time() + FORK_BACKOFF
+            return
+        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
+            if not self._closed:
+                self.log.warn(BROKER, f"a sandbox failed to start: {type(e).__name__}")
             return
         finally:
             self._warming -= 1

@@ -235,6 +235,9 @@ class Server:
             self.log.warn(where, f"refused: no sandbox free within {self.config.queue_timeout:g}s")
         except (PoolClosed, asyncio.CancelledError):
             refused = m.END_SHUTDOWN
+        except OSError as e:  # the zygote could not fork: out of processes or memory
+            refused = m.END_CAPACITY
+            self.log.warn(where, f"refused: no sandbox could be forked ({sanitize(e.strerror or str(e))})")
         except Exception as e:  # zygote trouble: this connection fails, the broker goes on
             refused = m.END_CRASH
             self.log.error(where, f"no sandbox could be started: {sanitize(type(e).__name__)}")

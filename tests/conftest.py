@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,13 +65,19 @@ def free_offset(ports: list[int]) -> int:
 class Broker:
     """One running `deadend broker` process and its log lines."""
 
-    def __init__(self, scripts: Path, args: list[str], ports: list[int]) -> None:
+    def __init__(self, scripts: Path, args: list[str], ports: list[int], **popen: Any) -> None:
         self.scripts = scripts
         self.offset = free_offset(ports) if ports else 20000
         cmd = [sys.executable, "-m", "deadend", "broker", "--scripts", str(scripts), "--host", HOST]
         cmd += ["--port-offset", str(self.offset), *args]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=REPO
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            cwd=REPO,
+            **popen,
         )
         self.lines: list[str] = []
         self.stderr = ""
@@ -170,7 +177,7 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """Start brokers on given scripts ({"25.lua": source} or a folder); each is stopped and checked after."""
     started: list[Broker] = []
 
-    def start(scripts: dict[str, str] | Path, *args: str, ready: bool = True) -> Broker:
+    def start(scripts: dict[str, str] | Path, *args: str, ready: bool = True, **popen: Any) -> Broker:
         if isinstance(scripts, dict):
             folder = tmp_path / f"scripts{len(started)}"
             folder.mkdir()
@@ -180,7 +187,7 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
             folder = scripts
         ports = [int(p.name[:-4]) for p in folder.iterdir() if re.fullmatch(r"[1-9][0-9]{0,4}\.lua", p.name)]
         ports = [p for p in ports if p <= 65535]
-        broker = Broker(folder, list(args), ports)
+        broker = Broker(folder, list(args), ports, **popen)
         started.append(broker)
         if ready:
             broker.wait_for(r"ready: \d+ script")

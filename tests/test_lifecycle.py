@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from conftest import HOST, REPO, descendants, read_all
 
 WAITER = """
@@ -151,3 +154,131 @@ def _is_zygote(pid: int, broker_pid: int) -> bool:
             return ppid == broker_pid and b"sandbox.zygote" in f.read()
     except OSError:
         return False
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (PIDS_CGROUP / "cgroup.procs").exists(),
+    reason="needs root and a cgroup v1 pids hierarchy to cap the broker's process count",
+)
+def test_broker_survives_running_out_of_processes(make_broker) -> None:
+    # Fewer processes allowed than --workers: forks fail. Connections that cannot get a sandbox are
+    # refused with a reason; the zygote, the broker and the sessions it could start all carry on.
+    group = PIDS_CGROUP / f"deadend-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text("14")
+        procs = str(group / "cgroup.procs")
+
+        def join_group() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        b = make_broker(
+            {"7.lua": WAITER}, "--max-per-ip", "100", "--queue-timeout", "0.5", preexec_fn=join_group
+        )
+        clients = [b.connect(7) for _ in range(25)]
+        greeted = 0
+        for c in clients:
+            c.settimeout(5)
+            with contextlib.suppress(OSError):
+                greeted += c.recv(3) == b"hi\n"
+        assert 3 <= greeted < 25, greeted
+        b.wait_for(r"refused: no sandbox could be forked|cannot pre-fork sandboxes")
+        assert b.proc.poll() is None
+        for c in clients:
+            c.close()
+        deadline = time.monotonic() + 15
+        while True:  # once processes free up, connections are served again
+            with b.connect(7) as s:
+                s.settimeout(5)
+                try:
+                    if s.recv(3) == b"hi\n":
+                        break
+                except OSError:
+                    pass
+            assert time.monotonic() < deadline, "not serving after processes came free"
+            time.sleep(0.2)
+        assert "sandbox zygote exited" not in "\n".join(b.lines)
+        b.stop()
+    finally:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                group.rmdir()
+                break
+            except OSError:  # members still exiting
+                time.sleep(0.1)
+
+
+def test_blocked_stdout_does_not_stall_the_broker(tmp_path) -> None:
+    # Nobody reads the broker's stdout for a while: sessions are still served and the CPU deadline still
+    # fires; once the reader catches up, the lines are there (or their drop is reported).
+    (tmp_path / "7.lua").write_text('deadend.log(string.rep("x", 2000)) deadend.send("ok")')
+    (tmp_path / "8.lua").write_text("string.find(string.rep('a', 3000), '.-.-.-.-b$')")
+    port = free_port_pair()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deadend",
+            "broker",
+            "--scripts",
+            str(tmp_path),
+            "--host",
+            HOST,
+            "--port-offset",
+            str(port - 7),
+            "--cpu-slice",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        wait_listening(port)
+        victim = socket.create_connection((HOST, port + 1), timeout=5)
+        start = time.monotonic()
+        for _ in range(150):  # ~300 KiB of log lines: far beyond the pipe's 64 KiB
+            with socket.create_connection((HOST, port), timeout=5) as s:
+                assert read_all(s) == b"ok"
+        assert read_all(victim, timeout=5) == b""  # killed by the deadline despite the blocked log
+        assert time.monotonic() - start < 20
+        victim.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0
+    assert "session end reason=cpu-deadline" in text
+    # 150 sessions plus the one that probed for the listener
+    assert text.count("session end reason=done") == 151 or "log output too slow" in text
+
+
+def free_port_pair() -> int:
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind((HOST, 0))
+                b.bind((HOST, a.getsockname()[1] + 1))
+                return a.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def wait_listening(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("broker did not start listening")

@@ -56,6 +56,10 @@ PROBES = {
     ),
     # error objects: a table error with a hanging __tostring is never stringified on the host
     "debug": "return type(debug) .. type(io) .. type(package) .. type(require) .. type(dofile)",
+    # the xpcall wrapper keeps real xpcall's results: the handler's first value, or its own failure
+    "xpcall_handler_error": "return select(2, xpcall(error, function() error('b') end))",
+    "xpcall_first_result": "local r = table.pack(xpcall(error, function() return 1, 2 end)) return r.n .. ',' .. r[2]",
+    "xpcall_success": "return select('#', xpcall(function() return 1, 2, 3 end, print))",
 }
 
 PROBE_EXPECT = {
@@ -80,6 +84,9 @@ PROBE_EXPECT = {
     "format": r"invalid conversion",
     "rawset_env": r"^still$",
     "debug": r"^nilnilnilnilnil$",
+    "xpcall_handler_error": r"^error in error handling$",
+    "xpcall_first_result": r"^2,1$",
+    "xpcall_success": r"^4$",
 }
 
 
