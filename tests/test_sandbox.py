@@ -58,7 +58,9 @@ PROBES = {
     "debug": "return type(debug) .. type(io) .. type(package) .. type(require) .. type(dofile)",
     # the xpcall wrapper keeps real xpcall's results: the handler's first value, or its own failure
     "xpcall_handler_error": "return select(2, xpcall(error, function() error('b') end))",
-    "xpcall_first_result": "local r = table.pack(xpcall(error, function() return 1, 2 end)) return r.n .. ',' .. r[2]",
+    "xpcall_first_result": (
+        "local r = table.pack(xpcall(error, function() return 1, 2 end)) return r.n .. ',' .. r[2]"
+    ),
     "xpcall_success": "return select('#', xpcall(function() return 1, 2, 3 end, print))",
 }
 
