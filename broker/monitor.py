@@ -95,6 +95,7 @@ class Monitor:
         self.ceilings = ceilings
         self.rng = rng
         self.open = True
+        self.eof = False  # the peer finished sending (it may still read: a half-close)
         self.closed_by: str | None = None
         self.closed_at: float | None = None
         self.recv_calls = 0  # successful recv calls (counted from the connection's start)
@@ -120,10 +121,10 @@ class Monitor:
         op, a = req.op, req.args
         if op == "done":
             return End(DONE_REASONS[a[0]], a[1])
-        if op in ("send", "recv") and not self.open:
+        if (op in ("send", "recv") and not self.open) or (op == "recv" and self.eof):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
-                return End(END_LINGER, b"kept calling send/recv after the connection closed")
+                return End(END_LINGER, b"kept calling send/recv after the peer was done")
         action = self._dispatch(op, a, now)
         self._busy = not isinstance(action, (Reply, End))
         return action
@@ -139,7 +140,7 @@ class Monitor:
             return Send(data)
         if op == "recv":
             assert isinstance(a[0], int)
-            if not self.open:
+            if not self.open or self.eof:
                 return Reply(None)
             if self.calls_limit and self.recv_calls >= self.calls_limit:
                 self.close(CLOSED_BY_LIMIT, now)
@@ -183,10 +184,16 @@ class Monitor:
         return Reply(False)
 
     def received(self, data: bytes | None, now: float) -> tuple[Reply, float]:
-        """The reply to a recv and the tarpit delay to apply before sending it."""
+        """The reply to a recv (`None`: the read failed, `b""`: end of input) and the tarpit delay."""
         self._busy = False
-        if not data or not self.open:
+        if data is None or not self.open:
             self.close(CLOSED_BY_PEER, now)
+            return Reply(None), 0.0
+        if not data:
+            # The peer finished sending. It may still be reading (a half-close), so the connection stays
+            # open for send until a send fails; recv returns nil from now on.
+            self.eof = True
+            self.closed_by = self.closed_by or CLOSED_BY_PEER
             return Reply(None), 0.0
         if self.bytes_limit and self.bytes_in + len(data) > self.bytes_limit:
             self.close(CLOSED_BY_LIMIT, now)
@@ -216,7 +223,8 @@ class Monitor:
         if not self.open:
             return False
         self.open = False
-        self.closed_by = by
+        if not self.eof or by != CLOSED_BY_PEER:
+            self.closed_by = by
         self.closed_at = now
         return True
 

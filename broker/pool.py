@@ -188,6 +188,7 @@ class SandboxPool:
                     BROKER, f"cannot pre-fork sandboxes: {sanitize(e.strerror or str(e))}; backing off"
                 )
             self._no_prefork_until = loop.time() + FORK_BACKOFF
+            loop.call_later(FORK_BACKOFF, self._refill)  # try again then, even if nothing else happens
             return
         except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
             if not self._closed:

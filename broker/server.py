@@ -71,8 +71,13 @@ class Server:
             await self.pool.start()
         except ZygoteLost as e:
             raise StartupError(str(e)) from e
+        except OSError as e:
+            raise StartupError(f"cannot start the sandbox zygote: {e.strerror or e}") from e
         try:
-            servable = await self._compile_all(scripts)
+            try:
+                servable = await self._compile_all(scripts)
+            except OSError as e:
+                raise StartupError(f"cannot start sandboxes to compile the scripts: {e.strerror or e}") from e
             if not servable:
                 raise StartupError(f"no servable script in {self.config.scripts}")
             self._bind_all(servable)
@@ -219,7 +224,7 @@ class Server:
         started = loop.time()
         self.log.info(where, f"connect from {where.peer} port {addr[1]} script={listener.script.name}")
         refused: str | None = None
-        queued = self.pool.at_capacity()
+        queued = self.pool.at_capacity() and self.pool.queued < self.config.queue_size
         if queued:
             self.log.info(
                 where,

@@ -71,12 +71,13 @@ class EventLog:
     When the queue is full, lines are dropped and their number is reported once the writer catches up.
     """
 
-    QUEUE_LINES = 20_000
+    QUEUE_BYTES = 2 << 20  # what may wait for a slow stdout; bounded in bytes, lines run up to 4 KiB
 
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
-        self._queue: queue.Queue[str | None] = queue.Queue(self.QUEUE_LINES)
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queued_bytes = 0
         self._dropped = 0
         self._lock = threading.Lock()
         self._writer = threading.Thread(target=self._drain, name="deadend-log", daemon=True)
@@ -92,11 +93,12 @@ class EventLog:
         line = (
             f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
         )
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
-            with self._lock:
+        with self._lock:
+            if self._queued_bytes + len(line) > self.QUEUE_BYTES:
                 self._dropped += 1
+                return
+            self._queued_bytes += len(line)
+        self._queue.put(line)
 
     def _drain(self) -> None:
         while True:
@@ -108,6 +110,7 @@ class EventLog:
             text = "".join(line for line in lines if line is not None)
             with self._lock:
                 dropped, self._dropped = self._dropped, 0
+                self._queued_bytes -= len(text)
             if dropped:
                 text += (
                     f"{utc_timestamp()} WARN  port=- conn=- peer=- log output too slow: "
@@ -125,8 +128,7 @@ class EventLog:
         """Write out what is queued and stop the writer (waits at most `timeout` for a blocked stdout)."""
         if not self._writer.is_alive():
             return
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+        self._queue.put(None)
         self._writer.join(timeout)
 
     def debug(self, where: Where, message: str) -> None:
