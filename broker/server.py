@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from broker import monitor as m
 from broker.compile import compile_error
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
+from broker.memory import return_free_memory
 from broker.net import BindAddress, bind_addresses, ipv6_unavailable, open_listener, peer_ip
 from broker.pool import PoolClosed, QueueFull, SandboxPool
 from broker.session import Session, SessionSettings, log_session_end
@@ -30,6 +31,7 @@ ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 SHUTDOWN_EXTRA = 3.0  # seconds past the scripts' grace before remaining sessions are cancelled
 FD_WARNING_INTERVAL = 10.0  # seconds between two "out of descriptors" lines
+TRIM_INTERVAL = 5.0  # at most this often, give freed heap back to the system when the broker goes idle
 
 
 class StartupError(Exception):
@@ -57,6 +59,7 @@ class Server:
     _stop: asyncio.Event | None = None
     _released: asyncio.Event | None = None  # set whenever a connection ends (fds came free)
     _last_fd_warning: float = float("-inf")
+    _last_trim: float = float("-inf")
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -215,6 +218,14 @@ class Server:
             self.gate.release(where.peer)
             if self._released is not None:
                 self._released.set()
+            self._trim_when_idle()
+
+    def _trim_when_idle(self) -> None:
+        assert self.gate is not None
+        now = asyncio.get_running_loop().time()
+        if self.gate.active == 0 and now - self._last_trim >= TRIM_INTERVAL:
+            self._last_trim = now
+            return_free_memory()
 
     async def _serve_connection(
         self, conn: socket.socket, addr: tuple[str, int], where: Where, listener: Listener

@@ -104,7 +104,7 @@ class EventLog:
         while True:
             lines = [self._queue.get()]
             with contextlib.suppress(queue.Empty):
-                while len(lines) < 512:
+                while len(lines) < 128:  # bounded batches keep the transient buffers small
                     lines.append(self._queue.get_nowait())
             done = lines[-1] is None
             text = "".join(line for line in lines if line is not None)
