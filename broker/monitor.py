@@ -121,6 +121,8 @@ class Monitor:
         op, a = req.op, req.args
         if op == "done":
             return End(DONE_REASONS[a[0]], a[1])
+        if op == "dump":
+            raise ProtocolViolation("'dump' is only for a check, not in a session")
         if (op in ("send", "recv") and not self.open) or (op == "recv" and self.eof):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:

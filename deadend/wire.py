@@ -91,7 +91,7 @@ def broker_unpacker() -> msgpack.Unpacker:
 class Start:
     """What a child needs to run one session. It never opens anything itself."""
 
-    mode: str  # "run" a session, or only "compile" to check a script
+    mode: str  # "run" a session; "compile" only; "check": compile and send the chunk's bytecode
     source: bytes
     chunkname: str  # e.g. "25.lua", used in Lua error messages
     seed: tuple[int, int]  # for math.randomseed; forked children would otherwise share the PRNG
@@ -129,7 +129,7 @@ class Start:
             clock=f["clock"],
         )
         if (
-            start.mode not in ("run", "compile")
+            start.mode not in ("run", "compile", "check")
             or not isinstance(start.source, bytes)
             or not isinstance(start.chunkname, str)
             or not isinstance(start.memory, int)
@@ -187,6 +187,10 @@ def _check_limits(a: tuple[Any, ...]) -> bool:
     return len(a) == 2 and all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
+def _check_dump(a: tuple[Any, ...]) -> bool:
+    return len(a) == 1 and type(a[0]) is bytes
+
+
 def _check_done(a: tuple[Any, ...]) -> bool:
     return len(a) == 2 and a[0] in DONE_KINDS and type(a[1]) is bytes and len(a[1]) <= LOG_MAX + 1
 
@@ -201,6 +205,7 @@ REQUESTS: Final = {
     "set_tarpit": _check_tarpit,
     "set_limits": _check_limits,
     "close": _check_none,
+    "dump": _check_dump,  # only in a "check": the compiled chunk, for the static analysis of `deadend check`
     "done": _check_done,
 }
 
@@ -215,6 +220,7 @@ ARITY: Final = {
     "set_tarpit": 2,
     "set_limits": 2,
     "close": 0,
+    "dump": 1,
     "done": 2,
 }
 

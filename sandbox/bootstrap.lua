@@ -21,7 +21,7 @@ local math_type, math_tointeger, math_randomseed, maxinteger =
 local string_sub, string_format, string_gsub = string.sub, string.format, string.gsub
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
-local c_rep, c_move = string.rep, table.move
+local c_rep, c_move, string_dump = string.rep, table.move, string.dump
 
 -- The C library initialises its time zone on first use, by opening files. Do it now: after lockdown an
 -- open() kills the process. The zygote fixed TZ=UTC, so local time and UTC agree.
@@ -269,6 +269,8 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
   local fn, err = load(source, "=" .. chunkname, "t", env)
   if not fn then return "compile", string_sub(tostring(err), 1, LOG_MAX + 1) end
   if mode == "compile" then return "ok" end
+  -- `deadend check`: the trusted side analyses the bytecode (globals, API calls); never run it here.
+  if mode == "check" then return "dump", string_dump(fn) end
 
   -- [Lua PRNG shared across forks] every child gets its own seed from the broker.
   math_randomseed(seed_hi, seed_lo)

@@ -89,6 +89,10 @@ def run_session(lua: Any, start_fn: Any, pipe: Pipe) -> tuple[str, bytes]:
     )
     if result[0] == b"compile":
         return "compile", _text(result[1])
+    if result[0] == b"dump":
+        pipe.write(["dump", result[1]])
+        pipe.read()
+        return "return", b""
     if start.mode == "compile":
         return "return", b""
     step = result[1]
