@@ -76,7 +76,7 @@ class EventLog:
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
         self._queued_bytes = 0
         self._dropped = 0
         self._lock = threading.Lock()
@@ -104,10 +104,11 @@ class EventLog:
         while True:
             lines = [self._queue.get()]
             with contextlib.suppress(queue.Empty):
-                while len(lines) < 128:  # bounded batches keep the transient buffers small
-                    lines.append(self._queue.get_nowait())
+                while len(lines) < 128 and not isinstance(lines[-1], threading.Event):
+                    lines.append(self._queue.get_nowait())  # bounded batches: small transient buffers
             done = lines[-1] is None
-            text = "".join(line for line in lines if line is not None)
+            flushed = lines[-1] if isinstance(lines[-1], threading.Event) else None
+            text = "".join(line for line in lines if isinstance(line, str))
             with self._lock:
                 dropped, self._dropped = self._dropped, 0
                 self._queued_bytes -= len(text)
@@ -121,8 +122,16 @@ class EventLog:
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken stdout must not take the broker down
+            if flushed is not None:
+                flushed.set()
             if done:
                 return
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every line emitted so far has been written."""
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write out what is queued and stop the writer (waits at most `timeout` for a blocked stdout)."""
