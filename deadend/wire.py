@@ -35,6 +35,32 @@ LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 REP_MAX: Final = 1 << 26  # string.rep: result bytes, or iterations when the result is empty
 MOVE_MAX: Final = 1 << 22  # table.move: elements per call
 
+# The base functions a script's environment holds (SPEC.md). The bootstrap builds the environment from
+# this list; `deadend check` judges scripts against it.
+BASE_FUNCTIONS: Final = (
+    "assert",
+    "error",
+    "getmetatable",
+    "ipairs",
+    "next",
+    "pairs",
+    "pcall",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "rawset",
+    "select",
+    "setmetatable",
+    "tonumber",
+    "tostring",
+    "type",
+    "xpcall",
+    "_VERSION",
+)
+LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend")
+API_FUNCTIONS: Final = ("send", "recv", "sleep", "get_ip", "log", "set_tarpit", "set_limits", "close")
+CLOCK_FUNCTIONS: Final = ("time", "date", "clock", "difftime")  # os.*, with the operator's clock option
+
 # --- framing ---------------------------------------------------------------------------------------
 
 # The largest frame a child may send: a full send() plus envelope. Anything larger is a violation.
@@ -239,8 +265,8 @@ def parse_request(frame: Any) -> Request:
     return Request(op, args)
 
 
-def lua_constants() -> dict[str, int]:
-    """The ranges the Lua bootstrap checks arguments against (passed in as plain integers)."""
+def lua_constants() -> dict[str, int | str]:
+    """What the Lua bootstrap needs from here, as plain integers and strings (no Python object)."""
     return {
         "RECV_MIN": RECV_MIN,
         "RECV_MAX": RECV_MAX,
@@ -250,4 +276,6 @@ def lua_constants() -> dict[str, int]:
         "LOG_MAX": LOG_MAX,
         "REP_MAX": REP_MAX,
         "MOVE_MAX": MOVE_MAX,
+        # "_G" and "print" are built by the bootstrap itself; the rest are copied from the real state
+        "BASE_NAMES": ",".join(name for name in BASE_FUNCTIONS if name not in ("setmetatable", "xpcall")),
     }

@@ -7,7 +7,7 @@
 -- Nothing here hands a Python object to Lua, and nothing here calls a script function outside the
 -- hooked script coroutine.
 
-local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX = ...
+local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX, BASE_NAMES = ...
 
 -- Captured before the globals are wiped.
 local debug_sethook, debug_getregistry, debug_getmetatable = debug.sethook, debug.getregistry, debug.getmetatable
@@ -18,7 +18,7 @@ local load, type, select, error, pcall, tostring, pairs, ipairs, next =
 local rawget, rawequal, setmetatable, getmetatable = rawget, rawequal, setmetatable, getmetatable
 local math_type, math_tointeger, math_randomseed, maxinteger =
   math.type, math.tointeger, math.randomseed, math.maxinteger
-local string_sub, string_format, string_gsub = string.sub, string.format, string.gsub
+local string_sub, string_format, string_gsub, string_gmatch = string.sub, string.format, string.gsub, string.gmatch
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
 local c_rep, c_move, string_dump = string.rep, table.move, string.dump
@@ -249,9 +249,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
     return false, handled
   end
 
-  for _, name in ipairs({ "assert", "error", "getmetatable", "ipairs", "next", "pairs", "pcall",
-                          "rawequal", "rawget", "rawlen", "rawset", "select", "tonumber", "tostring",
-                          "type", "_VERSION" }) do
+  for name in string_gmatch(BASE_NAMES, "[^,]+") do  -- deadend.wire.BASE_FUNCTIONS, less the wrapped ones
     env[name] = _G[name]
   end
   env.setmetatable = safe_setmetatable

@@ -39,7 +39,8 @@ def new_runtime() -> Any:
     )
     constants = wire.lua_constants()
     order = ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX", "REP_MAX", "MOVE_MAX")
-    start = lua.execute(BOOTSTRAP, *(constants[k] for k in order), name="=bootstrap", mode="t")
+    args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
+    start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
     return lua, start
 
 

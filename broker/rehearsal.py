@@ -1,0 +1,196 @@
+"""Run one script outside the daemon, in the real sandbox: for `deadend try` and `deadend test`.
+
+The script gets one end of a socketpair as its connection, exactly as the broker would give it a TCP
+socket; the caller drives the other end (a terminal, or a transcript).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+
+from broker.pool import SandboxPool
+from broker.session import Session, SessionSettings
+from deadend.config import Config
+from deadend.logs import EventLog, Where
+from deadend.scripts import Script
+from deadend.transcript import Step, Transcript
+
+END_WAIT = 5.0  # seconds a script may take to finish after the client is done with it
+_SCRIPT_LOG = re.compile(r"^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: (.*)$")
+
+
+class Rehearsal:
+    """A small pool and a log for running scripts one at a time."""
+
+    def __init__(self, config: Config, log: EventLog) -> None:
+        self.config = config
+        self.log = log
+        self.pool = SandboxPool(config.ceilings, log, workers=2, warm=1, queue_size=1)
+
+    async def __aenter__(self) -> Rehearsal:
+        await self.pool.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.pool.close()
+
+    def start_session(
+        self, script: Script, sock: socket.socket, peer_ip: str, allow_clock: bool
+    ) -> asyncio.Task[None]:
+        settings = SessionSettings(self.config.ceilings, allow_clock, self.config.shutdown_grace)
+        where = Where(script.port, "rehearsal", peer_ip)
+
+        async def run() -> None:
+            sandbox = await self.pool.acquire(10.0)
+            await Session(sock, where, script, settings, self.log).run(self.pool, sandbox)
+
+        return asyncio.get_running_loop().create_task(run())
+
+
+@dataclass
+class Replay:
+    ok: bool
+    failure: str = ""
+    received: bytes = b""  # everything the script sent
+    log_lines: list[str] = field(default_factory=list)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+class _Client:
+    """The client side of a transcript: buffered reads with deadlines."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.buffer = b""
+        self.received = b""
+        self.eof = False
+        self.loop = asyncio.get_running_loop()
+
+    async def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self.eof:
+            raise _Mismatch("timed out" if not self.eof else "the script closed the connection")
+        try:
+            async with asyncio.timeout(remaining):
+                chunk = await self.loop.sock_recv(self.sock, 65536)
+        except TimeoutError:
+            raise _Mismatch(f"nothing within {self.timeout * 1000:.0f} ms") from None
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            raise _Mismatch("the script closed the connection")
+        self.buffer += chunk
+        self.received += chunk
+
+    async def line(self, deadline: float) -> bytes:
+        while b"\n" not in self.buffer:
+            await self._fill(deadline)
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.removesuffix(b"\r")
+
+    async def exactly(self, n: int, deadline: float) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill(deadline)
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    async def eof_next(self, deadline: float) -> None:
+        if self.buffer:
+            raise _Mismatch(f"expected the end, got {self.buffer[:80]!r}")
+        try:
+            await self._fill(deadline)
+        except _Mismatch as e:
+            if self.eof:
+                return
+            raise _Mismatch("expected the end, but the connection stayed open") from e
+        raise _Mismatch(f"expected the end, got {self.buffer[:80]!r}")
+
+
+async def _run_step(client: _Client, step: Step, previous: float) -> None:
+    deadline = time.monotonic() + (step.within_ms / 1000 if step.within_ms is not None else client.timeout)
+    kind = step.kind
+    if kind == "send":
+        await client.loop.sock_sendall(client.sock, step.data)
+        return
+    if kind == "close":
+        client.sock.shutdown(socket.SHUT_RDWR)
+        return
+    if kind == "shutdown":
+        client.sock.shutdown(socket.SHUT_WR)
+        return
+    if kind == "expect_line":
+        got = await client.line(deadline)
+        if got != step.data:
+            raise _Mismatch(f"expected line {step.data!r}, got {got!r}")
+    elif kind == "expect_match":
+        assert step.pattern is not None
+        got = await client.line(deadline)
+        if not step.pattern.fullmatch(got):
+            raise _Mismatch(f"expected a line matching {step.pattern.pattern!r}, got {got!r}")
+    elif kind == "expect_bytes":
+        got = await client.exactly(len(step.data), deadline)
+        if got != step.data:
+            raise _Mismatch(f"expected bytes {step.data!r}, got {got!r}")
+    elif kind == "skip_until":
+        assert step.pattern is not None
+        while not step.pattern.fullmatch(await client.line(deadline)):
+            pass
+    elif kind == "eof":
+        await client.eof_next(deadline)
+    if step.after_ms is not None and (time.monotonic() - previous) * 1000 < step.after_ms:
+        waited = (time.monotonic() - previous) * 1000
+        raise _Mismatch(f"arrived after {waited:.0f} ms, sooner than {step.after_ms:.0f} ms")
+
+
+async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, lines: list[str]) -> Replay:
+    """Play the client's side of `transcript` against `script`; stop at the first mismatch.
+
+    `lines` is where the rehearsal's log stream collects its output (the script's log lines are read
+    from it for `~ log` expectations).
+    """
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    first_log = len(lines)
+    task = rehearsal.start_session(script, theirs, transcript.peer_ip, transcript.allow_clock)
+    client = _Client(ours, transcript.timeout_ms / 1000)
+    failure = ""
+    previous = time.monotonic()
+    try:
+        for step in transcript.steps:
+            try:
+                await _run_step(client, step, previous)
+            except (_Mismatch, OSError) as e:
+                failure = f"{transcript.path}:{step.line}: {step.source}\n    {e}"
+                break
+            previous = time.monotonic()
+    finally:
+        ours.close()
+        try:
+            async with asyncio.timeout(END_WAIT):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    rehearsal.log.flush()
+    script_lines = []
+    for line in lines[first_log:]:
+        m = _SCRIPT_LOG.match(line)
+        if m:
+            script_lines.append(f"{m.group(1).lower()} {m.group(2)}")
+    if not failure:
+        for expectation in transcript.logs:
+            if not any(expectation.pattern.search(line) for line in script_lines):
+                where = f"{transcript.path}:{expectation.line}: {expectation.source}"
+                failure = f"{where}\n    no script log line matches"
+                break
+    return Replay(not failure, failure, client.received, lines[first_log:])
