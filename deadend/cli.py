@@ -40,8 +40,117 @@ def _number(
     return parse
 
 
+def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    check = commands.add_parser(
+        "check",
+        help="review scripts before deploying them",
+        description="For each script: its name and port, whether it compiles (in the sandbox), the globals "
+        "it uses that the sandbox does not provide, its deadend.* calls, and whether it sets limits and a "
+        "tarpit. Exit status 0 only when every file is clean.",
+    )
+    check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="scripts or folders of scripts")
+    check.add_argument("--format", choices=("text", "json"), default="text")
+
+    try_ = commands.add_parser(
+        "try",
+        help="run one script with this terminal as the client",
+        description="Run SCRIPT in the real sandbox with stdin/stdout as the client connection; its log "
+        "lines go to stderr.",
+    )
+    try_.add_argument("script", type=Path, metavar="SCRIPT")
+    try_.add_argument("--peer-ip", default="192.0.2.10", help="what deadend.get_ip() returns")
+    try_.add_argument("--allow-clock", action="store_true")
+    _add_ceilings(try_)
+
+    test = commands.add_parser(
+        "test",
+        help="replay transcripts against a script",
+        description="Replay each TRANSCRIPT (see README) against SCRIPT in the real sandbox and report the "
+        "first mismatch. Exit status 0 only when every transcript passes.",
+    )
+    test.add_argument("script", type=Path, metavar="SCRIPT")
+    test.add_argument("transcripts", nargs="+", type=Path, metavar="TRANSCRIPT")
+    test.add_argument("--verbose", "-v", action="store_true", help="also show the script's log lines")
+    _add_ceilings(test)
+
+
+def _add_ceilings(parser: argparse.ArgumentParser) -> None:
+    limits = Ceilings()
+    c = parser.add_argument_group("ceilings (per session; each ends only the session that hits it)")
+    c.add_argument(
+        "--memory",
+        type=_number(int, "integer", 1, 4096),
+        default=limits.memory_mib,
+        metavar="MiB",
+        help=f"Lua heap (default {limits.memory_mib})",
+    )
+    c.add_argument(
+        "--instructions",
+        type=_number(int, "integer", 1000, 10**12),
+        default=limits.instructions,
+        metavar="N",
+        help=f"Lua instructions between two API calls (default {limits.instructions})",
+    )
+    c.add_argument(
+        "--cpu-slice",
+        type=_number(float, "number", 0.01, 3600),
+        default=limits.cpu_slice,
+        metavar="S",
+        help=f"wall seconds between two API calls before SIGKILL (default {limits.cpu_slice:g})",
+    )
+    c.add_argument(
+        "--session-cpu",
+        type=_number(int, "integer", 1, 86400),
+        default=limits.session_cpu,
+        metavar="S",
+        help=f"CPU seconds per session, RLIMIT_CPU (default {limits.session_cpu})",
+    )
+    c.add_argument(
+        "--session-time",
+        type=_number(float, "number", 0.1, 30 * 86400),
+        default=limits.session_time,
+        metavar="S",
+        help=f"wall seconds per session (default {limits.session_time:g})",
+    )
+    c.add_argument(
+        "--linger",
+        type=_number(float, "number", 0, 3600),
+        default=limits.linger,
+        metavar="S",
+        help=f"seconds a script may run on after its connection closed (default {limits.linger:g})",
+    )
+    c.add_argument(
+        "--linger-calls",
+        type=_number(int, "integer", 0, 10**6),
+        default=limits.linger_calls,
+        metavar="N",
+        help=f"send/recv calls allowed after the connection closed (default {limits.linger_calls})",
+    )
+    c.add_argument(
+        "--log-rate",
+        type=_number(float, "number", 0.01, 10**6),
+        default=limits.log_rate,
+        metavar="N",
+        help=f"script log lines per second (default {limits.log_rate:g})",
+    )
+    c.add_argument(
+        "--log-burst",
+        type=_number(int, "integer", 1, 10**6),
+        default=limits.log_burst,
+        metavar="N",
+        help=f"script log lines allowed in a burst (default {limits.log_burst})",
+    )
+    c.add_argument(
+        "--call-rate",
+        type=_number(float, "number", 1, 10**7),
+        default=limits.call_rate,
+        metavar="N",
+        help=f"API calls per second per session before they are slowed down (default {limits.call_rate:g})",
+    )
+
+
 def build_parser() -> ArgumentParser:
-    defaults, limits = Config(scripts=Path()), Ceilings()
+    defaults = Config(scripts=Path())
     parser = ArgumentParser(
         prog="deadend", description="Honeypot and tarpit daemon with sandboxed Lua services."
     )
@@ -116,82 +225,13 @@ def build_parser() -> ArgumentParser:
         help=f"seconds a connection may wait (default {defaults.queue_timeout:g})",
     )
 
-    c = b.add_argument_group("ceilings (per session; each ends only the session that hits it)")
-    c.add_argument(
-        "--memory",
-        type=_number(int, "integer", 1, 4096),
-        default=limits.memory_mib,
-        metavar="MiB",
-        help=f"Lua heap (default {limits.memory_mib})",
-    )
-    c.add_argument(
-        "--instructions",
-        type=_number(int, "integer", 1000, 10**12),
-        default=limits.instructions,
-        metavar="N",
-        help=f"Lua instructions between two API calls (default {limits.instructions})",
-    )
-    c.add_argument(
-        "--cpu-slice",
-        type=_number(float, "number", 0.01, 3600),
-        default=limits.cpu_slice,
-        metavar="S",
-        help=f"wall seconds between two API calls before SIGKILL (default {limits.cpu_slice:g})",
-    )
-    c.add_argument(
-        "--session-cpu",
-        type=_number(int, "integer", 1, 86400),
-        default=limits.session_cpu,
-        metavar="S",
-        help=f"CPU seconds per session, RLIMIT_CPU (default {limits.session_cpu})",
-    )
-    c.add_argument(
-        "--session-time",
-        type=_number(float, "number", 0.1, 30 * 86400),
-        default=limits.session_time,
-        metavar="S",
-        help=f"wall seconds per session (default {limits.session_time:g})",
-    )
-    c.add_argument(
-        "--linger",
-        type=_number(float, "number", 0, 3600),
-        default=limits.linger,
-        metavar="S",
-        help=f"seconds a script may run on after its connection closed (default {limits.linger:g})",
-    )
-    c.add_argument(
-        "--linger-calls",
-        type=_number(int, "integer", 0, 10**6),
-        default=limits.linger_calls,
-        metavar="N",
-        help=f"send/recv calls allowed after the connection closed (default {limits.linger_calls})",
-    )
-    c.add_argument(
-        "--log-rate",
-        type=_number(float, "number", 0.01, 10**6),
-        default=limits.log_rate,
-        metavar="N",
-        help=f"script log lines per second (default {limits.log_rate:g})",
-    )
-    c.add_argument(
-        "--log-burst",
-        type=_number(int, "integer", 1, 10**6),
-        default=limits.log_burst,
-        metavar="N",
-        help=f"script log lines allowed in a burst (default {limits.log_burst})",
-    )
-    c.add_argument(
-        "--call-rate",
-        type=_number(float, "number", 1, 10**7),
-        default=limits.call_rate,
-        metavar="N",
-        help=f"API calls per second per session before they are slowed down (default {limits.call_rate:g})",
-    )
+    _add_ceilings(b)
+    _add_tools(commands)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    ceilings = Ceilings(
+def ceilings_from_args(args: argparse.Namespace) -> Ceilings:
+    return Ceilings(
         memory_mib=args.memory,
         instructions=args.instructions,
         cpu_slice=args.cpu_slice,
@@ -204,6 +244,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         call_rate=args.call_rate,
         call_burst=max(1, int(args.call_rate * 2)),
     )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         scripts=args.scripts,
         hosts=tuple(args.host),
@@ -216,7 +259,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_per_ip=args.max_per_ip,
         allow_clock=args.allow_clock,
         log_level=args.log_level,
-        ceilings=ceilings,
+        ceilings=ceilings_from_args(args),
     )
 
 
@@ -245,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "broker":
         return run_broker(config_from_args(args))
-    return 2
+    from deadend import tools  # the author/auditor tools
+
+    run: Callable[[argparse.Namespace], int] = getattr(tools, f"run_{args.command}")
+    return run(args)
 
 
 if __name__ == "__main__":

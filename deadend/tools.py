@@ -1,0 +1,184 @@
+"""`deadend check`, `deadend try` and `deadend test`: the tools for script authors and auditors.
+
+Each runs scripts only in the real, locked-down sandbox, never in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from deadend.config import Config
+from deadend.logs import EventLog
+from deadend.scripts import Script, port_of
+from deadend.transcript import TranscriptError, load
+
+
+def _fail(message: str) -> int:
+    print(f"deadend: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _script(path: Path) -> Script | str:
+    try:
+        source = path.read_bytes()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    port = port_of(path.name)
+    return Script(port if isinstance(port, int) else 0, path, source)
+
+
+class _Lines(io.TextIOBase):
+    """A log stream that keeps its lines (the rehearsal's log is read back for `~ log`)."""
+
+    def __init__(self, echo: io.TextIOBase | None = None) -> None:
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def write(self, s: str) -> int:
+        self.lines += s.splitlines()
+        if self.echo is not None:
+            self.echo.write(s)
+        return len(s)
+
+
+# --- check -----------------------------------------------------------------------------------------
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from broker.audit import check, render, scripts_in
+    from broker.pool import SandboxPool
+    from broker.zygote import ZygoteLost
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        return _fail(f"no such file or folder: {', '.join(missing)}")
+    files = scripts_in(args.paths)
+    config = Config(scripts=Path())
+    log = EventLog(open(os.devnull, "w"))  # noqa: SIM115 (closed with the log)
+
+    async def main() -> list[object]:
+        pool = SandboxPool(config.ceilings, log, workers=2, warm=1, queue_size=4)
+        await pool.start()
+        try:
+            return [await check(pool, path, config.ceilings) for path in files]
+        finally:
+            await pool.close()
+
+    try:
+        reports = asyncio.run(main())
+    except (ZygoteLost, OSError) as e:
+        return _fail(f"cannot start the sandbox: {e}")
+    finally:
+        log.close()
+    from broker.audit import Report
+
+    typed = [r for r in reports if isinstance(r, Report)]
+    if args.format == "json":
+        print(json.dumps([r.to_json() for r in typed], indent=2))
+    else:
+        for report in typed:
+            print(render(report))
+        bad = sum(not r.clean for r in typed)
+        print(f"{len(typed)} file(s) checked, {bad} with problems")
+    return 0 if typed and all(r.clean for r in typed) else 1
+
+
+# --- try -------------------------------------------------------------------------------------------
+
+
+def run_try(args: argparse.Namespace) -> int:
+    from broker.rehearsal import Rehearsal
+    from deadend.cli import ceilings_from_args
+
+    script = _script(args.script)
+    if isinstance(script, str):
+        return _fail(script)
+    config = Config(scripts=Path(), ceilings=ceilings_from_args(args))
+    log = EventLog(sys.stderr, level="debug")
+    ours, theirs = socket.socketpair()
+
+    def pump_in() -> None:  # stdin -> the script
+        try:
+            while chunk := os.read(sys.stdin.fileno(), 65536):
+                ours.sendall(chunk)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            ours.shutdown(socket.SHUT_WR)
+
+    def pump_out() -> None:  # the script -> stdout
+        try:
+            while chunk := ours.recv(65536):
+                os.write(sys.stdout.fileno(), chunk)
+        except OSError:
+            pass
+
+    async def main() -> None:
+        async with Rehearsal(config, log) as rehearsal:
+            theirs.setblocking(False)
+            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+
+    threading.Thread(target=pump_in, daemon=True).start()
+    out = threading.Thread(target=pump_out, daemon=True)
+    out.start()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        out.join(2)
+        ours.close()
+        log.close()
+    return 0
+
+
+# --- test ------------------------------------------------------------------------------------------
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from broker.rehearsal import Rehearsal, replay
+    from deadend.cli import ceilings_from_args
+
+    script = _script(args.script)
+    if isinstance(script, str):
+        return _fail(script)
+    try:
+        transcripts = [load(path) for path in args.transcripts]
+    except TranscriptError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot read a transcript: {e}")
+    config = Config(scripts=Path(), ceilings=ceilings_from_args(args))
+    lines = _Lines()
+    log = EventLog(lines, level="debug")  # type: ignore[arg-type]
+
+    async def main() -> int:
+        failed = 0
+        async with Rehearsal(config, log) as rehearsal:
+            for transcript in transcripts:
+                result = await replay(rehearsal, script, transcript, lines.lines)
+                print(f"{'PASS' if result.ok else 'FAIL'} {transcript.path}")
+                if not result.ok:
+                    failed += 1
+                    print(f"  {result.failure}")
+                    tail = result.received[-300:]
+                    print(f"    the script sent, last {len(tail)} bytes: {tail!r}")
+                if args.verbose or not result.ok:
+                    for line in result.log_lines:
+                        print(f"    log: {line}")
+        print(f"{len(transcripts) - failed} passed, {failed} failed")
+        return 1 if failed else 0
+
+    try:
+        return asyncio.run(main())
+    finally:
+        log.close()
