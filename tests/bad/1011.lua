@@ -1,0 +1,2 @@
+-- defect: reads global 'pritn' \(line 2\)
+deadend.set_limits(10, 4096) deadend.set_tarpit(100, 50) pritn('hi')
