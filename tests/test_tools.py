@@ -143,7 +143,8 @@ def test_transcript_log_and_timing_expectations(tmp_path: Path) -> None:
 
 def test_transcript_parser() -> None:
     t = parse(
-        "% peer-ip 198.51.100.7\n% timeout 2000\n>| \\x16\\x03\\x01\n@ within 50\n<| A\\sB\\r\\n\n! shutdown\n"
+        "% peer-ip 198.51.100.7\n% timeout 2000\n>| \\x16\\x03\\x01\n"
+        "@ within 50\n<| A\\sB\\r\\n\n! shutdown\n"
     )
     assert t.peer_ip == "198.51.100.7" and t.timeout_ms == 2000
     assert [s.kind for s in t.steps] == ["send", "expect_bytes", "shutdown"]
