@@ -72,6 +72,7 @@ class _Client:
         self.buffer = b""
         self.received = b""
         self.eof = False
+        self.window_ms = timeout * 1000  # the current step's time budget, for messages
         self.loop = asyncio.get_running_loop()
 
     async def _fill(self, deadline: float) -> None:
@@ -82,7 +83,7 @@ class _Client:
             async with asyncio.timeout(remaining):
                 chunk = await self.loop.sock_recv(self.sock, 65536)
         except TimeoutError:
-            raise _Mismatch(f"nothing within {self.timeout * 1000:.0f} ms") from None
+            raise _Mismatch(f"nothing within {self.window_ms:.0f} ms") from None
         except OSError:
             chunk = b""
         if not chunk:
@@ -116,7 +117,8 @@ class _Client:
 
 
 async def _run_step(client: _Client, step: Step, previous: float) -> None:
-    deadline = time.monotonic() + (step.within_ms / 1000 if step.within_ms is not None else client.timeout)
+    client.window_ms = step.within_ms if step.within_ms is not None else client.timeout * 1000
+    deadline = time.monotonic() + client.window_ms / 1000
     kind = step.kind
     if kind == "send":
         await client.loop.sock_sendall(client.sock, step.data)
