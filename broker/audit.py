@@ -16,6 +16,7 @@ from broker.compile import compile_in_sandbox
 from broker.pool import SandboxPool
 from deadend import bytecode, wire
 from deadend.config import Ceilings
+from deadend.logs import sanitize
 from deadend.scripts import Script, port_of
 
 PROVIDED = frozenset((*wire.BASE_FUNCTIONS, *wire.LIBRARIES, "print", "_G"))
@@ -77,8 +78,25 @@ def _lines(lines: list[int]) -> str:
     return f"line {shown}" if len(unique) == 1 else f"lines {shown}" + (" …" if len(unique) > 8 else "")
 
 
+def _escaped(analysis: bytecode.Analysis) -> bytecode.Analysis:
+    """Names are constants of an untrusted script: escape them before they reach a terminal or a report."""
+
+    def names(found: dict[str, list[int]]) -> dict[str, list[int]]:
+        return {sanitize(name, 128): lines for name, lines in found.items()}
+
+    analysis.global_reads = names(analysis.global_reads)
+    analysis.global_writes = names(analysis.global_writes)
+    analysis.deadend_calls = names(analysis.deadend_calls)
+    analysis.method_names = names(analysis.method_names)
+    analysis.field_uses = {
+        (sanitize(t, 128), sanitize(k, 128)): v for (t, k), v in analysis.field_uses.items()
+    }
+    return analysis
+
+
 def judge(report: Report, analysis: bytecode.Analysis) -> None:
     """Fill in the report's findings from the bytecode analysis (pure: no I/O)."""
+    analysis = _escaped(analysis)
     written = set(analysis.global_writes)
     for name, lines in sorted(analysis.global_reads.items()):
         if name in PROVIDED or name in OPTIONAL or name in written:

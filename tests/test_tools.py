@@ -58,7 +58,8 @@ def test_check_reports_calls_and_limits_in_text() -> None:
     result = deadend("check", str(EXAMPLES / "25.lua"), str(BAD / "1008.lua"))
     out = result.stdout.decode()
     assert result.returncode == 1
-    assert re.search(r"uses deadend\.get_ip, deadend\.log, .*deadend\.set_limits, deadend\.set_tarpit", out)
+    calls = r"uses deadend\.close, deadend\.get_ip, deadend\.log, .*deadend\.set_limits, deadend\.set_tarpit"
+    assert re.search(calls, out)
     assert "✗ never calls deadend.set_limits" in out
     assert "2 file(s) checked, 1 with problems" in out
 
@@ -153,3 +154,15 @@ def test_transcript_parser() -> None:
     for bad in ("< x\n% allow-clock\n", "@ within 5\n> x\n", "?? what\n", "<~ (\n", "@ sometime 5\n< x\n"):
         with pytest.raises(TranscriptError):
             parse(bad)
+
+
+def test_check_escapes_names_from_the_script(tmp_path: Path) -> None:
+    # Global names are the script's own constants: a terminal escape in one must not reach the reviewer.
+    (tmp_path / "7.lua").write_text(
+        'deadend.set_limits(1) deadend.set_tarpit(1) _ENV["\\27[2Jx"] = 1 local y = x\\27'
+    )
+    (tmp_path / "8.lua").write_bytes(
+        b"deadend.set_limits(1) deadend.set_tarpit(1) local v = _ENV['\x1b]0;t\x07']"
+    )
+    result = deadend("check", "--format", "json", str(tmp_path))
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout
