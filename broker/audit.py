@@ -155,7 +155,7 @@ async def check(pool: SandboxPool, path: Path, ceilings: Ceilings) -> Report:
         return report
     compiled = await compile_in_sandbox(pool, Script(report.port or 0, path, source), ceilings, dump=True)
     if compiled.error is not None:
-        report.compile_error = compiled.error.decode(errors="replace")
+        report.compile_error = sanitize(compiled.error)  # quotes the source: escape it
         report.problems.append(f"does not compile: {report.compile_error}")
         return report
     try:

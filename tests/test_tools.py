@@ -164,5 +164,6 @@ def test_check_escapes_names_from_the_script(tmp_path: Path) -> None:
     (tmp_path / "8.lua").write_bytes(
         b"deadend.set_limits(1) deadend.set_tarpit(1) local v = _ENV['\x1b]0;t\x07']"
     )
-    result = deadend("check", "--format", "json", str(tmp_path))
-    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout
+    for fmt in ("json", "text"):
+        result = deadend("check", "--format", fmt, str(tmp_path))
+        assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout, result.stdout
