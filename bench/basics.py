@@ -6,8 +6,11 @@
    zygote; the child builds its Lua state, locks down and loads the seccomp filter). Baseline: a bare
    `os.fork()` + pipe round trip in this process.
 2. Time to first byte of the `examples/25.lua` banner, one client, sequential connections: connect() to
-   the first byte received. Baseline: an asyncio server in this process that writes the same banner from
-   Python (no Lua, no sandbox) — the floor of this machine's loopback and event loop.
+   the first byte received, back to back and paced (10 ms between connections, so the pool's refill is
+   not on the measured path). Baseline: an asyncio server in this process that writes the same banner
+   from Python (no Lua, no sandbox) — the floor of this machine's loopback and event loop.
+   The round trip of one `deadend.*` call is estimated as the TTFB difference between a script that makes
+   20 `get_ip()` calls before its banner and one that sends the banner at once, divided by 20.
 3. Memory of one idle, warm (pre-forked, locked-down) child: PSS and USS from /proc/PID/smaps_rollup.
 
 Machines here are noisy: read the ratio to the baseline, not the absolute numbers.
@@ -24,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -84,9 +88,10 @@ async def child_start(n: int) -> tuple[list[float], list[float]]:
 # --- 2. time to first byte -------------------------------------------------------------------------
 
 
-def ttfb(port: int, n: int) -> list[float]:
+def ttfb(port: int, n: int, pause: float = 0.0) -> list[float]:
     times = []
     for _ in range(n):
+        time.sleep(pause)
         t = time.perf_counter()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -117,6 +122,21 @@ def baseline_server(banner: bytes) -> tuple[int, asyncio.AbstractEventLoop]:
     return port_box[0], loop
 
 
+BANNER = b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n"
+SYNTHETIC = {
+    "1.lua": 'deadend.send("220 mail.example.com ESMTP Postfix (Debian/GNU)\\r\\n")',
+    "2.lua": 'for i = 1, 20 do deadend.get_ip() end deadend.send("220 mail.example.com ESMTP\\r\\n")',
+}
+
+
+def scripts_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="deadend-bench-"))
+    (folder / "25.lua").write_bytes((REPO / "examples" / "25.lua").read_bytes())
+    for name, source in SYNTHETIC.items():
+        (folder / name).write_text(source)
+    return folder
+
+
 def start_broker(offset: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
@@ -125,7 +145,7 @@ def start_broker(offset: int) -> subprocess.Popen[str]:
             "deadend",
             "broker",
             "--scripts",
-            str(REPO / "examples"),
+            str(scripts_folder()),
             "--host",
             "127.0.0.1",
             "--port-offset",
@@ -195,8 +215,7 @@ def main() -> None:
         f"{pct(bare, 99):.2f} |"
     )
 
-    banner = b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n"
-    base_port, _loop = baseline_server(banner)
+    base_port, _loop = baseline_server(BANNER)
     offset = 31000
     broker = start_broker(offset)
     try:
@@ -217,6 +236,22 @@ def main() -> None:
             f"{pct(base_t, 90):.3f} | {pct(base_t, 99):.3f} |"
         )
         print(f"| ratio p50 | {statistics.median(deadend_t) / statistics.median(base_t):.1f}x | | |")
+        paced, paced_base = ttfb(BANNER_PORT + offset, 200, 0.01), ttfb(base_port, 200, 0.01)
+        print(
+            f"| deadend, paced 10 ms apart | {statistics.median(paced):.3f} | {pct(paced, 90):.3f} | "
+            f"{pct(paced, 99):.3f} |"
+        )
+        print(
+            f"| baseline, paced 10 ms apart | {statistics.median(paced_base):.3f} | "
+            f"{pct(paced_base, 90):.3f} | {pct(paced_base, 99):.3f} |"
+        )
+        one, twenty = ttfb(1 + offset, 200, 0.01), ttfb(2 + offset, 200, 0.01)
+        per_call = (statistics.median(twenty) - statistics.median(one)) / 20 * 1000
+        print(
+            f"| deadend, a one-line banner script, paced | {statistics.median(one):.3f} | {pct(one, 90):.3f} | "
+            f"{pct(one, 99):.3f} |"
+        )
+        print(f"\n## one deadend.* round trip (get_ip), from 20 calls before a banner: {per_call:.0f} µs")
 
         time.sleep(1.0)  # let the pool refill
         kids = warm_children(broker.pid)
