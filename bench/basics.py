@@ -248,7 +248,8 @@ def main() -> None:
         one, twenty = ttfb(1 + offset, 200, 0.01), ttfb(2 + offset, 200, 0.01)
         per_call = (statistics.median(twenty) - statistics.median(one)) / 20 * 1000
         print(
-            f"| deadend, a one-line banner script, paced | {statistics.median(one):.3f} | {pct(one, 90):.3f} | "
+            f"| deadend, a one-line banner script, paced | {statistics.median(one):.3f} | "
+            f"{pct(one, 90):.3f} | "
             f"{pct(one, 99):.3f} |"
         )
         print(f"\n## one deadend.* round trip (get_ip), from 20 calls before a banner: {per_call:.0f} µs")
