@@ -7,6 +7,7 @@ import asyncio
 import io
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,6 +39,79 @@ def _number(
 
     parse.__name__ = name
     return parse
+
+
+@dataclass(frozen=True, slots=True)
+class NumberOption:
+    """A numeric flag: its range is checked when parsed, its default is the dataclass field's."""
+
+    flag: str
+    field: str  # the Config or Ceilings field it sets
+    kind: Callable[[str], float]
+    lo: float
+    hi: float
+    metavar: str
+    help: str
+
+    def add_to(self, group: argparse._ActionsContainer, defaults: object) -> None:
+        default = getattr(defaults, self.field)
+        group.add_argument(
+            self.flag,
+            dest=self.field,
+            type=_number(self.kind, "integer" if self.kind is int else "number", self.lo, self.hi),
+            default=default,
+            metavar=self.metavar,
+            help=f"{self.help} (default {default if isinstance(default, int) else f'{default:g}'})",
+        )
+
+
+POOL_OPTIONS = (
+    NumberOption("--warm", "warm", int, 0, 10_000, "N", "pre-forked sandboxes kept ready"),
+    NumberOption(
+        "--queue-size", "queue_size", int, 0, 1_000_000, "N", "connections that may wait for a sandbox"
+    ),
+    NumberOption("--queue-timeout", "queue_timeout", float, 0, 3600, "S", "seconds a connection may wait"),
+    NumberOption(
+        "--max-connections", "max_connections", int, 1, 10**7, "N", "connections at once; more are refused"
+    ),
+    NumberOption(
+        "--max-per-ip", "max_per_ip", int, 1, 10**7, "N", "connections at once from one address (IPv6: /64)"
+    ),
+)
+CEILING_OPTIONS = (
+    NumberOption("--memory", "memory_mib", int, 1, 4096, "MiB", "Lua heap"),
+    NumberOption(
+        "--instructions", "instructions", int, 1000, 10**12, "N", "Lua instructions between two API calls"
+    ),
+    NumberOption(
+        "--cpu-slice",
+        "cpu_slice",
+        float,
+        0.01,
+        3600,
+        "S",
+        "wall seconds between two API calls before SIGKILL",
+    ),
+    NumberOption("--session-cpu", "session_cpu", int, 1, 86400, "S", "CPU seconds per session (RLIMIT_CPU)"),
+    NumberOption("--session-time", "session_time", float, 0.1, 30 * 86400, "S", "wall seconds per session"),
+    NumberOption(
+        "--linger", "linger", float, 0, 3600, "S", "seconds a script may run on after its connection closed"
+    ),
+    NumberOption(
+        "--linger-calls", "linger_calls", int, 0, 10**6, "N", "send/recv calls allowed after the peer is done"
+    ),
+    NumberOption("--log-rate", "log_rate", float, 0.01, 10**6, "N", "script log lines per second"),
+    NumberOption("--log-burst", "log_burst", int, 1, 10**6, "N", "script log lines allowed in a burst"),
+    NumberOption(
+        "--call-rate",
+        "call_rate",
+        float,
+        1,
+        10**7,
+        "N",
+        "API calls per second per session before they are slowed",
+    ),
+)
 
 
 def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
@@ -75,78 +149,9 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 
 def _add_ceilings(parser: argparse.ArgumentParser) -> None:
-    limits = Ceilings()
-    c = parser.add_argument_group("ceilings (per session; each ends only the session that hits it)")
-    c.add_argument(
-        "--memory",
-        type=_number(int, "integer", 1, 4096),
-        default=limits.memory_mib,
-        metavar="MiB",
-        help=f"Lua heap (default {limits.memory_mib})",
-    )
-    c.add_argument(
-        "--instructions",
-        type=_number(int, "integer", 1000, 10**12),
-        default=limits.instructions,
-        metavar="N",
-        help=f"Lua instructions between two API calls (default {limits.instructions})",
-    )
-    c.add_argument(
-        "--cpu-slice",
-        type=_number(float, "number", 0.01, 3600),
-        default=limits.cpu_slice,
-        metavar="S",
-        help=f"wall seconds between two API calls before SIGKILL (default {limits.cpu_slice:g})",
-    )
-    c.add_argument(
-        "--session-cpu",
-        type=_number(int, "integer", 1, 86400),
-        default=limits.session_cpu,
-        metavar="S",
-        help=f"CPU seconds per session, RLIMIT_CPU (default {limits.session_cpu})",
-    )
-    c.add_argument(
-        "--session-time",
-        type=_number(float, "number", 0.1, 30 * 86400),
-        default=limits.session_time,
-        metavar="S",
-        help=f"wall seconds per session (default {limits.session_time:g})",
-    )
-    c.add_argument(
-        "--linger",
-        type=_number(float, "number", 0, 3600),
-        default=limits.linger,
-        metavar="S",
-        help=f"seconds a script may run on after its connection closed (default {limits.linger:g})",
-    )
-    c.add_argument(
-        "--linger-calls",
-        type=_number(int, "integer", 0, 10**6),
-        default=limits.linger_calls,
-        metavar="N",
-        help=f"send/recv calls allowed after the connection closed (default {limits.linger_calls})",
-    )
-    c.add_argument(
-        "--log-rate",
-        type=_number(float, "number", 0.01, 10**6),
-        default=limits.log_rate,
-        metavar="N",
-        help=f"script log lines per second (default {limits.log_rate:g})",
-    )
-    c.add_argument(
-        "--log-burst",
-        type=_number(int, "integer", 1, 10**6),
-        default=limits.log_burst,
-        metavar="N",
-        help=f"script log lines allowed in a burst (default {limits.log_burst})",
-    )
-    c.add_argument(
-        "--call-rate",
-        type=_number(float, "number", 1, 10**7),
-        default=limits.call_rate,
-        metavar="N",
-        help=f"API calls per second per session before they are slowed down (default {limits.call_rate:g})",
-    )
+    group = parser.add_argument_group("ceilings (per session; each ends only the session that hits it)")
+    for option in CEILING_OPTIONS:
+        option.add_to(group, Ceilings())
 
 
 def build_parser() -> ArgumentParser:
@@ -167,19 +172,17 @@ def build_parser() -> ArgumentParser:
         metavar="ADDR",
         help="address to listen on (repeatable; default every IPv4 and IPv6 address)",
     )
-    b.add_argument(
+    NumberOption(
         "--port-offset",
-        type=_number(int, "integer", -PORT_MAX, PORT_MAX),
-        default=0,
-        metavar="N",
-        help="serve <port>.lua on port+N (e.g. 10000 to run 25.lua as 10025)",
-    )
-    b.add_argument(
-        "--workers",
-        type=_number(int, "integer", 1, 100_000),
-        default=defaults.workers,
-        metavar="N",
-        help=f"sandbox processes alive at once (default {defaults.workers})",
+        "port_offset",
+        int,
+        -PORT_MAX,
+        PORT_MAX,
+        "N",
+        "serve <port>.lua on port+N (e.g. 10000 to run 25.lua as 10025)",
+    ).add_to(b, defaults)
+    NumberOption("--workers", "workers", int, 1, 100_000, "N", "sandbox processes alive at once").add_to(
+        b, defaults
     )
     b.add_argument(
         "--allow-clock",
@@ -187,79 +190,30 @@ def build_parser() -> ArgumentParser:
         help="give scripts a read-only os.time/date/clock/difftime (UTC)",
     )
     b.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level)
-
-    q = b.add_argument_group("pool and queue")
-    q.add_argument(
-        "--warm",
-        type=_number(int, "integer", 0, 10_000),
-        default=defaults.warm,
-        metavar="N",
-        help=f"pre-forked sandboxes kept ready (default {defaults.warm})",
-    )
-    q.add_argument(
-        "--queue-size",
-        type=_number(int, "integer", 0, 1_000_000),
-        default=defaults.queue_size,
-        metavar="N",
-        help=f"connections that may wait for a sandbox (default {defaults.queue_size})",
-    )
-    q.add_argument(
-        "--max-connections",
-        type=_number(int, "integer", 1, 10**7),
-        default=defaults.max_connections,
-        metavar="N",
-        help=f"connections at once; more are refused (default {defaults.max_connections})",
-    )
-    q.add_argument(
-        "--max-per-ip",
-        type=_number(int, "integer", 1, 10**7),
-        default=defaults.max_per_ip,
-        metavar="N",
-        help=f"accepted connections at once from one address (default {defaults.max_per_ip})",
-    )
-    q.add_argument(
-        "--queue-timeout",
-        type=_number(float, "number", 0, 3600),
-        default=defaults.queue_timeout,
-        metavar="S",
-        help=f"seconds a connection may wait (default {defaults.queue_timeout:g})",
-    )
-
+    pool = b.add_argument_group("pool, queue and connection caps")
+    for option in POOL_OPTIONS:
+        option.add_to(pool, defaults)
     _add_ceilings(b)
     _add_tools(commands)
     return parser
 
 
 def ceilings_from_args(args: argparse.Namespace) -> Ceilings:
-    return Ceilings(
-        memory_mib=args.memory,
-        instructions=args.instructions,
-        cpu_slice=args.cpu_slice,
-        session_cpu=args.session_cpu,
-        session_time=args.session_time,
-        linger=args.linger,
-        linger_calls=args.linger_calls,
-        log_rate=args.log_rate,
-        log_burst=args.log_burst,
-        call_rate=args.call_rate,
-        call_burst=max(1, int(args.call_rate * 2)),
-    )
+    values = {option.field: getattr(args, option.field) for option in CEILING_OPTIONS}
+    return Ceilings(**values, call_burst=max(1, int(args.call_rate * 2)))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    values = {option.field: getattr(args, option.field) for option in POOL_OPTIONS}
     return Config(
         scripts=args.scripts,
         hosts=tuple(args.host),
         port_offset=args.port_offset,
         workers=args.workers,
-        warm=args.warm,
-        queue_size=args.queue_size,
-        queue_timeout=args.queue_timeout,
-        max_connections=args.max_connections,
-        max_per_ip=args.max_per_ip,
         allow_clock=args.allow_clock,
         log_level=args.log_level,
         ceilings=ceilings_from_args(args),
+        **values,
     )
 
 
