@@ -890,7 +890,7 @@ def _broker_held() -> int:
     return sum(stat.size for stat in held.statistics("filename"))
 
 
-def campaign(b: Broker, rounds: int, examples: int, min_frames: int, budget: float, trace: bool) -> Stats:
+def campaign(b: Broker, rounds: int, examples: int, min_frames: int, trace: bool) -> Stats:
     """`rounds` hypothesis runs of `examples` each, seeded 0, 1, ... (reproducible without a database).
 
     Separate runs keep hypothesis's own bookkeeping (it remembers every example of a run) from growing
@@ -940,7 +940,6 @@ def campaign(b: Broker, rounds: int, examples: int, min_frames: int, budget: flo
         f"{f'; held by broker code {held} B' if trace else ''}; fds {fds_before} -> {fds_after}"
     )
     assert stats.frames >= min_frames, f"only {stats.frames} frames fuzzed"
-    assert elapsed < budget, f"took {elapsed:.0f}s"
     # nothing left behind: sessions, channels, monitors, children, descriptors; memory bounded
     assert b.thread.is_alive()
     assert not b.server.sessions
@@ -1028,9 +1027,9 @@ def test_each_ending_once(broker: Broker) -> None:
 
 
 def test_fuzz_slice(broker: Broker) -> None:
-    campaign(broker, rounds=2, examples=25, min_frames=5_000, budget=30, trace=True)
+    campaign(broker, rounds=2, examples=25, min_frames=5_000, trace=True)
 
 
 @pytest.mark.slow
 def test_fuzz_campaign(broker: Broker) -> None:
-    campaign(broker, rounds=12, examples=50, min_frames=100_000, budget=300, trace=False)
+    campaign(broker, rounds=12, examples=50, min_frames=100_000, trace=False)
