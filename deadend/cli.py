@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -245,7 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deadend import tools  # the author/auditor tools
 
     run: Callable[[argparse.Namespace], int] = getattr(tools, f"run_{args.command}")
-    return run(args)
+    try:
+        return run(args)
+    except BrokenPipeError:  # `deadend check ... | head`: the reader left; that is not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,9 +83,6 @@ class EventLog:
         self._writer = threading.Thread(target=self._drain, name="deadend-log", daemon=True)
         self._writer.start()
 
-    def enabled(self, level: str) -> bool:
-        return LEVEL_ORDER[level] >= self.threshold
-
     def emit(self, level: str, where: Where, message: str) -> None:
         if LEVEL_ORDER[level] < self.threshold:
             return

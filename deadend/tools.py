@@ -54,7 +54,7 @@ class _Lines(io.TextIOBase):
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from broker.audit import check, render, scripts_in
+    from broker.audit import Report, check, render, scripts_in
     from broker.pool import SandboxPool
     from broker.zygote import ZygoteLost
 
@@ -65,7 +65,7 @@ def run_check(args: argparse.Namespace) -> int:
     config = Config(scripts=Path())
     log = EventLog(open(os.devnull, "w"))  # noqa: SIM115 (closed with the log)
 
-    async def main() -> list[object]:
+    async def main() -> list[Report]:
         pool = SandboxPool(config.ceilings, log, workers=2, warm=1, queue_size=4)
         await pool.start()
         try:
@@ -79,17 +79,14 @@ def run_check(args: argparse.Namespace) -> int:
         return _fail(f"cannot start the sandbox: {e}")
     finally:
         log.close()
-    from broker.audit import Report
-
-    typed = [r for r in reports if isinstance(r, Report)]
     if args.format == "json":
-        print(json.dumps([r.to_json() for r in typed], indent=2))
+        print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
-        for report in typed:
+        for report in reports:
             print(render(report))
-        bad = sum(not r.clean for r in typed)
-        print(f"{len(typed)} file(s) checked, {bad} with problems")
-    return 0 if typed and all(r.clean for r in typed) else 1
+        bad = sum(not r.clean for r in reports)
+        print(f"{len(reports)} file(s) checked, {bad} with problems")
+    return 0 if reports and all(r.clean for r in reports) else 1
 
 
 # --- try -------------------------------------------------------------------------------------------
