@@ -195,21 +195,27 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
 
     yield start
     for broker in started:
-        pid = broker.proc.pid
-        alive_before = descendants(pid)
+        alive_before = descendants(broker.proc.pid)
         broker.stop()
-        deadline = time.monotonic() + 5
-        leftover = [p for p in alive_before if _alive(p)]
-        while leftover and time.monotonic() < deadline:
-            time.sleep(0.05)
-            leftover = [p for p in alive_before if _alive(p)]
+        leftover = wait_gone(alive_before)
         assert not leftover, f"processes left behind by the broker: {leftover}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Wait until none of `pids` is alive; return the ones still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if alive(p)]
+    return left

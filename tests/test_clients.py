@@ -27,7 +27,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from conftest import HOST, Broker, descendants, read_all
+from conftest import HOST, Broker, descendants, read_all, wait_gone
 
 ECHO = 'local d = deadend.recv(100) if d then deadend.send("echo:" .. d) end'
 
@@ -664,18 +664,7 @@ def limited_broker(tmp_path: Path) -> Iterator[Callable[..., LimitedBroker]]:
     for broker in started:
         tree = descendants(broker.proc.pid)
         broker.stop()
-        deadline = time.monotonic() + 5
-        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in tree if _alive(p)], "processes left behind by the broker"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        assert not wait_gone(tree), "processes left behind by the broker"
 
 
 def test_descriptor_limit_caps_connections_instead_of_crashing(limited_broker) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOST, REPO, descendants, read_all
+from conftest import HOST, REPO, descendants, read_all, wait_gone
 
 WAITER = """
 deadend.send("hi\\n")
@@ -20,23 +20,6 @@ local d = deadend.recv(10)
 deadend.log("recv returned " .. tostring(d))
 deadend.send("late")  -- must fail quietly: the connection is closed
 """
-
-
-def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if _alive(p)]
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_sigterm_ends_sessions_with_reason_shutdown(make_broker) -> None:
@@ -54,7 +37,7 @@ def test_sigterm_ends_sessions_with_reason_shutdown(make_broker) -> None:
     assert text.count("session end reason=shutdown") == 4
     for c in clients:
         assert read_all(c) == b""
-    assert _wait_gone(tree) == []
+    assert wait_gone(tree) == []
 
 
 def test_sigint_exits_zero(make_broker) -> None:
@@ -74,7 +57,7 @@ def test_sigkilled_broker_takes_its_children(make_broker) -> None:
     assert len(tree) >= 4
     b.proc.kill()
     b.proc.wait()
-    assert _wait_gone(tree) == [], "zygote or children outlived a SIGKILLed broker"
+    assert wait_gone(tree) == [], "zygote or children outlived a SIGKILLed broker"
 
 
 def test_port_in_use_is_one_clear_error(tmp_path) -> None:
