@@ -34,8 +34,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -50,15 +48,15 @@ import pytest
 from conftest import HOST, descendants, free_offset
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from test_rogue import RoguePool
 
 import broker as broker_pkg
 import deadend
 from broker.channel import ChildChannel
 from broker.monitor import Monitor
-from broker.pool import PoolClosed, Sandbox, SandboxPool
+from broker.pool import Sandbox
 from broker.server import Server
 from broker.session import Session
-from broker.zygote import ChildProcess
 from deadend.config import Ceilings, Config
 from deadend.logs import EventLog
 
@@ -600,59 +598,10 @@ def build(draw: tuple[Any, ...], marker: bytes) -> Plan:
 # --- the harness: broker in a thread, children that misbehave -----------------------------------------
 
 
-class FuzzPool(SandboxPool):
-    """Hands out fuzz children spawned directly (no zygote, no lockdown: they are the attacker)."""
+class FuzzPool(RoguePool):
+    """The rogue children's pool (tests/test_rogue.py), handing out fuzz children instead."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.live: set[int] = set()
-
-    async def start(self) -> None:
-        self.failed = asyncio.get_running_loop().create_future()
-
-    async def acquire(self, timeout: float) -> Sandbox:
-        if self._closed:
-            raise PoolClosed
-        proc = subprocess.Popen(
-            [sys.executable, str(FUZZ_CHILD)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        self.live.add(proc.pid)
-        child = ChildProcess(
-            proc.pid, os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno()), os.pidfd_open(proc.pid)
-        )
-        proc.stdin.close()
-        proc.stdout.close()
-        loop = asyncio.get_running_loop()
-
-        def reap() -> None:
-            loop.remove_reader(child.pidfd)
-            _, status = os.waitpid(proc.pid, 0)
-            proc.returncode = status
-            self.live.discard(proc.pid)
-            child.exited.set_result(status)
-            child._close_pidfd_if_done()
-
-        loop.add_reader(child.pidfd, reap)
-        channel = ChildChannel(child)
-        try:
-            if await channel.frame(5) != ["ready"]:
-                raise RuntimeError("fuzz child did not start")
-        except BaseException:
-            self.release(Sandbox(child, channel))
-            raise
-        return Sandbox(child, channel)
-
-    def release(self, sandbox: Sandbox) -> None:
-        sandbox.child.kill()
-        sandbox.channel.close()
-        sandbox.child.release()
-
-    async def close(self) -> None:
-        self._closed = True
+    CHILD = FUZZ_CHILD
 
 
 LINE = re.compile(

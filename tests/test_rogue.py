@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import HOST, free_offset, read_all
@@ -32,7 +33,13 @@ ROGUE = Path(__file__).with_name("rogue_child.py")
 
 
 class RoguePool(SandboxPool):
-    """Hands out rogue children spawned directly (no zygote, no lockdown: they are the attacker)."""
+    """Hands out children spawned directly from CHILD (no zygote, no lockdown: they are the attacker)."""
+
+    CHILD = ROGUE
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.live: set[int] = set()  # pids not yet reaped
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
@@ -41,12 +48,13 @@ class RoguePool(SandboxPool):
         if self._closed:
             raise PoolClosed
         proc = subprocess.Popen(
-            [sys.executable, str(ROGUE)],
+            [sys.executable, str(self.CHILD)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         assert proc.stdin is not None and proc.stdout is not None
+        self.live.add(proc.pid)
         child = ChildProcess(
             proc.pid, os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno()), os.pidfd_open(proc.pid)
         )
@@ -58,17 +66,24 @@ class RoguePool(SandboxPool):
             loop.remove_reader(child.pidfd)
             _, status = os.waitpid(proc.pid, 0)
             proc.returncode = status
+            self.live.discard(proc.pid)
             child.exited.set_result(status)
-            child.release()
+            child._close_pidfd_if_done()
 
         loop.add_reader(child.pidfd, reap)
         channel = ChildChannel(child)
-        assert await channel.frame(5) == ["ready"]
+        try:
+            if await channel.frame(5) != ["ready"]:
+                raise RuntimeError(f"{self.CHILD.name} did not start")
+        except BaseException:
+            self.release(Sandbox(child, channel))
+            raise
         return Sandbox(child, channel)
 
     def release(self, sandbox: Sandbox) -> None:
         sandbox.child.kill()
         sandbox.channel.close()
+        sandbox.child.release()
 
     async def close(self) -> None:
         self._closed = True
