@@ -13,21 +13,14 @@ import os
 import re
 import resource
 import select
-import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from unittest import mock
 
-import pytest
-from conftest import HOST, Broker, descendants, read_all, wait_gone
+from conftest import HOST, Broker, descendants, read_all
 
 ECHO = 'local d = deadend.recv(100) if d then deadend.send("echo:" .. d) end'
 
@@ -618,57 +611,13 @@ def test_max_connections_refuses_the_fourth(make_broker) -> None:
 # --- 7. descriptor exhaustion -----------------------------------------------------------------------
 
 
-class LimitedBroker(Broker):
-    """The harness's broker, started with a low RLIMIT_NOFILE (soft and hard: it cannot raise it).
-
-    The harness's own start-up is reused: only its command gets a prefix that sets the limit and execs
-    the broker in the same process (so `proc.pid` is still the broker's)."""
-
-    def __init__(self, scripts: Path, args: list[str], ports: list[int], nofile: int) -> None:
-        if shutil.which("prlimit"):
-            prefix = ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
-        else:
-            prefix = [
-                sys.executable,
-                "-c",
-                "import os, resource, sys; "
-                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
-                "os.execv(sys.argv[1], sys.argv[1:])",
-            ]
-        popen = subprocess.Popen
-
-        def limited_popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-            assert cmd[0] == sys.executable
-            return popen([*prefix, *cmd], **kwargs)
-
-        with mock.patch.object(subprocess, "Popen", limited_popen):
-            super().__init__(scripts, args, ports)
+def nofile(limit: int) -> Callable[[], None]:
+    """A preexec_fn that starts the broker with a low RLIMIT_NOFILE, soft and hard (it cannot raise it)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
-@pytest.fixture
-def limited_broker(tmp_path: Path) -> Iterator[Callable[..., LimitedBroker]]:
-    started: list[LimitedBroker] = []
-
-    def start(scripts: dict[str, str], nofile: int, *args: str, ready: bool = True) -> LimitedBroker:
-        folder = tmp_path / f"limited{len(started)}"
-        folder.mkdir()
-        for name, source in scripts.items():
-            (folder / name).write_text(source)
-        broker = LimitedBroker(folder, list(args), [int(n[:-4]) for n in scripts], nofile)
-        started.append(broker)
-        if ready:
-            broker.wait_for(r"ready: \d+ script")
-        return broker
-
-    yield start
-    for broker in started:
-        tree = descendants(broker.proc.pid)
-        broker.stop()
-        assert not wait_gone(tree), "processes left behind by the broker"
-
-
-def test_descriptor_limit_caps_connections_instead_of_crashing(limited_broker) -> None:
-    b = limited_broker({"7.lua": ECHO, "8.lua": SILENT}, 120)
+def test_descriptor_limit_caps_connections_instead_of_crashing(make_broker) -> None:
+    b = make_broker({"7.lua": ECHO, "8.lua": SILENT}, preexec_fn=nofile(120))
     with open(f"/proc/{b.proc.pid}/limits") as f:
         assert re.search(r"Max open files\s+120\s+120", f.read())
     cap = int(
@@ -737,10 +686,10 @@ def test_descriptor_exhaustion_the_budget_did_not_foresee(make_broker) -> None:
     assert_back_to_idle(b, idle, f"nofile dropped to {limit}")
 
 
-def test_descriptor_limit_too_low_to_start_is_one_clear_error(limited_broker) -> None:
+def test_descriptor_limit_too_low_to_start_is_one_clear_error(make_broker) -> None:
     # Too few descriptors to start the zygote or compile the scripts: one line and a non-zero exit,
     # like every other start-up failure (or, should it start after all, a broker that serves).
-    b = limited_broker({"7.lua": ECHO}, 12, ready=False)
+    b = make_broker({"7.lua": ECHO}, ready=False, preexec_fn=nofile(12))
     deadline = time.monotonic() + 15
     while b.proc.poll() is None and time.monotonic() < deadline:
         if any("ready:" in line for line in list(b.lines)):
