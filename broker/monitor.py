@@ -204,11 +204,8 @@ class Monitor:
         self.bytes_in += len(data)
         return Reply(data), self.tarpit_delay()
 
-    def slept(self) -> Reply:
-        self._busy = False
-        return Reply(None)
-
-    def logged(self) -> Reply:
+    def carried_out(self) -> Reply:
+        """A sleep or a log line is done: the (empty) reply to it."""
         self._busy = False
         return Reply(None)
 

@@ -146,10 +146,10 @@ class Session:
                     await asyncio.sleep(delay)
             elif isinstance(action, m.Sleep):
                 await asyncio.sleep(action.seconds)
-                reply = monitor.slept()
+                reply = monitor.carried_out()
             else:
                 self._script_log(action)
-                reply = monitor.logged()
+                reply = monitor.carried_out()
             self._follow_monitor()
             channel.send(reply.value)
 

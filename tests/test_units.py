@@ -144,7 +144,7 @@ def test_close_is_terminal_for_io_and_idempotent() -> None:
     assert mon.handle(req("recv", 1), 0) == m.Reply(None)
     assert mon.handle(req("get_ip"), 0) == m.Reply(b"192.0.2.1")
     assert mon.handle(req("sleep", 5), 0) == m.Sleep(0.005)
-    mon.slept()
+    mon.carried_out()
     assert mon.closed_by == m.CLOSED_BY_SCRIPT
 
 
@@ -177,7 +177,7 @@ def test_log_rate_drops_and_counts() -> None:
     for _ in range(5):
         results.append(mon.handle(req("log", b"x", "info"), 0.0))
         if isinstance(results[-1], m.Log):
-            mon.logged()
+            mon.carried_out()
     assert sum(isinstance(r, m.Log) for r in results) == 2
     assert mon.take_dropped_logs() == 3 and mon.take_dropped_logs() == 0
     assert isinstance(mon.handle(req("log", b"x", "info"), 1.5), m.Log)  # refilled
