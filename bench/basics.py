@@ -154,6 +154,7 @@ def start_broker(offset: int) -> subprocess.Popen[str]:
             "warn",
             "--warm",
             "8",
+            *(["--allow-root"] if os.geteuid() == 0 else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -46,23 +46,41 @@ class Gate:
     per_ip: dict[str, int] = field(default_factory=dict)
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
 
-    def admit(self, ip: str) -> str | None:
-        """Count a new connection in, or return the reason it is refused."""
-        source = source_of(ip)
+    def admit(self, ip: str | None) -> str | None:
+        """Count a new connection in, or return the reason it is refused.
+
+        `ip` None defers the per-IP cap to `admit_source` (the real peer comes in a PROXY header).
+        """
         if self.active >= self.max_connections:
             reason = m.END_CONN_LIMIT
-        elif self.per_ip.get(source, 0) >= self.max_per_ip:
+        elif ip is not None and self.per_ip.get(source_of(ip), 0) >= self.max_per_ip:
             reason = m.END_PER_IP_LIMIT
         else:
             self.active += 1
-            self.per_ip[source] = self.per_ip.get(source, 0) + 1
+            if ip is not None:
+                self._count_source(ip)
             return None
         self.refused[reason] += 1
         return reason
 
-    def release(self, ip: str) -> None:
+    def admit_source(self, ip: str) -> str | None:
+        """The per-IP cap for a connection already admitted with `admit(None)`."""
+        if self.per_ip.get(source_of(ip), 0) >= self.max_per_ip:
+            self.refused[m.END_PER_IP_LIMIT] += 1
+            return m.END_PER_IP_LIMIT
+        self._count_source(ip)
+        return None
+
+    def _count_source(self, ip: str) -> None:
         source = source_of(ip)
+        self.per_ip[source] = self.per_ip.get(source, 0) + 1
+
+    def release(self, ip: str | None) -> None:
+        """`ip` is what was counted: None for a connection whose source never was."""
         self.active -= 1
+        if ip is None:
+            return
+        source = source_of(ip)
         left = self.per_ip[source] - 1
         if left:
             self.per_ip[source] = left

@@ -39,6 +39,18 @@ END_CAPACITY: Final = "capacity"
 END_QUEUE_FULL: Final = "queue-full"
 END_CONN_LIMIT: Final = "conn-limit"
 END_PER_IP_LIMIT: Final = "per-ip-limit"
+END_PROXY_HEADER: Final = "proxy-header"  # --proxy-protocol: the header was missing or malformed
+END_IGNORED: Final = "ignored"  # --ignore-action refuse (never logged: seen only by the metrics)
+
+# The ceiling behind each limit reason, by its flag name: the session-end line's `limit` field.
+LIMIT_OF_REASON: Final = {
+    END_INSTRUCTIONS: "instructions",
+    END_MEMORY: "memory",
+    END_CPU_DEADLINE: "cpu-slice",
+    END_CPU_LIMIT: "session-cpu",
+    END_SESSION_TIME: "session-time",
+    END_LINGER: "linger",
+}
 
 DONE_REASONS: Final = {
     "return": END_RETURNED,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
 
+from deadend.proxy import MAX_V2_PAYLOAD, ProxyError, ProxyHeader, parse_proxy_header
+
 BACKLOG = 1024
+# A v2 header is at most 16 + MAX_V2_PAYLOAD bytes (v1: 107); the parser rejects it before this is reached.
+PROXY_READ_LIMIT = 16 + MAX_V2_PAYLOAD + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +69,21 @@ def peer_ip(host: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return addr.compressed
+
+
+async def read_proxy_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes]:
+    """Read a PROXY v1/v2 header; return it and any client bytes that arrived with it.
+
+    Raises ProxyError (malformed or missing header), TimeoutError, or OSError.
+    """
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(timeout):
+        while True:
+            header = parse_proxy_header(data)
+            if header is not None:
+                return header, data[header.length :]
+            chunk = await loop.sock_recv(sock, PROXY_READ_LIMIT - len(data))
+            if not chunk:
+                raise ProxyError("the connection closed before a complete PROXY header")
+            data += chunk

@@ -12,6 +12,7 @@ import collections
 import contextlib
 
 from broker.channel import ChildChannel, ChildGone, Deadline
+from broker.privileges import RunAs
 from broker.zygote import ChildProcess, Zygote, ZygoteLost
 from deadend.config import Ceilings
 from deadend.logs import BROKER, EventLog, sanitize
@@ -41,7 +42,15 @@ class QueueFull(Exception):
 
 
 class SandboxPool:
-    def __init__(self, ceilings: Ceilings, log: EventLog, workers: int, warm: int, queue_size: int) -> None:
+    def __init__(
+        self,
+        ceilings: Ceilings,
+        log: EventLog,
+        workers: int,
+        warm: int,
+        queue_size: int,
+        run_as: RunAs | None = None,
+    ) -> None:
         self.ceilings = ceilings
         self.log = log
         self.workers = workers
@@ -56,7 +65,8 @@ class SandboxPool:
         self._restarts: collections.deque[float] = collections.deque()
         self._refill_pending = False
         self._no_prefork_until = 0.0
-        self.zygote = Zygote(ceilings, log, self._on_child_exit)
+        self.started = 0  # children that reached "ready"
+        self.zygote = Zygote(ceilings, log, self._on_child_exit, run_as)
         self.failed: asyncio.Future[str] | None = None
 
     async def start(self) -> None:
@@ -68,6 +78,15 @@ class SandboxPool:
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    @property
+    def warm(self) -> int:
+        return len(self._warm)
+
+    @property
+    def busy(self) -> int:
+        """Children given to a connection (or being forked for one)."""
+        return self.alive - len(self._warm) - self._warming
 
     def at_capacity(self) -> bool:
         """True when the next acquire would have to wait in the queue."""
@@ -121,6 +140,7 @@ class SandboxPool:
             channel.close()
             child.release()
             raise
+        self.started += 1
         return Sandbox(child, channel)
 
     # --- releasing -------------------------------------------------------------------------------
@@ -185,14 +205,16 @@ class SandboxPool:
             loop = asyncio.get_running_loop()
             if loop.time() >= self._no_prefork_until:
                 self.log.warn(
-                    BROKER, f"cannot pre-fork sandboxes: {sanitize(e.strerror or str(e))}; backing off"
+                    BROKER,
+                    "broker.warning",
+                    f"cannot pre-fork sandboxes: {sanitize(e.strerror or str(e))}; backing off",
                 )
             self._no_prefork_until = loop.time() + FORK_BACKOFF
             loop.call_later(FORK_BACKOFF, self._refill)  # try again then, even if nothing else happens
             return
         except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
             if not self._closed:
-                self.log.warn(BROKER, f"a sandbox failed to start: {type(e).__name__}")
+                self.log.warn(BROKER, "broker.warning", f"a sandbox failed to start: {type(e).__name__}")
             return
         finally:
             self._warming -= 1
@@ -223,18 +245,18 @@ class SandboxPool:
         while self._restarts and now - self._restarts[0] > ZYGOTE_RESTART_WINDOW:
             self._restarts.popleft()
         if len(self._restarts) > MAX_ZYGOTE_RESTARTS:
-            self.log.error(BROKER, "sandbox zygote keeps dying; giving up")
+            self.log.error(BROKER, "broker.error", "sandbox zygote keeps dying; giving up")
             if self.failed is not None and not self.failed.done():
                 self.failed.set_result("sandbox zygote keeps dying")
             return
-        self.log.error(BROKER, "sandbox zygote exited; restarting it")
+        self.log.error(BROKER, "broker.error", "sandbox zygote exited; restarting it")
         while self._warm:  # their children died with the zygote (slots already freed): close their fds
             self._discard(self._warm.popleft())
         await self.zygote.stop()
         try:
             await self.zygote.start()
         except ZygoteLost as e:
-            self.log.error(BROKER, sanitize(str(e)))
+            self.log.error(BROKER, "broker.error", sanitize(str(e)))
             if self.failed is not None and not self.failed.done():
                 self.failed.set_result(str(e))
             return

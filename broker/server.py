@@ -1,49 +1,50 @@
-"""The Server owns the lifecycle: scripts, zygote and pool, listeners, connections, shutdown.
+"""The Server owns the lifecycle: scripts, zygote and pool, listeners, privileges, reloads, shutdown.
 
-Start-up order matters: the zygote is exec'd before any socket is opened (it must never inherit one),
-scripts are compiled in sandbox children, and every listener is bound before the first accept, so a port
-already in use fails the start rather than half of it.
+Start-up order matters: systemd's sockets are taken first; the zygote is exec'd before any socket is
+opened (it must never inherit one) and as the --user from the start; scripts are compiled in sandbox
+children; every listener is bound before the first accept, so a port already in use fails the start
+rather than half of it; only then does the broker drop root. Connections are the Doorman's (doorman.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
-import secrets
+import os
 import signal
 import socket
 from dataclasses import dataclass, field
 
-from broker import monitor as m
+from broker.activation import ActivationError, address_of, inherited_listeners
 from broker.compile import compile_error
+from broker.doorman import Doorman
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
-from broker.memory import return_free_memory
-from broker.net import BindAddress, bind_addresses, ipv6_unavailable, open_listener, peer_ip
-from broker.pool import PoolClosed, QueueFull, SandboxPool
-from broker.session import Session, SessionSettings, log_session_end
+from broker.listeners import Listener, ReloadPlan, plan_reload
+from broker.metrics import BrokerMetrics, LiveState
+from broker.net import bind_addresses, ipv6_unavailable, open_listener
+from broker.pool import SandboxPool
+from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
+from broker.session import Session
 from broker.zygote import ZygoteLost
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
+from deadend.recording import Recorder
 from deadend.scripts import PORT_MAX, Script, discover
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 SHUTDOWN_EXTRA = 3.0  # seconds past the scripts' grace before remaining sessions are cancelled
 FD_WARNING_INTERVAL = 10.0  # seconds between two "out of descriptors" lines
-TRIM_INTERVAL = 5.0  # at most this often, give freed heap back to the system when the broker goes idle
 
 
 class StartupError(Exception):
     """A reason the broker cannot start (or, once running, cannot go on), worded for one log line."""
 
 
-@dataclass(slots=True)
-class Listener:
-    sock: socket.socket
-    address: BindAddress
-    script: Script
-    task: asyncio.Task[None] | None = None
+class BindError(Exception):
+    """A listener for one script could not be opened."""
 
 
 @dataclass(slots=True)
@@ -51,25 +52,35 @@ class Server:
     config: Config
     log: EventLog
     pool: SandboxPool | None = None
-    listeners: list[Listener] = field(default_factory=list)
-    sessions: set[Session] = field(default_factory=set)
-    handlers: set[asyncio.Task[None]] = field(default_factory=set)
     handle_signals: bool = True  # False when embedded in another program's loop (it stops us itself)
-    gate: Gate | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    scripts: dict[int, Script] = field(default_factory=dict)  # what is served, by script port
+    spare: dict[int, list[socket.socket]] = field(default_factory=dict)  # systemd's sockets, by port
+    doorman: Doorman | None = None
+    metrics: BrokerMetrics | None = None
+    recorder: Recorder | None = None
+    reloads: int = 0  # finished reloads
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event | None = None
-    _released: asyncio.Event | None = None  # set whenever a connection ends (fds came free)
+    _reload_wanted: asyncio.Event | None = None
     _last_fd_warning: float = float("-inf")
-    _last_trim: float = float("-inf")
 
     # --- start-up --------------------------------------------------------------------------------
 
     async def serve(self) -> None:
         """Run until SIGINT/SIGTERM; raise StartupError if the broker cannot start."""
         self._stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
+        try:
+            for sock in inherited_listeners():
+                self.spare.setdefault(address_of(sock).port, []).append(sock)
+            run_as = resolve_user(self.config.user, self.config.allow_root)
+        except (ActivationError, PrivilegeError) as e:
+            raise StartupError(str(e)) from e
         scripts = self._discover()
         if self.pool is None:
             c = self.config
-            self.pool = SandboxPool(c.ceilings, self.log, c.workers, c.warm, c.queue_size)
+            self.pool = SandboxPool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as)
         try:
             await self.pool.start()
         except ZygoteLost as e:
@@ -77,32 +88,70 @@ class Server:
         except OSError as e:
             raise StartupError(f"cannot start the sandbox zygote: {e.strerror or e}") from e
         try:
-            try:
-                servable = await self._compile_all(scripts)
-            except OSError as e:
-                raise StartupError(f"cannot start sandboxes to compile the scripts: {e.strerror or e}") from e
-            if not servable:
-                raise StartupError(f"no servable script in {self.config.scripts}")
-            self._bind_all(servable)
-            self.gate = self._make_gate()
-            loop = asyncio.get_running_loop()
-            if self.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, self.request_stop)
-            for listener in self.listeners:
-                listener.task = loop.create_task(self._accept_loop(listener))
-            self.log.info(BROKER, f"ready: {len(servable)} script(s), {self.config.workers} workers")
-            assert self.pool.failed is not None
-            self.pool.failed.add_done_callback(lambda _: self.request_stop())
+            await self._start(scripts, run_as)
             await self._stop.wait()
         finally:
             await self._shutdown()
         if self.pool.failed is not None and self.pool.failed.done():
             raise StartupError(f"stopped: {self.pool.failed.result()}")  # a supervisor should restart us
 
+    async def _start(self, scripts: list[Script], run_as: RunAs | None) -> None:
+        assert self.pool is not None
+        try:
+            servable = await self._compile_all(scripts)
+        except OSError as e:
+            raise StartupError(f"cannot start sandboxes to compile the scripts: {e.strerror or e}") from e
+        if not servable:
+            raise StartupError(f"no servable script in {self.config.scripts}")
+        for script in servable:
+            try:
+                self._open_listeners(script)
+            except BindError as e:
+                raise StartupError(str(e)) from e
+        for port, socks in self.spare.items():
+            self.log.warn(
+                BROKER,
+                "broker.warning",
+                f"socket activation passed {len(socks)} socket(s) on port {port} "
+                "with no script for them; not served",
+            )
+        gate = self._make_gate()
+        self._start_metrics()
+        self._prepare_record_folder(run_as)
+        self._drop_privileges(run_as)
+        self._start_recorder(run_as)
+        self.doorman = Doorman(self.config, self.log, self.pool, gate, self.recorder)
+        loop = asyncio.get_running_loop()
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._track(self._reload_on_request())
+        for listener in self.listeners:
+            self._start_accepting(listener)
+        self.log.info(
+            BROKER,
+            "broker.ready",
+            f"ready: {len(servable)} script(s), {self.config.workers} workers",
+            scripts=len(servable),
+            workers=self.config.workers,
+        )
+        assert self.pool.failed is not None
+        self.pool.failed.add_done_callback(lambda _: self.request_stop())
+
+    @property
+    def sessions(self) -> set[Session]:
+        """The sessions running now."""
+        return self.doorman.sessions if self.doorman is not None else set()
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: rescan the scripts folder (a reload already running is followed by one more)."""
+        if self._reload_wanted is not None:
+            self._reload_wanted.set()
 
     def _discover(self) -> list[Script]:
         folder = self.config.scripts
@@ -113,7 +162,8 @@ class Server:
         except OSError as e:
             raise StartupError(f"cannot read scripts folder {folder}: {e.strerror}") from e
         for item in ignored:
-            self.log.info(BROKER, f"ignored {sanitize(item.name, 256)}: {item.why}")
+            name = sanitize(item.name, 256)
+            self.log.info(BROKER, "script.ignored", f"ignored {name}: {item.why}", file=name)
         for script in scripts:
             port = script.port + self.config.port_offset
             if not 1 <= port <= PORT_MAX:
@@ -123,50 +173,151 @@ class Server:
                 )
         return scripts
 
-    async def _compile_all(self, scripts: list[Script]) -> list[Script]:
+    async def _compile_all(self, scripts: list[Script], *, reloading: bool = False) -> list[Script]:
         assert self.pool is not None
         servable = []
         for script in scripts:
             error = await compile_error(self.pool, script, self.config.ceilings)
             if error is None:
                 servable.append(script)
-            else:
-                where = Where(port=script.port + self.config.port_offset)
-                self.log.error(where, f"compile error in {script.name}: {sanitize(error)}; port not opened")
+                continue
+            text = sanitize(error)
+            kept = reloading and script.port in self.scripts
+            outcome = "keeping the previous version" if kept else "port not opened"
+            self.log.error(
+                Where(port=script.port + self.config.port_offset),
+                "script.compile_error",
+                f"compile error in {script.name}: {text}; {outcome}",
+                script=script.name,
+                error=text,
+                kept_previous=kept,
+            )
         return servable
 
-    def _bind_all(self, scripts: list[Script]) -> None:
-        for script in scripts:
-            port = script.port + self.config.port_offset
+    def _open_listeners(self, script: Script) -> None:
+        """Listen for `script`: on systemd's sockets for its port if there are any, else bind per --host."""
+        port = script.port + self.config.port_offset
+        opened = [
+            Listener(sock, address_of(sock), script, inherited=True) for sock in self.spare.pop(port, [])
+        ]
+        if not opened:
+            opened = self._bind(script, port)
+        self.scripts[script.port] = script
+        for listener in opened:
+            self.listeners.append(listener)
+            self.log.info(
+                Where(port=port),
+                "listen",
+                f"listening on {listener.address} script={script.name}",
+                address=str(listener.address),
+                script=script.name,
+            )
+
+    def _bind(self, script: Script, port: int) -> list[Listener]:
+        try:
+            addresses = bind_addresses(self.config.hosts, port)
+        except OSError as e:
+            raise BindError(f"cannot resolve --host: {e.strerror or e}") from e
+        bound: list[Listener] = []
+        for address in addresses:
             try:
-                addresses = bind_addresses(self.config.hosts, port)
+                bound.append(Listener(open_listener(address), address, script))
             except OSError as e:
-                raise StartupError(f"cannot resolve --host: {e.strerror or e}") from e
-            for address in addresses:
-                try:
-                    sock = open_listener(address)
-                except OSError as e:
-                    if address.optional and ipv6_unavailable(e):
-                        self.log.warn(BROKER, f"IPv6 unavailable, not listening on {address}")
-                        continue
-                    raise StartupError(f"cannot listen on {address} for {script.name}: {e.strerror}") from e
-                self.listeners.append(Listener(sock, address, script))
-                self.log.info(Where(port=port), f"listening on {address} script={script.name}")
+                if address.optional and ipv6_unavailable(e):
+                    self.log.warn(BROKER, "broker.warning", f"IPv6 unavailable, not listening on {address}")
+                    continue
+                for listener in bound:
+                    listener.sock.close()
+                raise BindError(f"cannot listen on {address} for {script.name}: {e.strerror}") from e
+        return bound
 
     def _make_gate(self) -> Gate:
         c = self.config
         allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm)
         if allowed < c.max_connections:
             self.log.warn(
-                BROKER, f"the file descriptor limit allows {allowed} concurrent connections; capping there"
+                BROKER,
+                "broker.warning",
+                f"the file descriptor limit allows {allowed} concurrent connections; capping there",
             )
         return Gate(max_connections=min(c.max_connections, allowed), max_per_ip=c.max_per_ip)
 
-    # --- connections -----------------------------------------------------------------------------
+    def _start_metrics(self) -> None:
+        self.metrics = BrokerMetrics(self._live_state)
+        self.log.observers.append(self.metrics.observe)
+        if self.config.metrics is None:
+            return
+        host, port = self.config.metrics
+        try:
+            self.metrics.serve(host, port)
+        except OSError as e:
+            raise StartupError(f"cannot serve --metrics on {host}:{port}: {e.strerror or e}") from e
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.log.info(BROKER, "metrics.listening", f"metrics on http://{address}/metrics", address=address)
+
+    def _live_state(self) -> LiveState:
+        # Called from the metrics thread: copy what it reads (a dict copy is atomic under the GIL).
+        pool, doorman = self.pool, self.doorman
+        return LiveState(
+            active_by_port=dict(doorman.active_by_port) if doorman else {},
+            sandboxes_busy=pool.busy if pool else 0,
+            sandboxes_warm=pool.warm if pool else 0,
+            workers=self.config.workers,
+            queued=pool.queued if pool else 0,
+            sandbox_starts=pool.started if pool else 0,
+            recording_bytes=self.recorder.total_bytes if self.recorder else 0,
+            log_lines_dropped=self.log.dropped_total,
+        )
+
+    def _drop_privileges(self, run_as: RunAs | None) -> None:
+        try:
+            if run_as is not None:
+                drop_privileges(run_as)
+                self.log.info(
+                    BROKER,
+                    "broker.privileges",
+                    f"running as user {run_as.name} (uid {run_as.uid}, gid {run_as.gid})",
+                    user=run_as.name,
+                    uid=run_as.uid,
+                    gid=run_as.gid,
+                )
+            forbid_tracing()
+        except (PrivilegeError, OSError) as e:
+            raise StartupError(f"cannot drop privileges: {e}") from e
+
+    def _prepare_record_folder(self, run_as: RunAs | None) -> None:
+        """Still root: a --record folder that does not exist yet is created for the --user."""
+        folder = self.config.record
+        if folder is None or run_as is None or folder.exists():
+            return
+        try:
+            folder.mkdir(mode=0o700, parents=True)
+            os.chown(folder, run_as.uid, run_as.gid)
+        except OSError as e:
+            raise StartupError(f"cannot create the recording folder {folder}: {e.strerror or e}") from e
+
+    def _start_recorder(self, run_as: RunAs | None) -> None:
+        c = self.config
+        if c.record is None:
+            return
+
+        def report(level: str, message: str) -> None:
+            self.log.emit(level, BROKER, "record.warning", sanitize(message))
+
+        try:
+            self.recorder = Recorder(c.record, c.record_max_bytes, c.record_session_bytes, report)
+        except OSError as e:
+            hint = f" (it must be writable by user {run_as.name})" if run_as else ""
+            raise StartupError(f"cannot record sessions to {c.record}: {e.strerror or e}{hint}") from e
+
+    # --- accepting -------------------------------------------------------------------------------
+
+    def _start_accepting(self, listener: Listener) -> None:
+        listener.task = asyncio.get_running_loop().create_task(self._accept_loop(listener))
 
     async def _accept_loop(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
-        assert self.gate is not None
+        assert self.doorman is not None
         while True:
             try:
                 conn, addr = await loop.sock_accept(listener.sock)
@@ -174,132 +325,171 @@ class Server:
                 if e.errno in ACCEPT_ERRORS_RESOURCES:
                     await self._out_of_resources(listener, e)
                 elif e.errno not in ACCEPT_ERRORS_TRANSIENT:
-                    self.log.error(BROKER, f"accept on {listener.address} failed: {e.strerror}")
+                    self.log.error(
+                        BROKER,
+                        "accept.error",
+                        f"accept on {listener.address} failed: {e.strerror}",
+                        address=str(listener.address),
+                        error=str(e.strerror),
+                    )
                     await asyncio.sleep(0.25)
                 continue
-            where = Where(listener.address.port, secrets.token_hex(6), peer_ip(addr[0]))
-            refused = self.gate.admit(where.peer)
-            if refused is not None:
-                # Cheap: no sandbox, no connect line; the one session-end line says why.
-                conn.close()
-                log_session_end(self.log, where, refused, 0.0, 0, 0, "-")
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(self._handle(conn, addr, where, listener))
-            self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
+            self.doorman.admit(conn, addr, listener.address.port, listener.script)
 
     async def _out_of_resources(self, listener: Listener, e: OSError) -> None:
         """Out of descriptors or buffers: keep serving what we have, and accept again once one ends."""
         loop = asyncio.get_running_loop()
-        assert self.gate is not None
+        assert self.doorman is not None
+        gate = self.doorman.gate
         if loop.time() - self._last_fd_warning >= FD_WARNING_INTERVAL:
             self._last_fd_warning = loop.time()
             self.log.warn(
                 BROKER,
+                "accept.error",
                 f"accept on {listener.address} failed: {e.strerror}; pausing accepts "
-                f"({self.gate.active} connections open)",
+                f"({gate.active} connections open)",
+                address=str(listener.address),
+                error=str(e.strerror),
             )
-        self.gate.refused["accept-" + (errno.errorcode.get(e.errno or 0, "error").lower())] += 1
-        if self._released is None:
-            self._released = asyncio.Event()
-        self._released.clear()
+        gate.refused["accept-" + (errno.errorcode.get(e.errno or 0, "error").lower())] += 1
+        released = self.doorman.released
+        released.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
-                await self._released.wait()
+                await released.wait()
 
-    async def _handle(
-        self, conn: socket.socket, addr: tuple[str, int], where: Where, listener: Listener
-    ) -> None:
+    # --- reload ----------------------------------------------------------------------------------
+
+    async def _reload_on_request(self) -> None:
+        assert self._reload_wanted is not None
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except Exception as e:  # a reload must never take the serving broker down
+                self.log.error(BROKER, "broker.error", f"reload failed: {sanitize(repr(e))}")
+            self.reloads += 1
+
+    async def reload(self) -> None:
+        """Rescan the scripts folder: open new ports, close removed ones, serve changed scripts.
+
+        Sessions already running keep the script they started with; removed ports' sessions finish.
+        """
         try:
-            await self._serve_connection(conn, addr, where, listener)
-        finally:
-            assert self.gate is not None
-            self.gate.release(where.peer)
-            if self._released is not None:
-                self._released.set()
-            self._trim_when_idle()
-
-    def _trim_when_idle(self) -> None:
-        assert self.gate is not None
-        now = asyncio.get_running_loop().time()
-        if self.gate.active == 0 and now - self._last_trim >= TRIM_INTERVAL:
-            self._last_trim = now
-            return_free_memory()
-
-    async def _serve_connection(
-        self, conn: socket.socket, addr: tuple[str, int], where: Where, listener: Listener
-    ) -> None:
-        assert self.pool is not None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self.log.info(where, f"connect from {where.peer} port {addr[1]} script={listener.script.name}")
-        refused: str | None = None
-        queued = self.pool.at_capacity() and self.pool.queued < self.config.queue_size
-        if queued:
-            self.log.info(
-                where,
-                f"all {self.config.workers} sandboxes busy; queued ({self.pool.queued} already waiting)",
+            found = self._discover()
+        except StartupError as e:
+            self.log.error(
+                BROKER, "reload", f"reload failed: {e}", added=[], removed=[], changed=[], failed=[]
             )
-        try:
-            sandbox = await self.pool.acquire(self.config.queue_timeout)
-        except QueueFull:
-            refused = m.END_QUEUE_FULL
-            self.log.warn(where, f"refused: all {self.config.workers} sandboxes busy and the queue is full")
-        except TimeoutError:
-            refused = m.END_CAPACITY
-            self.log.warn(where, f"refused: no sandbox free within {self.config.queue_timeout:g}s")
-        except (PoolClosed, asyncio.CancelledError):
-            refused = m.END_SHUTDOWN
-        except OSError as e:  # the zygote could not fork: out of processes or memory
-            refused = m.END_CAPACITY
-            self.log.warn(where, f"refused: no sandbox could be forked ({sanitize(e.strerror or str(e))})")
-        except Exception as e:  # zygote trouble: this connection fails, the broker goes on
-            refused = m.END_CRASH
-            self.log.error(where, f"no sandbox could be started: {sanitize(type(e).__name__)}")
-        if refused is None and queued:
-            self.log.info(where, f"dequeued after {(loop.time() - started) * 1000:.0f}ms")
-        if refused is not None:
-            conn.close()
-            log_session_end(self.log, where, refused, loop.time() - started, 0, 0, "-")
             return
-        settings = SessionSettings(self.config.ceilings, self.config.allow_clock, self.config.shutdown_grace)
-        session = Session(conn, where, listener.script, settings, self.log)
-        self.sessions.add(session)
-        try:
-            await session.run(self.pool, sandbox)
-        finally:
-            self.sessions.discard(session)
+        plan = plan_reload(self.scripts, found)
+        compiled = {s.port for s in await self._compile_all([*plan.added, *plan.changed], reloading=True)}
+        failed = [s.name for s in (*plan.added, *plan.changed) if s.port not in compiled]
+        added = []
+        for script in plan.added:
+            if script.port not in compiled:
+                continue
+            try:
+                self._open_listeners(script)
+            except BindError as e:
+                self.log.error(Where(port=script.port + self.config.port_offset), "broker.error", str(e))
+                failed.append(script.name)
+                continue
+            added.append(script.name)
+            for listener in self.listeners:
+                if listener.script is script and listener.task is None:
+                    self._start_accepting(listener)
+        changed = [s for s in plan.changed if s.port in compiled]
+        for script in changed:
+            self.scripts[script.port] = script
+            for listener in self.listeners:
+                if listener.script.port == script.port:
+                    listener.script = script
+        removed = [self.scripts[port].name for port in plan.removed]
+        await self._close_removed(plan)
+        self._log_reload(added, removed, [s.name for s in changed], failed)
+
+    async def _close_removed(self, plan: ReloadPlan) -> None:
+        for port in plan.removed:
+            del self.scripts[port]
+            for listener in [x for x in self.listeners if x.script.port == port]:
+                self.listeners.remove(listener)
+                await self._stop_listener(listener)
+                self.log.info(
+                    Where(port=listener.address.port),
+                    "listen.stopped",
+                    f"stopped listening on {listener.address}: {listener.script.name} was removed",
+                    address=str(listener.address),
+                )
+
+    async def _stop_listener(self, listener: Listener) -> None:
+        if listener.task is not None:
+            listener.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener.task
+            listener.task = None
+        if listener.inherited:  # we could not bind it again: keep it for a script that comes back
+            self.spare.setdefault(listener.address.port, []).append(listener.sock)
+        else:
+            listener.sock.close()
+
+    def _log_reload(
+        self, added: list[str], removed: list[str], changed: list[str], failed: list[str]
+    ) -> None:
+        summary = ", ".join(
+            f"{word} {' '.join(names)}"
+            for word, names in (
+                ("added", added),
+                ("removed", removed),
+                ("changed", changed),
+                ("failed", failed),
+            )
+            if names
+        )
+        level = "warn" if failed else "info"
+        self.log.emit(
+            level,
+            BROKER,
+            "reload",
+            f"reload: {summary or 'no change'}",
+            added=added,
+            removed=removed,
+            changed=changed,
+            failed=failed,
+        )
 
     # --- shutdown --------------------------------------------------------------------------------
 
+    def _track(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _shutdown(self) -> None:
         if self.listeners:
-            self.log.info(BROKER, "shutting down")
+            self.log.info(BROKER, "broker.stopping", "shutting down")
         if self.handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for listener in self.listeners:
-            if listener.task is not None:
-                listener.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener.task
-            listener.sock.close()
+            await self._stop_listener(listener)
         self.listeners.clear()
+        for socks in self.spare.values():
+            for sock in socks:
+                sock.close()
+        self.spare.clear()
         if self.pool is not None:
             self.pool.stop_acquiring()
-        for session in list(self.sessions):
-            try:
-                session.begin_shutdown()
-            except Exception as e:  # one odd session must not keep the others from their grace
-                self.log.error(session.where, f"shutdown of this session failed: {type(e).__name__}")
-        if self.handlers:
-            _done, pending = await asyncio.wait(
-                self.handlers, timeout=self.config.shutdown_grace + SHUTDOWN_EXTRA
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if self.doorman is not None:
+            await self.doorman.finish(self.config.shutdown_grace + SHUTDOWN_EXTRA)
         if self.pool is not None:
             await self.pool.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.metrics is not None:
+            self.metrics.stop()

@@ -21,6 +21,7 @@ from broker.pool import Sandbox, SandboxPool
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.logs import EventLog, Where, sanitize
+from deadend.recording import SessionRecording
 from deadend.scripts import Script
 
 EXIT_REPORT_TIMEOUT = 2.0  # how long to wait for the zygote to report a killed child
@@ -44,8 +45,12 @@ class Session:
         script: Script,
         settings: SessionSettings,
         log: EventLog,
+        recording: SessionRecording | None = None,
+        pending: bytes = b"",
     ) -> None:
         self.sock: socket.socket | None = sock
+        self.recording = recording
+        self.pending = pending  # client bytes read before the session began (after a PROXY header)
         self.where = where
         self.script = script
         self.settings = settings
@@ -173,15 +178,23 @@ class Session:
             await self.loop.sock_sendall(self.sock, data)
         except OSError:
             return False
+        if self.recording is not None:
+            self.recording.data("out", data, self.loop.time() - self.started)
         return True
 
     async def _recv(self, n: int) -> bytes | None:
         if self.sock is None:
             return None
-        try:
-            return await self.loop.sock_recv(self.sock, n)
-        except OSError:
-            return None
+        if self.pending:
+            data, self.pending = self.pending[:n], self.pending[n:]
+        else:
+            try:
+                data = await self.loop.sock_recv(self.sock, n)
+            except OSError:
+                return None
+        if data and self.recording is not None:
+            self.recording.data("in", data, self.loop.time() - self.started)
+        return data
 
     def _close_socket(self) -> None:
         """Close after flushing what was sent: FIN after the queued data, unread input discarded."""
@@ -206,12 +219,17 @@ class Session:
         text = sanitize(action.message)
         if action.cut:
             text += "…[cut]"
-        self.log.emit(action.level, self.where, f"script: {text}")
+        self.log.emit(action.level, self.where, "script.log", f"script: {text}", message=text)
 
     def _report_dropped_logs(self) -> None:
         dropped = self.monitor.take_dropped_logs()
         if dropped:
-            self.log.warn(self.where, f"script log rate exceeded: {dropped} lines dropped")
+            self.log.warn(
+                self.where,
+                "script.log_dropped",
+                f"script log rate exceeded: {dropped} lines dropped",
+                dropped=dropped,
+            )
 
     async def _classify_exit(self, sandbox: Sandbox) -> tuple[str, bytes]:
         """The child ended without saying why: ask the zygote's report how it died."""
@@ -232,19 +250,18 @@ class Session:
 
     def _finish(self, reason: str, detail: bytes) -> None:
         self._report_dropped_logs()
-        if reason in (m.END_SCRIPT_ERROR, m.END_COMPILE_ERROR) and detail:
-            self.log.error(self.where, f"{reason}: {sanitize(detail)}")
-        elif detail and reason != m.END_RETURNED:
-            self.log.warn(self.where, f"{reason}: {sanitize(detail)}")
+        if detail and reason != m.END_RETURNED:
+            level = "error" if reason in (m.END_SCRIPT_ERROR, m.END_COMPILE_ERROR) else "warn"
+            text = sanitize(detail)
+            self.log.emit(
+                level, self.where, "session.problem", f"{reason}: {text}", reason=reason, detail=text
+            )
         mon = self.monitor
+        duration = self.loop.time() - self.started
+        if self.recording is not None:
+            self.recording.end(reason, duration, mon.bytes_in, mon.bytes_out, mon.closed_by)
         log_session_end(
-            self.log,
-            self.where,
-            reason,
-            self.loop.time() - self.started,
-            mon.bytes_in,
-            mon.bytes_out,
-            mon.closed_by or "-",
+            self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, mon.closed_by or "-"
         )
 
 
@@ -254,6 +271,13 @@ def log_session_end(
     """The one session-end line every accepted connection gets, whatever happened to it."""
     log.info(
         where,
+        "session.end",
         f"session end reason={reason} duration={duration:.3f}s bytes_in={bytes_in} bytes_out={bytes_out} "
         f"closed_by={closed_by}",
+        reason=reason,
+        duration=round(duration, 6),
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        closed_by=closed_by,
+        limit=m.LIMIT_OF_REASON.get(reason),
     )

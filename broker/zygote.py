@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from broker.privileges import RunAs
 from deadend.config import Ceilings
 from deadend.logs import BROKER, EventLog, sanitize
 
@@ -67,8 +68,15 @@ class ChildProcess:
 
 
 class Zygote:
-    def __init__(self, ceilings: Ceilings, log: EventLog, on_exit: Callable[[ChildProcess], None]) -> None:
+    def __init__(
+        self,
+        ceilings: Ceilings,
+        log: EventLog,
+        on_exit: Callable[[ChildProcess], None],
+        run_as: RunAs | None = None,
+    ) -> None:
         self.ceilings = ceilings
+        self.run_as = run_as  # the zygote switches to it before its first fork
         self.log = log
         self.on_exit = on_exit  # called once per child when the zygote reports (or loses) it
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,6 +96,7 @@ class Zygote:
             "control_fd": theirs.fileno(),
             "address_space": self.ceilings.address_space,
             "cpu_seconds": self.ceilings.session_cpu,
+            "run_as": [self.run_as.uid, self.run_as.gid] if self.run_as else None,
         }
         try:
             self.proc = subprocess.Popen(
@@ -150,7 +159,9 @@ class Zygote:
             except Exception as e:  # the zygote is trusted, but a bug there must not kill the broker
                 for fd in fds:
                     os.close(fd)
-                self.log.error(BROKER, f"zygote sent a bad control message: {sanitize(repr(e))}")
+                self.log.error(
+                    BROKER, "broker.error", f"zygote sent a bad control message: {sanitize(repr(e))}"
+                )
 
     def _fds_lost(self, msg: Any, fds: list[int]) -> None:
         for fd in fds:
@@ -210,7 +221,7 @@ class Zygote:
             return
         for line in data.splitlines()[-20:]:
             if line.strip():
-                self.log.error(BROKER, f"zygote: {sanitize(line, 512)}")
+                self.log.error(BROKER, "broker.error", f"zygote: {sanitize(line, 512)}")
 
     def _lose(self, why: str) -> None:
         if self.lost is None or self.lost.done():

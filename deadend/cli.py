@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import ipaddress
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,8 +15,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from deadend import __version__
-from deadend.config import Ceilings, Config
-from deadend.logs import EventLog
+from deadend.config import Ceilings, Config, Network
+from deadend.configfile import ConfigFileError, defaults_from_file
+from deadend.logs import LOG_FORMATS, EventLog
+from deadend.replay import add_replay_parser, run_replay
 from deadend.scripts import PORT_MAX
 from deadend.wire import LOG_LEVELS
 
@@ -25,6 +29,38 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"deadend: error: {message} (see --help)\n")
 
 
+class Repeatable(argparse.Action):
+    """Like action="append", except that the command line replaces a list from the config file."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        items = [] if current is self.default else list(current)
+        setattr(namespace, self.dest, [*items, values])
+
+
+def _network(text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP network (e.g. 10.0.0.0/8, 2001:db8::/32)"
+        ) from None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= PORT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
+    return host, int(port)
+
+
 def _number(
     kind: Callable[[str], float], name: str, lo: float, hi: float | None = None
 ) -> Callable[[str], float]:
@@ -33,7 +69,7 @@ def _number(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {name}") from None
-        if value < lo or (hi is not None and value > hi):
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
             bounds = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
             raise argparse.ArgumentTypeError(f"{text!r} is out of range ({bounds})")
         return value
@@ -66,6 +102,20 @@ class NumberOption:
         )
 
 
+RECORD_OPTIONS = (
+    NumberOption(
+        "--record-max-bytes",
+        "record_max_bytes",
+        int,
+        0,
+        2**62,
+        "BYTES",
+        "all recordings together, old ones too",
+    ),
+    NumberOption(
+        "--record-session-bytes", "record_session_bytes", int, 0, 2**62, "BYTES", "bytes recorded per session"
+    ),
+)
 POOL_OPTIONS = (
     NumberOption("--warm", "warm", int, 0, 10_000, "N", "pre-forked sandboxes kept ready"),
     NumberOption(
@@ -155,20 +205,31 @@ def _add_ceilings(parser: argparse.ArgumentParser) -> None:
         option.add_to(group, Ceilings())
 
 
-def build_parser() -> ArgumentParser:
+class Parser(ArgumentParser):
+    """The top-level parser; remembers its subcommands' parsers (the config file sets broker defaults)."""
+
+    commands: dict[str, ArgumentParser]
+
+
+def build_parser() -> Parser:
     defaults = Config(scripts=Path())
-    parser = ArgumentParser(
-        prog="deadend", description="Honeypot and tarpit daemon with sandboxed Lua services."
-    )
+    parser = Parser(prog="deadend", description="Honeypot and tarpit daemon with sandboxed Lua services.")
+    parser.commands = {}
     parser.add_argument("--version", action="version", version=f"deadend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     b = commands.add_parser(
         "broker", help="serve <port>.lua scripts", description="Serve <port>.lua scripts."
     )
-    b.add_argument("--scripts", type=Path, required=True, metavar="DIR", help="folder of <port>.lua files")
+    b.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of broker options (keys are the flags without --); flags given here override it",
+    )
+    b.add_argument("--scripts", type=Path, metavar="DIR", help="folder of <port>.lua files (required)")
     b.add_argument(
         "--host",
-        action="append",
+        action=Repeatable,
         default=[],
         metavar="ADDR",
         help="address to listen on (repeatable; default every IPv4 and IPv6 address)",
@@ -191,12 +252,56 @@ def build_parser() -> ArgumentParser:
         help="give scripts a read-only os.time/date/clock/difftime (UTC)",
     )
     b.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level)
+    b.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=defaults.log_format,
+        help="text lines, or one JSON object per line (schema: docs/events.md)",
+    )
     pool = b.add_argument_group("pool, queue and connection caps")
     for option in POOL_OPTIONS:
         option.add_to(pool, defaults)
+    _add_operations(b, defaults)
     _add_ceilings(b)
+    parser.commands["broker"] = b
     _add_tools(commands)
+    add_replay_parser(commands)
     return parser
+
+
+def _add_operations(b: argparse.ArgumentParser, defaults: Config) -> None:
+    ops = b.add_argument_group("recording, metrics, proxies, privileges")
+    ops.add_argument("--record", type=Path, metavar="DIR", help="record every session's bytes into DIR")
+    for option in RECORD_OPTIONS:
+        option.add_to(ops, defaults)
+    ops.add_argument(
+        "--metrics", type=_host_port, metavar="HOST:PORT", help="serve Prometheus metrics over HTTP there"
+    )
+    ops.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every connection starts with a PROXY v1/v2 header (behind HAProxy, nginx, a cloud LB)",
+    )
+    ops.add_argument(
+        "--ignore",
+        type=_network,
+        action=Repeatable,
+        default=[],
+        metavar="CIDR",
+        help="networks of your own (scanners, monitoring): see --ignore-action (repeatable)",
+    )
+    ops.add_argument(
+        "--ignore-action",
+        choices=("serve", "refuse"),
+        default=defaults.ignore_action,
+        help="serve ignored peers without logging or recording them, or refuse them (default serve)",
+    )
+    ops.add_argument(
+        "--user", metavar="NAME", help="run sandboxes as NAME, and the broker too once its ports are bound"
+    )
+    ops.add_argument(
+        "--allow-root", action="store_true", help="allow sandbox children to run as root (not recommended)"
+    )
 
 
 def ceilings_from_args(args: argparse.Namespace) -> Ceilings:
@@ -205,7 +310,7 @@ def ceilings_from_args(args: argparse.Namespace) -> Ceilings:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = {option.field: getattr(args, option.field) for option in POOL_OPTIONS}
+    values = {option.field: getattr(args, option.field) for option in (*POOL_OPTIONS, *RECORD_OPTIONS)}
     return Config(
         scripts=args.scripts,
         hosts=tuple(args.host),
@@ -213,9 +318,35 @@ def config_from_args(args: argparse.Namespace) -> Config:
         workers=args.workers,
         allow_clock=args.allow_clock,
         log_level=args.log_level,
+        log_format=args.log_format,
         ceilings=ceilings_from_args(args),
+        record=args.record,
+        metrics=args.metrics,
+        proxy_protocol=args.proxy_protocol,
+        ignore=tuple(args.ignore),
+        ignore_action=args.ignore_action,
+        user=args.user,
+        allow_root=args.allow_root,
         **values,
     )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; for the broker, a --config file first provides the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "broker":
+        return args
+    broker = parser.commands["broker"]
+    if args.config is not None:
+        try:
+            broker.set_defaults(**defaults_from_file(broker, args.config))
+        except ConfigFileError as e:
+            broker.error(str(e))
+        args = parser.parse_args(argv)
+    if args.scripts is None:
+        broker.error("--scripts DIR is required (on the command line or as `scripts` in --config)")
+    return args
 
 
 def run_broker(config: Config) -> int:
@@ -224,7 +355,7 @@ def run_broker(config: Config) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Whatever the locale, never lose a line to an encoding error: escape what cannot be encoded.
         sys.stdout.reconfigure(errors="backslashreplace")
-    log = EventLog(level=config.log_level)
+    log = EventLog(level=config.log_level, fmt=config.log_format)
     server = Server(config, log)
     try:
         asyncio.run(server.serve())
@@ -240,9 +371,11 @@ def run_broker(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "broker":
         return run_broker(config_from_args(args))
+    if args.command == "replay":
+        return run_replay(args)
     from deadend import tools  # the author/auditor tools
 
     run: Callable[[argparse.Namespace], int] = getattr(tools, f"run_{args.command}")

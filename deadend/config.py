@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,5 +49,16 @@ class Config:
     max_per_ip: int = 32  # accepted connections at once from one address
     allow_clock: bool = False
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (deadend/events.py)
     shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing
     ceilings: Ceilings = field(default_factory=Ceilings)
+    # operations
+    record: Path | None = None  # folder for session recordings (docs/recording.md)
+    record_max_bytes: int = 1 << 30  # all recordings in the folder together, old ones included
+    record_session_bytes: int = 1 << 20  # payload recorded per session
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus text
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header
+    ignore: tuple[Network, ...] = ()  # the operator's own networks
+    ignore_action: str = "serve"  # "serve" (unlogged, unrecorded) or "refuse"
+    user: str | None = None  # drop to this user after binding; children run as it from the start
+    allow_root: bool = False  # let sandbox children run as root (not recommended)

@@ -1,6 +1,8 @@
 """Log events: one line per event on stdout, in a form an attacker cannot break or forge.
 
-Text line: `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`.
+Text line (the default): `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`.
+JSON line (`--log-format json`): one object with the event's name and fields (deadend/events.py), encoded
+ASCII-only so no raw control, bidi or line-separator character can reach the output.
 Whatever a script or a client controls is escaped: control characters, bidi overrides and line separators
 become `\\xNN`/`\\uNNNN`, backslashes are doubled, invalid UTF-8 bytes become `\\xNN`, and a message is
 cut at 4 KiB with a marker.
@@ -9,15 +11,20 @@ cut at 4 KiB with a marker.
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TextIO
 
+from deadend.events import EVENTS, SCHEMA_VERSION
 from deadend.wire import LOG_LEVELS, LOG_MAX
+
+LOG_FORMATS: Final = ("text", "json")
 
 LEVEL_ORDER: Final = {name: i for i, name in enumerate(LOG_LEVELS)}
 CUT_MARKER: Final = "…[cut]"
@@ -47,8 +54,8 @@ def sanitize(text: bytes | str, limit: int = LOG_MAX) -> str:
 
 
 def utc_timestamp(now: float | None = None) -> str:
-    t = time.time() if now is None else now
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    seconds, ms = divmod(round((time.time() if now is None else now) * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +65,38 @@ class Where:
     port: int | None = None
     conn: str = "-"
     peer: str = "-"
+    peer_port: int | None = None
+    quiet: bool = False  # a peer in an --ignore network: its events reach observers but are not written
 
 
 BROKER: Final = Where()
+
+Fields = Mapping[str, object]
+Observer = Callable[[str, Where, Fields], None]  # (event, where, fields), called in the emitting thread
+
+
+def text_line(time: str, level: str, where: Where, event: str, message: str, fields: Fields) -> str:
+    port = "-" if where.port is None else str(where.port)
+    return f"{time} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
+
+
+def json_line(time: str, level: str, where: Where, event: str, message: str, fields: Fields) -> str:
+    record: dict[str, object] = {
+        "v": SCHEMA_VERSION,
+        "time": time,
+        "level": level,
+        "event": event,
+        "port": where.port,
+        "conn": None if where.conn == "-" else where.conn,
+        "peer": None if where.peer == "-" else where.peer,
+        "peer_port": where.peer_port,
+        "msg": message,
+    }
+    record.update(fields)  # field names come from EVENTS, never from input, and never shadow the above
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+FORMATTERS: Final = {"text": text_line, "json": json_line}
 
 
 class EventLog:
@@ -73,26 +109,31 @@ class EventLog:
 
     QUEUE_BYTES = 2 << 20  # what may wait for a slow stdout; bounded in bytes, lines run up to 4 KiB
 
-    def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
+    def __init__(self, stream: TextIO | None = None, level: str = "info", fmt: str = "text") -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
+        self.format = FORMATTERS[fmt]
+        self.observers: list[Observer] = []  # e.g. the metrics: they see every event, quiet ones included
         self._queue: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
         self._queued_bytes = 0
         self._dropped = 0
+        self.dropped_total = 0  # for the metrics
         self._lock = threading.Lock()
         self._writer = threading.Thread(target=self._drain, name="deadend-log", daemon=True)
         self._writer.start()
 
-    def emit(self, level: str, where: Where, message: str) -> None:
-        if LEVEL_ORDER[level] < self.threshold:
+    def emit(self, level: str, where: Where, event: str, message: str, /, **fields: object) -> None:
+        """Log one event. `message` and string fields must already be safe (use `sanitize`)."""
+        assert event in EVENTS and fields.keys() == EVENTS[event][1].keys(), (event, sorted(fields))
+        for observe in self.observers:
+            observe(event, where, fields)
+        if where.quiet or LEVEL_ORDER[level] < self.threshold:
             return
-        port = "-" if where.port is None else str(where.port)
-        line = (
-            f"{utc_timestamp()} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
-        )
+        line = self.format(utc_timestamp(), level, where, event, message, fields)
         with self._lock:
             if self._queued_bytes + len(line) > self.QUEUE_BYTES:
                 self._dropped += 1
+                self.dropped_total += 1
                 return
             self._queued_bytes += len(line)
         self._queue.put(line)
@@ -110,9 +151,9 @@ class EventLog:
                 dropped, self._dropped = self._dropped, 0
                 self._queued_bytes -= len(text)
             if dropped:
-                text += (
-                    f"{utc_timestamp()} WARN  port=- conn=- peer=- log output too slow: "
-                    f"{dropped} lines dropped\n"
+                message = f"log output too slow: {dropped} lines dropped"
+                text += self.format(
+                    utc_timestamp(), "warn", BROKER, "log.dropped", message, {"dropped": dropped}
                 )
             try:
                 self.stream.write(text)
@@ -137,14 +178,14 @@ class EventLog:
         self._queue.put(None)
         self._writer.join(timeout)
 
-    def debug(self, where: Where, message: str) -> None:
-        self.emit("debug", where, message)
+    def debug(self, where: Where, event: str, message: str, /, **fields: object) -> None:
+        self.emit("debug", where, event, message, **fields)
 
-    def info(self, where: Where, message: str) -> None:
-        self.emit("info", where, message)
+    def info(self, where: Where, event: str, message: str, /, **fields: object) -> None:
+        self.emit("info", where, event, message, **fields)
 
-    def warn(self, where: Where, message: str) -> None:
-        self.emit("warn", where, message)
+    def warn(self, where: Where, event: str, message: str, /, **fields: object) -> None:
+        self.emit("warn", where, event, message, **fields)
 
-    def error(self, where: Where, message: str) -> None:
-        self.emit("error", where, message)
+    def error(self, where: Where, event: str, message: str, /, **fields: object) -> None:
+        self.emit("error", where, event, message, **fields)

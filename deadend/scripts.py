@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -18,6 +19,10 @@ class Script:
     port: int  # the port the name says; the listener may add an offset
     path: Path
     source: bytes
+    sha256: str = field(init=False)  # names the version in recordings and reload lines
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.source).hexdigest())
 
     @property
     def name(self) -> str:

@@ -44,6 +44,24 @@ def _prctl(option: int, arg: int) -> None:
         raise LockdownError(f"prctl({option}) failed: {os.strerror(err)}")
 
 
+def switch_user(uid: int, gid: int) -> None:
+    """Become uid/gid for good (the broker's --user): no supplementary groups, all three ids, no way back.
+
+    A credential change clears the parent-death signal and the dumpable flag; callers set them after.
+    """
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise LockdownError(f"could not switch to uid {uid} gid {gid}")
+    if uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return
+        raise LockdownError("root could be regained after switching user")
+
+
 def build_filter() -> sc.SyscallFilter:
     """The seccomp allowlist, one syscall per line with the reason beside it (research/sandbox.md §3.4)."""
     import pyseccomp as sc  # imported here: the zygote first points ctypes at the resolved libseccomp

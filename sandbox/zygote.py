@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from sandbox.lockdown import PR_SET_PDEATHSIG, Rlimits, _prctl, build_filter
+from sandbox.lockdown import PR_SET_PDEATHSIG, Rlimits, _prctl, build_filter, switch_user
 
 MAX_CONTROL = 4096
 
@@ -152,6 +152,13 @@ def _use_resolved_libraries(paths: dict[str, str]) -> None:
     ctypes.util.find_library = lambda name: paths.get(name) or original(name)
 
 
+def _die_with_broker(broker_pid: int) -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed broker takes the zygote with it...
+    if os.getppid() != broker_pid:
+        os._exit(1)
+    # ...and the zygote's children with it (their own death signal points at the zygote).
+
+
 def main() -> NoReturn:
     config = json.loads(sys.argv[1])
     broker_pid = config["broker_pid"]
@@ -159,16 +166,19 @@ def main() -> NoReturn:
     import sandbox.child  # noqa: F401  (lupa, msgpack and pyseccomp, loaded once for every child)
 
     try:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed broker takes the zygote with it...
-        if os.getppid() != broker_pid:
-            os._exit(1)
-        # ...and the zygote's children with it (their own death signal points at the zygote).
+        _die_with_broker(broker_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle
         os.environ["TZ"] = "UTC"  # the zone is fixed before lockdown (SPEC.md, clock option)
         time.tzset()
         control = socket.socket(fileno=config["control_fd"])
         rlimits = Rlimits(address_space=config["address_space"], cpu_seconds=config["cpu_seconds"])
-        Zygote(control, rlimits, broker_pid).serve()
+        zygote = Zygote(control, rlimits, broker_pid)
+        if config.get("run_as"):
+            # --user: everything is loaded (the interpreter may live where that user cannot read), and
+            # no child has been forked yet, so no sandbox ever runs with the broker's privileges.
+            switch_user(*config["run_as"])
+            _die_with_broker(broker_pid)  # the switch cleared the parent-death signal
+        zygote.serve()
     except BrokenPipeError:
         pass
     os._exit(0)

@@ -62,6 +62,11 @@ def free_offset(ports: list[int]) -> int:
     raise RuntimeError("no free port range")
 
 
+# The broker refuses to run sandboxes as root without --user or --allow-root; CI runs the suite as root.
+# Tests of --user itself pass it; the rest keep running as whoever runs the suite.
+AS_ROOT = ["--allow-root"] if os.geteuid() == 0 else []
+
+
 class Broker:
     """One running `deadend broker` process and its log lines."""
 
@@ -70,6 +75,8 @@ class Broker:
         self.offset = free_offset(ports) if ports else 20000
         cmd = [sys.executable, "-m", "deadend", "broker", "--scripts", str(scripts), "--host", HOST]
         cmd += ["--port-offset", str(self.offset), *args]
+        if "--user" not in args:
+            cmd += AS_ROOT
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

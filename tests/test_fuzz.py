@@ -694,7 +694,9 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     for port, plan in zip(script_ports, plans, strict=True):
         (scripts / f"{port}.lua").write_text(str(plan))
     offset = free_offset(script_ports)
-    config = Config(scripts=scripts, hosts=(HOST,), port_offset=offset, warm=0, ceilings=CEILINGS)
+    config = Config(
+        scripts=scripts, hosts=(HOST,), port_offset=offset, warm=0, ceilings=CEILINGS, allow_root=True
+    )
     sink = Sink()
     log = EventLog(sink)  # type: ignore[arg-type]
     pool = FuzzPool(CEILINGS, log, 64, 0, 16)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOST, REPO, descendants, read_all, wait_gone
+from conftest import AS_ROOT, HOST, REPO, descendants, read_all, wait_gone
 
 WAITER = """
 deadend.send("hi\\n")
@@ -79,6 +79,7 @@ def test_port_in_use_is_one_clear_error(tmp_path) -> None:
                 HOST,
                 "--port-offset",
                 str(port - 25),
+                *AS_ROOT,
             ],
             capture_output=True,
             text=True,
@@ -216,6 +217,7 @@ def test_blocked_stdout_does_not_stall_the_broker(tmp_path) -> None:
             str(port - 7),
             "--cpu-slice",
             "1",
+            *AS_ROOT,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

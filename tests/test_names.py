@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOST, REPO, free_offset, read_all
+from conftest import AS_ROOT, HOST, REPO, free_offset, read_all
 
 
 def served_name(b, port: int) -> bytes:
@@ -42,7 +42,7 @@ def wait_exit(b, timeout: float = 20.0) -> tuple[int, str]:
 def run_cli(args: list[str], timeout: float = 20.0) -> tuple[int, str, str]:
     """Run `python -m deadend broker ...` expecting it to exit by itself."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deadend", "broker", *args],
+        [sys.executable, "-m", "deadend", "broker", *args, *AS_ROOT],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

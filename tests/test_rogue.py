@@ -134,7 +134,9 @@ def rogue(tmp_path: Path) -> Iterator[tuple[Server, Lines, int]]:
         (tmp_path / f"{port}.lua").write_text(name)
     offset = free_offset(list(PORT.values()))
     ceilings = Ceilings(cpu_slice=0.5, linger_calls=20)
-    config = Config(scripts=tmp_path, hosts=(HOST,), port_offset=offset, warm=0, ceilings=ceilings)
+    config = Config(
+        scripts=tmp_path, hosts=(HOST,), port_offset=offset, warm=0, ceilings=ceilings, allow_root=True
+    )
     out = Lines()
     log = EventLog(out)  # type: ignore[arg-type]
     server = Server(config, log, pool=RoguePool(ceilings, log, 64, 0, 16), handle_signals=False)

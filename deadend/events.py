@@ -1,0 +1,126 @@
+"""The catalogue of log events: every event the broker emits, with its fields. The one home for the schema.
+
+Text lines show an event's message; JSON lines (`--log-format json`) carry the same message plus the
+event name and its fields, so a SIEM never has to parse prose. `docs/events.schema.json` is generated
+from this table (`python -m deadend.events > docs/events.schema.json`) and a test keeps the two equal.
+Bump SCHEMA_VERSION when a field changes meaning or goes away; adding an event or a field does not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Final
+
+SCHEMA_VERSION: Final = 1
+
+# JSON Schema type for each field kind used below.
+_TYPES: Final[dict[str, dict[str, Any]]] = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "num": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "str?": {"type": ["string", "null"]},
+    "int?": {"type": ["integer", "null"]},
+    "strs": {"type": "array", "items": {"type": "string"}},
+}
+
+# name -> (what it means, {field: kind}). Every field listed is always present in the JSON object.
+EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
+    # broker lifecycle
+    "broker.ready": ("accepting connections", {"scripts": "int", "workers": "int"}),
+    "broker.stopping": ("shutdown began (SIGINT/SIGTERM or a fatal pool failure)", {}),
+    "broker.privileges": ("privileges dropped to --user", {"user": "str", "uid": "int", "gid": "int"}),
+    "broker.warning": ("a broker-wide condition the operator should know", {}),
+    "broker.error": ("a broker-wide failure; the broker goes on unless it says otherwise", {}),
+    "metrics.listening": ("the Prometheus endpoint is up", {"address": "str"}),
+    # scripts and listeners
+    "script.ignored": ("a file in the scripts folder is not a <port>.lua script", {"file": "str"}),
+    "script.compile_error": (
+        "a script does not compile; its port is not opened, or on reload keeps its previous version",
+        {"script": "str", "error": "str", "kept_previous": "bool"},
+    ),
+    "listen": ("listening on an address for a script", {"address": "str", "script": "str"}),
+    "listen.stopped": ("a listener closed after its script was removed (reload)", {"address": "str"}),
+    "reload": (
+        "SIGHUP rescan finished",
+        {"added": "strs", "removed": "strs", "changed": "strs", "failed": "strs"},
+    ),
+    "accept.error": ("accept() failed on a listener", {"address": "str", "error": "str"}),
+    # connections and sessions
+    "connect": (
+        "a connection was accepted and will get a sandbox",
+        {"script": "str", "proxy": "str?"},
+    ),
+    "proxy.error": ("a PROXY protocol header was missing or malformed", {"error": "str"}),
+    "queued": ("all sandboxes busy; the connection waits", {"waiting": "int"}),
+    "dequeued": ("a queued connection got a sandbox", {"waited_ms": "int"}),
+    "refused": ("no sandbox for this connection", {"reason": "str"}),
+    "script.log": ("a line the script logged with deadend.log()", {"message": "str"}),
+    "script.log_dropped": ("script log lines dropped by --log-rate", {"dropped": "int"}),
+    "session.problem": (
+        "why a session ended abnormally (error text, limit detail)",
+        {"reason": "str", "detail": "str"},
+    ),
+    "session.end": (
+        "exactly one per connection, refused ones included",
+        {
+            "reason": "str",
+            "duration": "num",
+            "bytes_in": "int",
+            "bytes_out": "int",
+            "closed_by": "str",
+            "limit": "str?",
+        },
+    ),
+    # side channels
+    "log.dropped": ("log lines dropped because the log output was too slow", {"dropped": "int"}),
+    "record.warning": ("a session recording problem (cap reached, write error)", {}),
+}
+
+BASE_FIELDS: Final[dict[str, str]] = {
+    "v": "int",
+    "time": "str",
+    "level": "str",
+    "event": "str",
+    "port": "int?",
+    "conn": "str?",
+    "peer": "str?",
+    "peer_port": "int?",
+    "msg": "str",
+}
+
+
+def build_schema() -> dict[str, Any]:
+    """A JSON Schema (2020-12) for one JSON log line."""
+    base = {name: dict(_TYPES[kind]) for name, kind in BASE_FIELDS.items()}
+    base["v"] = {"const": SCHEMA_VERSION}
+    base["level"] = {"enum": ["debug", "info", "warn", "error"]}
+    base["event"] = {"enum": sorted(EVENTS)}
+    per_event = []
+    for name, (meaning, fields) in sorted(EVENTS.items()):
+        per_event.append(
+            {
+                "if": {"properties": {"event": {"const": name}}},
+                "then": {
+                    "description": meaning,
+                    "properties": {f: _TYPES[kind] for f, kind in fields.items()},
+                    "required": sorted(fields),
+                    "propertyNames": {"enum": sorted([*BASE_FIELDS, *fields])},
+                },
+            }
+        )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://deadend.invalid/events-v{SCHEMA_VERSION}.schema.json",
+        "title": f"deadend log event, schema version {SCHEMA_VERSION}",
+        "type": "object",
+        "properties": base,
+        "required": sorted(BASE_FIELDS),
+        "allOf": per_event,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(build_schema(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
