@@ -25,7 +25,7 @@ class Compiled:
 async def compile_in_sandbox(
     pool: SandboxPool, script: Script, ceilings: Ceilings, *, dump: bool
 ) -> Compiled:
-    sandbox = await pool.acquire(ACQUIRE_TIMEOUT)
+    sandbox = await pool.acquire(ACQUIRE_TIMEOUT, beyond_workers=True)
     bytecode = None
     try:
         start = wire.Start(

@@ -153,7 +153,8 @@ class BrokerMetrics:
         elif event == "script.log" and not where.quiet:
             self.script_logs.labels(port).inc()
         elif event == "reload":
-            self.reloads.labels("ok" if not fields["failed"] else "some-failed").inc()
+            result = "error" if fields["error"] else "some-failed" if fields["failed"] else "ok"
+            self.reloads.labels(result).inc()
 
 
 def _int(value: object) -> int:

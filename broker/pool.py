@@ -94,8 +94,12 @@ class SandboxPool:
 
     # --- acquiring -------------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float) -> Sandbox:
-        """A ready sandbox; raises QueueFull, TimeoutError (waited too long) or PoolClosed."""
+    async def acquire(self, timeout: float, *, beyond_workers: bool = False) -> Sandbox:
+        """A ready sandbox; raises QueueFull, TimeoutError (waited too long) or PoolClosed.
+
+        `beyond_workers`: never wait, fork one past --workers if need be (compiling a script on reload
+        must not wait for attackers to leave; compiles run one at a time and last milliseconds).
+        """
         if self._closed:
             raise PoolClosed
         while True:
@@ -105,7 +109,7 @@ class SandboxPool:
                     self._refill_soon()
                     return sandbox
                 self._discard(sandbox)
-            if self.alive < self.workers:
+            if self.alive < self.workers or beyond_workers:
                 self.alive += 1
                 sandbox = await self._spawn()
                 self._refill()

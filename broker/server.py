@@ -24,7 +24,7 @@ from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
 from broker.metrics import BrokerMetrics, LiveState
 from broker.net import bind_addresses, ipv6_unavailable, open_listener
-from broker.pool import SandboxPool
+from broker.pool import PoolClosed, SandboxPool
 from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
 from broker.session import Session
 from broker.zygote import ZygoteLost
@@ -99,8 +99,9 @@ class Server:
         assert self.pool is not None
         try:
             servable = await self._compile_all(scripts)
-        except OSError as e:
-            raise StartupError(f"cannot start sandboxes to compile the scripts: {e.strerror or e}") from e
+        except (OSError, ZygoteLost) as e:
+            why = e.strerror if isinstance(e, OSError) else None
+            raise StartupError(f"cannot start sandboxes to compile the scripts: {why or e}") from e
         if not servable:
             raise StartupError(f"no servable script in {self.config.scripts}")
         for script in servable:
@@ -177,7 +178,12 @@ class Server:
         assert self.pool is not None
         servable = []
         for script in scripts:
-            error = await compile_error(self.pool, script, self.config.ceilings)
+            try:
+                error = await compile_error(self.pool, script, self.config.ceilings)
+            except (ZygoteLost, PoolClosed, OSError) as e:
+                if not reloading:
+                    raise
+                error = f"no sandbox to compile it in ({type(e).__name__})".encode()
             if error is None:
                 servable.append(script)
                 continue
@@ -379,8 +385,16 @@ class Server:
         try:
             found = self._discover()
         except StartupError as e:
+            none: list[str] = []
             self.log.error(
-                BROKER, "reload", f"reload failed: {e}", added=[], removed=[], changed=[], failed=[]
+                BROKER,
+                "reload",
+                f"reload failed: {e}",
+                added=none,
+                removed=none,
+                changed=none,
+                failed=none,
+                error=str(e),
             )
             return
         plan = plan_reload(self.scripts, found)
@@ -457,6 +471,7 @@ class Server:
             removed=removed,
             changed=changed,
             failed=failed,
+            error=None,
         )
 
     # --- shutdown --------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "listen": ("listening on an address for a script", {"address": "str", "script": "str"}),
     "listen.stopped": ("a listener closed after its script was removed (reload)", {"address": "str"}),
     "reload": (
-        "SIGHUP rescan finished",
-        {"added": "strs", "removed": "strs", "changed": "strs", "failed": "strs"},
+        "SIGHUP rescan finished; `error` says why it could not run at all (then nothing changed)",
+        {"added": "strs", "removed": "strs", "changed": "strs", "failed": "strs", "error": "str?"},
     ),
     "accept.error": ("accept() failed on a listener", {"address": "str", "error": "str"}),
     # connections and sessions

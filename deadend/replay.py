@@ -255,7 +255,9 @@ def transcript_of(recording: Recording) -> list[str]:
             what = "a gap" if isinstance(entry, Gap) else f"truncated ({sanitize(entry.reason)})"
             steps.append(f"# the recording has {what} here: the rest of the session is not known")
             break
-        elif entry.closed_by in SERVER_CLOSED:
+        elif entry.closed_by in SERVER_CLOSED or (entry.closed_by is None and entry.reason != "shutdown"):
+            # closed_by None: nobody closed the connection before the session ended, so the broker
+            # closed it when the script finished (or was ended): the client saw the server close.
             longest = max(longest, entry.t - previous)
             steps.append("= eof")
         elif entry.closed_by == "peer":

@@ -1,0 +1,939 @@
+"""deadend's benchmark harness: every figure beside an in-process baseline measured in the same run.
+
+    python bench/run.py                    # default sizes (a minute or two)
+    python bench/run.py --quick            # a much smaller version of everything (< 30 s; the smoke test)
+    python bench/run.py --sessions 4096    # memory at 4,096 held sessions (say --sessions 10000 to try)
+
+Two servers run side by side on loopback, started by this script and stopped (SIGTERM, wait) at the end:
+
+- deadend: `python -m deadend broker` (zygote, one sandboxed child per session, msgpack pipe);
+- baseline: `python bench/inprocess.py` — the same Server, Doorman, Session and Monitor code with the
+  same bootstrap, each session's Lua state built per connection in that one process, no subprocess.
+
+Both get the same scripts folder and the same flags, and each figure is measured on both in alternating
+rounds, so that the noise of a shared machine hits both alike: read the ratio (deadend / baseline).
+
+1. Time to first byte of examples/25.lua's banner: connect() to the first byte, one client sequential;
+   then 16 concurrent clients, each in a loop (connect, read the banner line, close). p50 and p99.
+2. Server CPU per short SMTP session (banner, EHLO, QUIT; 16 concurrent clients in a loop), on a copy of
+   25.lua with its tarpit set to 0 (else the tarpit's 100-250 ms per read sets the pace, not the server).
+   deadend: utime+stime of the broker and the zygote, plus the zygote's cutime+cstime (children are reaped
+   by the zygote). Each measured window ends only once the broker has logged every session end and the
+   zygote has reaped every child but its warm ones, plus a short settle. The warm children alive at the end
+   of a window were forked in it and are not counted; those alive at its start were forked before it and
+   are: in steady state it evens out. Baseline: utime+stime of its one process. Divided by sessions.
+3. Sessions per second: the same load, completed sessions over the clients' wall time.
+4. Memory per held idle session: N clients connect to a script that sends "x\\n" and sleeps 10 minutes;
+   once every client has its line, (PSS total with N held - PSS total idle) / N, where the PSS total is the
+   sum of /proc/PID/smaps_rollup Pss over the broker, the zygote and every child (baseline: its process),
+   and "idle" is the same server freshly started, its warm pool full. When the machine cannot hold N
+   sessions in default isolation (memory, descriptors, processes), the row says so.
+5. One `deadend.*` round trip: connect to first byte of a script making K `deadend.get_ip()` calls and
+   then sending a byte, minus the same for one that sends the byte at once, over K (medians of several).
+   Both servers run with `--call-rate 10000000` so that the per-session call throttle is not measured.
+6. Sandbox start-to-ready (bench/basics.py's figure, reused): the broker's fork request to the child's
+   "ready" (zygote fork, Lua state, lockdown, seccomp), against building the same Lua state in process
+   (`sandbox.child.new_runtime()`), which the baseline does per connection.
+7. One idle warm child's PSS and USS (bench/basics.py's figure; no baseline: there is no child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+import lupa  # noqa: E402
+import lupa.lua54  # noqa: E402
+
+from sandbox import child as sandbox_child  # noqa: E402
+
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SETTLE = 0.3  # seconds of quiet after the last session end before a CPU reading
+DENSE_TARGET = 10_000
+
+# The scripts both servers serve, by port (a --port-offset puts them on free loopback ports).
+SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT = 25, 26, 1, 2, 3
+IDLE_SCRIPT = 'deadend.send("x\\n")\ndeadend.sleep(600000)  -- milliseconds: 10 minutes\n'
+
+
+@dataclass(frozen=True)
+class Sizes:
+    seq: int  # 1: sequential connections per server
+    conc: int  # 1: connections per server, 16 clients at a time
+    smtp: int  # 2, 3: sessions per server
+    calls: int  # 5: K
+    reps: int  # 5: connections per script and server
+    starts: int  # 6: children started
+    sessions: int  # 4: held sessions
+    rounds: int  # alternations between the two servers, per figure
+    concurrency: int
+
+
+QUICK = Sizes(seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=100, rounds=2, concurrency=16)
+FULL = Sizes(
+    seq=400, conc=800, smtp=800, calls=20000, reps=7, starts=100, sessions=1000, rounds=4, concurrency=16
+)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    given = {"sessions": args.sessions, "calls": args.calls, "concurrency": args.concurrency}
+    return dataclasses.replace(QUICK if args.quick else FULL, **{k: v for k, v in given.items() if v})
+
+
+# --- /proc ------------------------------------------------------------------------------------------
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of `pid`, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(v) / CLK_TCK for v in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
+
+
+def rollup_kib(pid: int) -> dict[str, int]:
+    """Rss, Pss and USS (private clean + dirty) of `pid` in KiB; {} if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    values = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
+    return {
+        "rss": values.get("Rss", 0),
+        "pss": values.get("Pss", 0),
+        "uss": values.get("Private_Clean", 0) + values.get("Private_Dirty", 0),
+    }
+
+
+def meminfo_kib(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# --- statistics and formatting ----------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def num(value: float) -> str:
+    """Three significant digits, never scientific notation."""
+    if value == 0:
+        return "0"
+    digits = max(0, 2 - int(f"{abs(value):e}".split("e")[1]))
+    return f"{value:,.{digits}f}"
+
+
+@dataclass
+class Row:
+    key: str
+    figure: str
+    deadend: float | str
+    baseline: float | str
+    unit: str
+
+    def cells(self) -> list[str]:
+        def show(v: float | str) -> str:
+            return v if isinstance(v, str) else f"{num(v)} {self.unit}"
+
+        if isinstance(self.deadend, str) or isinstance(self.baseline, str) or not self.baseline:
+            ratio = "—" if isinstance(self.baseline, str) and self.baseline == "—" else "n/a"
+        else:
+            ratio = f"{self.deadend / self.baseline:.2f}x"
+        return [self.key, self.figure, show(self.deadend), show(self.baseline), ratio]
+
+
+# --- the servers ------------------------------------------------------------------------------------
+
+
+class ServerFailed(Exception):
+    pass
+
+
+class Served:
+    """One server process (the broker or the in-process baseline) and a thread that reads its JSON log."""
+
+    def __init__(self, name: str, argv: list[str], warm: int) -> None:
+        self.name = name
+        self.argv = argv
+        self.warm = warm  # the broker's --warm: children alive when it is idle
+        self.proc: subprocess.Popen[str] | None = None
+        self.offset = 0
+        self.zygote = 0
+        self.ends = 0  # session-end events seen
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)
+        self.expected = 0  # connections this bench made that the server accepted
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.name == "deadend"
+
+    def port(self, script_port: int) -> int:
+        return script_port + self.offset
+
+    def start(self, script_ports: list[int]) -> None:
+        for _attempt in range(5):
+            self.offset = free_offset(script_ports)
+            self.proc = subprocess.Popen(
+                [*self.argv, "--port-offset", str(self.offset)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                cwd=REPO,
+            )
+            self._ready.clear()
+            self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
+            self._reader.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not self._ready.wait(0.05):
+                if self.proc.poll() is not None:
+                    break
+            if self._ready.is_set():
+                break
+            self.stop()
+            if not any("cannot listen" in line for line in self.tail):
+                raise ServerFailed(f"{self.name} did not start:\n" + "\n".join(self.tail))
+        else:
+            raise ServerFailed(f"{self.name}: no free ports after 5 tries")
+        if self.isolated:
+            self.zygote = self._find_zygote()
+            self.wait_warm()
+
+    def _find_zygote(self) -> int:
+        assert self.proc is not None
+        for _ in range(100):
+            kids = children_of(self.proc.pid)
+            if len(kids) == 1:
+                return kids[0]
+            time.sleep(0.05)
+        raise ServerFailed(f"cannot tell the zygote among the broker's children {kids}")
+
+    def _read_log(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.tail.append(line.rstrip()[:300])
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "broker.ready":
+                self._ready.set()
+            elif event.get("event") == "session.end":
+                with self._cond:
+                    self.ends += 1
+                    self.reasons[event.get("reason", "?")] += 1
+                    self._cond.notify_all()
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise ServerFailed(f"{self.name} exited:\n" + "\n".join(self.tail))
+
+    # --- what a figure reads ---------------------------------------------------------------------
+
+    def processes(self) -> list[int]:
+        assert self.proc is not None
+        if not self.isolated:
+            return [self.proc.pid]
+        return [self.proc.pid, self.zygote, *children_of(self.zygote)]
+
+    def cpu_seconds(self) -> float:
+        """What this server has spent so far: see the module docstring, figure 2."""
+        assert self.proc is not None
+        own, _ = cpu_times(self.proc.pid)
+        if not self.isolated:
+            return own
+        if children_of(self.proc.pid) != [self.zygote]:
+            raise ServerFailed("the zygote was restarted: CPU readings would not add up")
+        zygote, reaped = cpu_times(self.zygote)
+        return own + zygote + reaped
+
+    def pss_total_kib(self) -> tuple[int, int]:
+        """(sum of Pss over every process of this server, number of processes)."""
+        pids = self.processes()
+        return sum(rollup_kib(pid).get("pss", 0) for pid in pids), len(pids)
+
+    def quiesce(self, timeout: float = 60.0) -> None:
+        """Wait until every session the bench started has ended and (deadend) every child is reaped."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.ends < self.expected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerFailed(f"{self.name}: {self.ends} session ends of {self.expected} expected")
+                self._cond.wait(min(left, 0.5))
+                self.check_alive()
+        if self.isolated:
+            self.wait_warm(deadline)
+        time.sleep(SETTLE)
+
+    def wait_warm(self, deadline: float | None = None) -> None:
+        """Until the zygote's children are exactly the warm ones (every used child reaped)."""
+        deadline = deadline or time.monotonic() + 30
+        while len(children_of(self.zygote)) != self.warm:
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"{self.name}: the zygote still has {children_of(self.zygote)}")
+            self.check_alive()
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+
+
+def free_offset(ports: list[int]) -> int:
+    for _ in range(200):
+        offset = random.randint(20000, 50000)
+        socks = []
+        try:
+            for p in ports:
+                s = socket.socket()
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((HOST, p + offset))
+            return offset
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ServerFailed("no free loopback ports")
+
+
+def server_flags(extra: list[str]) -> list[str]:
+    flags = ["--host", HOST, "--log-format", "json", "--call-rate", "10000000", *extra]
+    if os.geteuid() == 0:
+        flags.append("--allow-root")  # both refuse to run Lua as root without it
+    return flags
+
+
+def make_servers(scripts: Path, extra: list[str], warm: int) -> tuple[Served, Served]:
+    flags = ["--scripts", str(scripts), *server_flags(extra)]
+    deadend = Served("deadend", [sys.executable, "-m", "deadend", "broker", *flags], warm)
+    baseline = Served("baseline", [sys.executable, str(BENCH / "inprocess.py"), *flags], warm=0)
+    return deadend, baseline
+
+
+def scripts_folder(calls: int) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="deadend-bench-"))
+    smtp = (REPO / "examples" / "25.lua").read_text()
+    tarpit = "local TARPIT_BASE, TARPIT_JITTER = "
+    fast = smtp.replace(tarpit + "100, 150", tarpit + "0, 0")
+    if fast == smtp:
+        raise SystemExit("bench: examples/25.lua no longer sets its tarpit the way run.py expects")
+    (folder / f"{SMTP_PORT}.lua").write_text(smtp)
+    (folder / f"{SMTP_FAST_PORT}.lua").write_text(fast)
+    (folder / f"{BYTE_PORT}.lua").write_text('deadend.send("x")\n')
+    calls_script = f'for _ = 1, {calls} do deadend.get_ip() end\ndeadend.send("x")\n'
+    (folder / f"{CALLS_PORT}.lua").write_text(calls_script)
+    (folder / f"{IDLE_PORT}.lua").write_text(IDLE_SCRIPT)
+    return folder
+
+
+SCRIPT_PORTS = [SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT]
+
+
+# --- clients ----------------------------------------------------------------------------------------
+
+
+def ttfb_blocking(port: int) -> float:
+    """Seconds from connect() to the first byte; then the rest of the first line, and a clean close."""
+    t = time.perf_counter()
+    with socket.create_connection((HOST, port), timeout=30) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = s.recv(1)
+        elapsed = time.perf_counter() - t
+        if not data:
+            raise ServerFailed(f"port {port}: closed before the first byte")
+        while b"\n" not in data and data != b"x":
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return elapsed
+
+
+async def _open(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await asyncio.get_running_loop().sock_connect(s, (HOST, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+async def _read_until(s: socket.socket, data: bytes, done: Callable[[bytes], bool]) -> bytes:
+    loop = asyncio.get_running_loop()
+    while not done(data):
+        chunk = await loop.sock_recv(s, 65536)
+        if not chunk:
+            raise ServerFailed(f"connection closed early after {data[-200:]!r}")
+        data += chunk
+    return data
+
+
+async def ttfb_async(port: int) -> float:
+    loop = asyncio.get_running_loop()
+    t = time.perf_counter()
+    s = await _open(port)
+    try:
+        data = await loop.sock_recv(s, 1)
+        elapsed = time.perf_counter() - t
+        if not data:
+            raise ServerFailed(f"port {port}: closed before the first byte")
+        await _read_until(s, data, lambda d: b"\n" in d)
+    finally:
+        s.close()
+    return elapsed
+
+
+EHLO_DONE = re.compile(rb"(?:^|\n)250 [^\n]*\n")
+
+
+async def smtp_session(port: int) -> float:
+    """Banner, EHLO, QUIT, until the server closes. Returns the session's wall time."""
+    loop = asyncio.get_running_loop()
+    t = time.perf_counter()
+    s = await _open(port)
+    try:
+        data = await _read_until(s, b"", lambda d: b"\n" in d)
+        if not data.startswith(b"220 "):
+            raise ServerFailed(f"no SMTP banner: {data!r}")
+        await loop.sock_sendall(s, b"EHLO bench.example\r\n")
+        await _read_until(s, b"", lambda d: EHLO_DONE.search(d) is not None)
+        await loop.sock_sendall(s, b"QUIT\r\n")
+        rest = b""
+        while chunk := await loop.sock_recv(s, 65536):
+            rest += chunk
+        if not rest.startswith(b"221 "):
+            raise ServerFailed(f"no reply to QUIT: {rest!r}")
+    finally:
+        s.close()
+    return time.perf_counter() - t
+
+
+async def run_clients(
+    job: Callable[[int], Awaitable[float]], port: int, clients: int, total: int
+) -> tuple[list[float], float]:
+    """`clients` loops running `job` until `total` jobs are done; (each job's result, wall seconds)."""
+    started = 0
+    results: list[float] = []
+
+    async def loop() -> None:
+        nonlocal started
+        while started < total:
+            started += 1
+            async with asyncio.timeout(60):
+                results.append(await job(port))
+
+    t = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return results, time.perf_counter() - t
+
+
+def alternate(servers: tuple[Served, Served], rounds: int) -> list[Served]:
+    """deadend, baseline, baseline, deadend, ...: both sides get the early and the late slots alike."""
+    order: list[Served] = []
+    for r in range(rounds):
+        order += list(servers) if r % 2 == 0 else list(reversed(servers))
+    return order
+
+
+# --- figures 1, 2, 3, 5 -----------------------------------------------------------------------------
+
+
+@dataclass
+class Latency:
+    seq: dict[str, list[float]]
+    conc: dict[str, list[float]]
+    cpu: dict[str, float]  # seconds per session
+    rate: dict[str, float]  # sessions per second
+    sessions: dict[str, int]
+    rpc: dict[str, float]  # seconds per call
+    rpc_detail: dict[str, tuple[float, float]]  # median seconds with K calls, with none
+
+
+def measure_latency(servers: tuple[Served, Served], z: Sizes) -> Latency:
+    names = [s.name for s in servers]
+    for srv in servers:  # warm-up: imports, caches, the first forks
+        for _ in range(10):
+            ttfb_blocking(srv.port(SMTP_PORT))
+        results, _ = asyncio.run(run_clients(smtp_session, srv.port(SMTP_FAST_PORT), 4, 8))
+        srv.expected += 10 + len(results)
+        srv.quiesce()
+
+    seq: dict[str, list[float]] = {n: [] for n in names}
+    for srv in alternate(servers, z.rounds):
+        n = z.seq // z.rounds
+        seq[srv.name] += [ttfb_blocking(srv.port(SMTP_PORT)) for _ in range(n)]
+        srv.expected += n
+    conc: dict[str, list[float]] = {n: [] for n in names}
+    for srv in alternate(servers, z.rounds):
+        n = z.conc // z.rounds
+        results, _ = asyncio.run(run_clients(ttfb_async, srv.port(SMTP_PORT), z.concurrency, n))
+        conc[srv.name] += results
+        srv.expected += n
+    for srv in servers:
+        srv.quiesce()
+
+    cpu = dict.fromkeys(names, 0.0)
+    wall = dict.fromkeys(names, 0.0)
+    done = dict.fromkeys(names, 0)
+    for srv in alternate(servers, z.rounds):
+        n = z.smtp // z.rounds
+        before = srv.cpu_seconds()
+        results, seconds = asyncio.run(run_clients(smtp_session, srv.port(SMTP_FAST_PORT), z.concurrency, n))
+        srv.expected += n
+        srv.quiesce()
+        cpu[srv.name] += srv.cpu_seconds() - before
+        wall[srv.name] += seconds
+        done[srv.name] += len(results)
+
+    with_calls: dict[str, list[float]] = {n: [] for n in names}
+    without: dict[str, list[float]] = {n: [] for n in names}
+    for srv in alternate(servers, z.reps):
+        with_calls[srv.name].append(ttfb_blocking(srv.port(CALLS_PORT)))
+        without[srv.name].append(ttfb_blocking(srv.port(BYTE_PORT)))
+        srv.expected += 2
+    for srv in servers:
+        srv.quiesce()
+    rpc_detail = {n: (statistics.median(with_calls[n]), statistics.median(without[n])) for n in names}
+    return Latency(
+        seq=seq,
+        conc=conc,
+        cpu={n: cpu[n] / done[n] for n in names},
+        rate={n: done[n] / wall[n] for n in names},
+        sessions=done,
+        rpc={n: (rpc_detail[n][0] - rpc_detail[n][1]) / z.calls for n in names},
+        rpc_detail=rpc_detail,
+    )
+
+
+# --- figure 4: memory -------------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    per_session_kib: float | None
+    held: int
+    idle_kib: int
+    loaded_kib: int
+    processes: int
+    note: str  # why N could not be held, or ""
+    warm_child: dict[str, float] | None = None  # figure 7 (deadend only)
+
+
+def descriptor_budget(n: int) -> str:
+    """Raise RLIMIT_NOFILE for N clients here plus 4 descriptors a session in the broker; '' if it fits."""
+    need = 5 * n + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need and os.geteuid() == 0:
+        with open("/proc/sys/fs/nr_open") as f:
+            hard = min(need, int(f.read()))
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        return f"descriptor limit {soft} < {need} (ulimit -n)"
+    return ""
+
+
+def process_budget(n: int) -> str:
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    running = sum(1 for entry in os.listdir("/proc") if entry.isdigit())
+    nproc, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    room = min(pid_max, nproc if nproc != resource.RLIM_INFINITY else pid_max) - running - 256
+    return "" if room >= n else f"room for {room} more processes (pid_max {pid_max}, RLIMIT_NPROC {nproc})"
+
+
+async def hold(
+    port: int, n: int, probe: Callable[[int], str], concurrency: int = 32
+) -> tuple[list[socket.socket], str]:
+    """Open up to `n` sessions, each until its first line arrived. Stops early when `probe(held)` objects."""
+    held: list[socket.socket] = []
+    stop = ""
+    todo = n
+
+    async def one() -> None:
+        nonlocal stop, todo
+        while todo > 0 and not stop:
+            todo -= 1
+            try:
+                async with asyncio.timeout(30):
+                    s = await _open(port)
+                    try:
+                        await _read_until(s, b"", lambda d: b"\n" in d)
+                    except BaseException:
+                        s.close()
+                        raise
+            except (OSError, TimeoutError, ServerFailed) as e:
+                stop = stop or f"session {len(held) + 1} failed ({type(e).__name__}: {e})"
+                return
+            held.append(s)
+            if len(held) % 16 == 0 and not stop:
+                stop = probe(len(held))
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    return held, stop
+
+
+def measure_memory(srv: Served, n: int) -> Memory:
+    """Figure 4 on one freshly started server (and figure 7 for the broker)."""
+    room = ["--workers", str(n + 64), "--max-connections", str(n + 64), "--max-per-ip", str(n + 64)]
+    srv.argv = [*srv.argv, *room]
+    srv.start(SCRIPT_PORTS)
+    try:
+        time.sleep(1.0)
+        if srv.isolated:
+            srv.wait_warm()
+        idle, _ = srv.pss_total_kib()
+        warm = None
+        if srv.isolated:
+            kids = [rollup_kib(pid) for pid in children_of(srv.zygote)]
+            kids = [k for k in kids if k]
+            warm = {k: statistics.median(kid[k] for kid in kids) for k in ("rss", "pss", "uss")}
+
+        total_kib = meminfo_kib("MemTotal")
+        reserve = max(1 << 20, total_kib // 10)  # KiB left to the rest of the machine, whatever happens
+        start_avail = meminfo_kib("MemAvailable")
+        checkpoint = min(n, max(64, n // 20))
+
+        def probe(held: int) -> str:
+            avail = meminfo_kib("MemAvailable")
+            if avail < reserve:
+                return f"MemAvailable fell to {avail >> 10} MiB after {held} sessions"
+            if held >= checkpoint and held < n:
+                each = max(0, start_avail - avail) / held
+                need = each * (n - held)
+                if need > avail - reserve:
+                    return (
+                        f"after {held} sessions each costs ~{each / 1024:.1f} MiB of RAM (MemAvailable), so "
+                        f"{n:,} need ~{each * n / 2**20:.1f} GiB; {start_avail / 2**20:.1f} GiB was available"
+                    )
+            return ""
+
+        socks, stop = asyncio.run(hold(srv.port(IDLE_PORT), n, probe))
+        try:
+            srv.expected += len(socks)
+            time.sleep(1.5)  # the pool refills its warm children; the broker's heap settles
+            srv.check_alive()
+            loaded, processes = srv.pss_total_kib()
+        finally:
+            for s in socks:
+                s.close()
+        held = len(socks)
+        per = (loaded - idle) / held if held else None
+        return Memory(per if not stop else None, held, idle, loaded, processes, stop, warm)
+    finally:
+        srv.stop()
+        srv.expected = srv.ends  # the held sessions end at the stop, with reason shutdown
+
+
+def capacity_note(n: int) -> str:
+    reasons = [r for r in (descriptor_budget(n), process_budget(n)) if r]
+    return "; ".join(reasons)
+
+
+# --- figure 6: start-to-ready -----------------------------------------------------------------------
+
+
+def start_to_ready(n: int) -> tuple[list[float], list[float]]:
+    """(deadend child start-to-ready ms, in-process new_runtime() ms), N each."""
+    sys.path.insert(0, str(BENCH))
+    from basics import child_start  # bench/basics.py: the broker's Zygote driven from this process
+
+    ready, _bare = asyncio.run(child_start(n))
+    inproc = []
+    for _ in range(n):
+        t = time.perf_counter()
+        sandbox_child.new_runtime()
+        inproc.append((time.perf_counter() - t) * 1000)
+    return ready, inproc
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    lua = ".".join(str(v) for v in lupa.lua54.LUA_VERSION)
+    return (
+        f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"lupa {lupa.__version__} (Lua {lua})"
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ["key", "figure", "deadend", "baseline", "ratio"]
+    cells = [r.cells() for r in rows]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths], *cells]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+
+
+def memory_cell(m: Memory, n: int, isolated: bool) -> float | str:
+    if m.per_session_kib is not None:
+        return m.per_session_kib
+    what = "in default isolation (one process per session)" if isolated else "in one process"
+    return f"n/a (cannot hold {n:,} {what})"
+
+
+@dataclass
+class Results:
+    sizes: Sizes
+    lat: Latency
+    mem: dict[str, Memory]
+    ready: list[float]  # ms
+    inproc: list[float]  # ms
+    reasons: dict[str, collections.Counter[str]]
+    warm: int
+
+
+def table_rows(r: Results) -> list[Row]:
+    z, lat, d, b = r.sizes, r.lat, "deadend", "baseline"
+    c, n = z.concurrency, z.sessions
+
+    def both(values: dict[str, list[float]], p: float) -> tuple[float, float]:
+        return pct(values[d], p) * 1000, pct(values[b], p) * 1000
+
+    banner = "1. TTFB of the 25.lua banner,"
+    rows = [
+        Row(
+            "ttfb-seq-p50",
+            f"{banner} 1 client sequential, p50 (N={len(lat.seq[d])})",
+            *both(lat.seq, 50),
+            "ms",
+        ),
+        Row("ttfb-seq-p99", f"{banner} 1 client sequential, p99", *both(lat.seq, 99), "ms"),
+        Row(
+            "ttfb-conc-p50",
+            f"{banner} {c} concurrent clients, p50 (N={len(lat.conc[d])})",
+            *both(lat.conc, 50),
+            "ms",
+        ),
+        Row("ttfb-conc-p99", f"{banner} {c} concurrent clients, p99", *both(lat.conc, 99), "ms"),
+        Row(
+            "cpu-per-session",
+            f"2. server CPU per SMTP session (banner, EHLO, QUIT), {c} concurrent (N={lat.sessions[d]})",
+            lat.cpu[d] * 1000,
+            lat.cpu[b] * 1000,
+            "ms",
+        ),
+        Row("sessions-per-second", "3. SMTP sessions per second, same load", lat.rate[d], lat.rate[b], "/s"),
+        Row(
+            "memory-per-session",
+            f"4. PSS per held idle session, all processes counted, N={n:,}",
+            memory_cell(r.mem[d], n, True),
+            memory_cell(r.mem[b], n, False),
+            "KiB",
+        ),
+        Row(
+            "memory-dense",
+            f"4. the same in dense mode (sessions sharing a child; target {DENSE_TARGET:,})",
+            "n/a (dense mode not implemented)",
+            "—",
+            "",
+        ),
+        Row(
+            "rpc-round-trip",
+            f"5. one deadend.get_ip() round trip (K={z.calls:,}, {z.reps} runs)",
+            lat.rpc[d] * 1e6,
+            lat.rpc[b] * 1e6,
+            "µs",
+        ),
+    ]
+    ready = "6. sandbox start-to-ready (baseline: new_runtime() in process),"
+    rows.append(
+        Row("start-to-ready-p50", f"{ready} p50 (N={z.starts})", pct(r.ready, 50), pct(r.inproc, 50), "ms")
+    )
+    rows.append(Row("start-to-ready-p99", f"{ready} p99", pct(r.ready, 99), pct(r.inproc, 99), "ms"))
+    child = r.mem[d].warm_child
+    idle = "7. one idle warm child (pre-forked, locked down),"
+    for key in ("pss", "uss"):
+        value: float | str = child[key] if child else "n/a (not measured)"
+        rows.append(Row(f"idle-warm-child-{key}", f"{idle} {key.upper()}", value, "—", "KiB"))
+    return rows
+
+
+def method(r: Results) -> list[str]:
+    z, c, n = r.sizes, r.sizes.concurrency, r.sizes.sessions
+    lines = [
+        f"deadend = `python -m deadend broker {' '.join(server_flags([]))} --port-offset P"
+        f" --max-per-ip 100000` (--warm {r.warm} and --workers 64, their defaults; figure 4 raises"
+        " --workers, --max-connections and --max-per-ip to N+64). Baseline = `python bench/inprocess.py`"
+        " with the same flags: the product's Server, Doorman, Session and Monitor, each session's Lua"
+        " state (sandbox/bootstrap.lua via sandbox.child.new_runtime) built per connection in its one"
+        " process; no fork, lockdown or pipe. Clients run in this process; both servers are measured in"
+        " alternating rounds.",
+        f"1: connect() to the first byte of examples/25.lua's banner: {z.seq} sequential connections, then"
+        f" {z.conc} by {c} clients each in a loop (connect, read the line, close); {z.rounds} rounds each.",
+        f"2, 3: {z.smtp} sessions (banner, EHLO, QUIT; 25.lua with its tarpit set to 0) by {c} clients in a"
+        " loop. CPU = broker utime+stime + zygote utime+stime + zygote cutime+cstime (its reaped children),"
+        f" read once the broker logged every session end and the zygote had reaped every child but the"
+        f" {r.warm} warm ones, +{SETTLE}s; baseline: its process's utime+stime; over sessions."
+        " Sessions/s = completed sessions / the clients' wall time.",
+        f"4: N={n:,} clients connect to `{IDLE_SCRIPT.splitlines()[0]} deadend.sleep(600000)` and read the"
+        " line; (sum of smaps_rollup Pss over broker + zygote + every child with N held - the same sum on the"
+        " freshly started idle server, warm pool full) / N. Baseline: its one process.",
+    ]
+    for name, m in r.mem.items():
+        if m.held:
+            each = f"; {(m.loaded_kib - m.idle_kib) / m.held:,.0f} KiB each at {m.held:,}" if m.note else ""
+            lines.append(
+                f"   {name}: idle {m.idle_kib / 1024:,.1f} MiB; {m.held:,} held:"
+                f" {m.loaded_kib / 1024:,.1f} MiB over {m.processes:,} process(es){each}"
+            )
+        if m.note:
+            lines.append(f"   {name} could not hold {n:,}: {m.note}")
+    lines.append(
+        f"   dense mode (many sessions per child, targeting {DENSE_TARGET:,}) is not implemented in deadend"
+        " yet."
+    )
+    lines.append(
+        f"5: (median TTFB of a script making K={z.calls:,} get_ip() calls, then sending a byte - median TTFB"
+        f" of one sending it at once) / K; {z.reps} connections each; --call-rate 10000000 on both."
+    )
+    for name, (k, zero) in r.lat.rpc_detail.items():
+        lines.append(f"   {name}: {k * 1000:,.1f} ms with the K calls, {zero * 1000:,.2f} ms without")
+    lines.append(
+        "6: the broker's Zygote driven from this process (bench/basics.py child_start): the fork request to"
+        " the child's ready frame; baseline: sandbox.child.new_runtime() in this process."
+    )
+    lines.append("7: smaps_rollup of the idle broker's warm children, median.")
+    for name, reasons in r.reasons.items():
+        other = {k: v for k, v in reasons.items() if k not in ("done", "shutdown")}
+        if other:
+            lines.append(f"note: {name} also ended sessions with reason(s) {other}")
+    return lines
+
+
+def print_report(r: Results, quick: bool, now: datetime.datetime, load_start: str) -> None:
+    print(f"deadend bench — {now:%Y-%m-%d %H:%M:%S} UTC{' (--quick)' if quick else ''}")
+    print(f"machine: {machine()}")
+    print(f"load average (1/5/15 min): {load_start} at the start, {loadavg()} at the end")
+    print("ratio = deadend / baseline, both measured in this run\n")
+    print_table(table_rows(r))
+    print("\nmethod:")
+    for line in method(r):
+        indent = " " * (len(line) - len(line.lstrip()))
+        print(
+            textwrap.fill(line.strip(), 108, initial_indent=indent or "- ", subsequent_indent=indent or "  ")
+        )
+
+
+def run(z: Sizes) -> Results:
+    ready, inproc = start_to_ready(z.starts)
+    scripts = scripts_folder(z.calls)
+    warm = 4  # the broker's default --warm
+    servers: list[Served] = []
+    try:
+        pair = make_servers(scripts, ["--max-per-ip", "100000"], warm)
+        servers += pair
+        for srv in pair:
+            srv.start(SCRIPT_PORTS)
+        lat = measure_latency(pair, z)
+        for srv in pair:
+            srv.stop()
+
+        mem: dict[str, Memory] = {}
+        limits = capacity_note(z.sessions)
+        for srv in make_servers(scripts, [], warm):
+            servers.append(srv)
+            if limits and srv.isolated:
+                mem[srv.name] = Memory(None, 0, 0, 0, 0, f"not attempted: {limits}")
+            else:
+                mem[srv.name] = measure_memory(srv, z.sessions)
+    finally:
+        for srv in servers:
+            srv.stop()
+        shutil.rmtree(scripts, ignore_errors=True)
+    reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for srv in servers:
+        reasons[srv.name] += srv.reasons
+    return Results(z, lat, mem, ready, inproc, dict(reasons), warm)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a much smaller version of everything (< 30 s)")
+    parser.add_argument("--sessions", type=int, help="held sessions for figure 4 (default 1000)")
+    parser.add_argument("--calls", type=int, help="K get_ip() calls for figure 5 (default 20000)")
+    parser.add_argument("--concurrency", type=int, help="concurrent clients (default 16)")
+    args = parser.parse_args()
+    began, load_start = time.monotonic(), loadavg()
+    now = datetime.datetime.now(datetime.UTC)
+    results = run(sizes_from(args))
+    print_report(results, args.quick, now, load_start)
+    print(f"elapsed: {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark harness runs end to end and prints every figure (its speed is not judged here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every row bench/run.py prints, by key; True: the baseline column holds a number too.
+ROWS = {
+    "ttfb-seq-p50": True,
+    "ttfb-seq-p99": True,
+    "ttfb-conc-p50": True,
+    "ttfb-conc-p99": True,
+    "cpu-per-session": True,
+    "sessions-per-second": True,
+    "memory-per-session": True,
+    "memory-dense": False,
+    "rpc-round-trip": True,
+    "start-to-ready-p50": True,
+    "start-to-ready-p99": True,
+    "idle-warm-child-pss": False,
+    "idle-warm-child-uss": False,
+}
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?( \S+)?$")  # "2.70 ms", "1,234 KiB", "278 /s"
+RATIO = re.compile(r"^\d+(\.\d+)?x$")
+
+
+def table(output: str) -> dict[str, list[str]]:
+    """key -> [figure, deadend, baseline, ratio], from the markdown table."""
+    rows = {}
+    for line in output.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_quick_bench_prints_every_row_with_numbers() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = table(proc.stdout)
+    assert rows.pop("key") == ["figure", "deadend", "baseline", "ratio"]
+    assert set(rows) == set(ROWS), proc.stdout
+    for key, has_baseline in ROWS.items():
+        _figure, deadend, baseline, ratio = rows[key]
+        if key == "memory-dense":
+            assert deadend == "n/a (dense mode not implemented)", rows[key]
+            continue
+        assert NUMBER.match(deadend), (key, deadend)
+        if has_baseline:
+            assert NUMBER.match(baseline) and RATIO.match(ratio), (key, baseline, ratio)
+    assert "method:" in proc.stdout and "machine:" in proc.stdout
