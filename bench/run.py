@@ -72,12 +72,16 @@ sys.path.insert(0, str(REPO))
 import lupa  # noqa: E402
 import lupa.lua54  # noqa: E402
 
+from broker.gate import FDS_PER_SESSION, FDS_PER_WARM_CHILD, FDS_RESERVED  # noqa: E402
+from deadend.config import Config  # noqa: E402
 from sandbox import child as sandbox_child  # noqa: E402
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SETTLE = 0.3  # seconds of quiet after the last session end before a CPU reading
 DENSE_TARGET = 10_000
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+WARM, WORKERS = DEFAULTS["warm"], DEFAULTS["workers"]  # the broker's defaults, passed explicitly
 
 # The scripts both servers serve, by port (a --port-offset puts them on free loopback ports).
 SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT = 25, 26, 1, 2, 3
@@ -371,7 +375,7 @@ def server_flags(extra: list[str]) -> list[str]:
 
 
 def make_servers(scripts: Path, extra: list[str], warm: int) -> tuple[Served, Served]:
-    flags = ["--scripts", str(scripts), *server_flags(extra)]
+    flags = ["--scripts", str(scripts), "--warm", str(warm), *server_flags(extra)]
     deadend = Served("deadend", [sys.executable, "-m", "deadend", "broker", *flags], warm)
     baseline = Served("baseline", [sys.executable, str(BENCH / "inprocess.py"), *flags], warm=0)
     return deadend, baseline
@@ -589,29 +593,37 @@ class Memory:
     warm_child: dict[str, float] | None = None  # figure 7 (deadend only)
 
 
-def descriptor_budget(n: int) -> str:
-    """Raise RLIMIT_NOFILE for N clients here plus 4 descriptors a session in the broker; '' if it fits."""
-    need = 5 * n + 1024
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < need and os.geteuid() == 0:
-        with open("/proc/sys/fs/nr_open") as f:
-            hard = min(need, int(f.read()))
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard one (as the broker does); children inherit it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        return f"descriptor limit {soft} < {need} (ulimit -n)"
-    return ""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def process_budget(n: int) -> str:
-    with open("/proc/sys/kernel/pid_max") as f:
-        pid_max = int(f.read())
-    running = sum(1 for entry in os.listdir("/proc") if entry.isdigit())
-    nproc, _ = resource.getrlimit(resource.RLIMIT_NPROC)
-    room = min(pid_max, nproc if nproc != resource.RLIM_INFINITY else pid_max) - running - 256
-    return "" if room >= n else f"room for {room} more processes (pid_max {pid_max}, RLIMIT_NPROC {nproc})"
+def capacity(n: int, isolated: bool, warm: int) -> str:
+    """Why this machine cannot hold N sessions on that server, before trying: descriptors, processes."""
+    reasons = []
+    limit = raise_fd_limit()
+    # The broker: client socket, two pipe ends and a pidfd per session (broker/gate.py), plus its reserve.
+    per_session = FDS_PER_SESSION if isolated else 1
+    need = max(n + 256, per_session * n + FDS_RESERVED + len(SCRIPT_PORTS) + warm * FDS_PER_WARM_CHILD)
+    if limit < need:
+        reasons.append(
+            f"descriptor limit {limit:,} < {need:,} ({per_session} per session; `ulimit -Hn`)"
+            if isolated
+            else f"descriptor limit {limit:,} < {need:,} (`ulimit -Hn`)"
+        )
+    if isolated:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        nproc, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        if nproc != resource.RLIM_INFINITY:
+            pid_max = min(pid_max, nproc)
+        room = pid_max - sum(1 for entry in os.listdir("/proc") if entry.isdigit()) - 256
+        if room < n:
+            reasons.append(f"room for {room:,} more processes (pid_max, RLIMIT_NPROC)")
+    return "; ".join(reasons)
 
 
 async def hold(
@@ -646,7 +658,12 @@ async def hold(
 
 
 def measure_memory(srv: Served, n: int) -> Memory:
-    """Figure 4 on one freshly started server (and figure 7 for the broker)."""
+    """Figure 4 on one freshly started server (and figure 7 for the broker).
+
+    Holds N sessions if it can. If descriptors or processes cannot go to N, or memory would not last,
+    it holds a sample (a twentieth of N, at least 64) to say what N would need, and reports that.
+    """
+    blocked = capacity(n, srv.isolated, srv.warm)
     room = ["--workers", str(n + 64), "--max-connections", str(n + 64), "--max-per-ip", str(n + 64)]
     srv.argv = [*srv.argv, *room]
     srv.start(SCRIPT_PORTS)
@@ -654,52 +671,58 @@ def measure_memory(srv: Served, n: int) -> Memory:
         time.sleep(1.0)
         if srv.isolated:
             srv.wait_warm()
-        idle, _ = srv.pss_total_kib()
+        try:
+            idle, _ = srv.pss_total_kib()
+        except PermissionError:
+            # broker/privileges.py forbid_tracing and sandbox/lockdown.py make these processes
+            # non-dumpable: their smaps_rollup is readable only with CAP_SYS_PTRACE (root).
+            return Memory(None, 0, 0, 0, 0, "smaps_rollup of non-dumpable processes needs root")
         warm = None
         if srv.isolated:
             kids = [rollup_kib(pid) for pid in children_of(srv.zygote)]
             kids = [k for k in kids if k]
             warm = {k: statistics.median(kid[k] for kid in kids) for k in ("rss", "pss", "uss")}
 
-        total_kib = meminfo_kib("MemTotal")
-        reserve = max(1 << 20, total_kib // 10)  # KiB left to the rest of the machine, whatever happens
+        reserve = max(1 << 20, meminfo_kib("MemTotal") // 10)  # KiB always left to the rest of the machine
         start_avail = meminfo_kib("MemAvailable")
-        checkpoint = min(n, max(64, n // 20))
+        sample = min(n, max(64, n // 20))
+
+        def projection(held: int) -> str:
+            """'' if N sessions fit in memory, judging by what `held` cost; else why not."""
+            avail = meminfo_kib("MemAvailable")
+            each = max(0, start_avail - avail) / held
+            if each * (n - held) <= avail - reserve:
+                return ""
+            return (
+                f"each session took ~{each / 1024:.1f} MiB of RAM (MemAvailable, over {held:,}), so {n:,} "
+                f"need ~{each * n / 2**20:.1f} GiB; {start_avail / 2**20:.1f} GiB was available, of which"
+                f" {reserve / 2**20:.1f} GiB stays for the rest of the machine"
+            )
 
         def probe(held: int) -> str:
-            avail = meminfo_kib("MemAvailable")
-            if avail < reserve:
-                return f"MemAvailable fell to {avail >> 10} MiB after {held} sessions"
-            if held >= checkpoint and held < n:
-                each = max(0, start_avail - avail) / held
-                need = each * (n - held)
-                if need > avail - reserve:
-                    return (
-                        f"after {held} sessions each costs ~{each / 1024:.1f} MiB of RAM (MemAvailable), so "
-                        f"{n:,} need ~{each * n / 2**20:.1f} GiB; {start_avail / 2**20:.1f} GiB was available"
-                    )
-            return ""
+            if meminfo_kib("MemAvailable") < reserve:
+                return f"MemAvailable fell below {reserve >> 10} MiB after {held:,} sessions"
+            return projection(held) if sample <= held < n else ""
 
-        socks, stop = asyncio.run(hold(srv.port(IDLE_PORT), n, probe))
+        socks, stop = asyncio.run(hold(srv.port(IDLE_PORT), sample if blocked else n, probe))
         try:
             srv.expected += len(socks)
             time.sleep(1.5)  # the pool refills its warm children; the broker's heap settles
             srv.check_alive()
             loaded, processes = srv.pss_total_kib()
+            if blocked and socks:
+                stop = "; ".join(r for r in (blocked, stop or projection(len(socks))) if r)
         finally:
             for s in socks:
                 s.close()
+        if stop.startswith("session") and srv.reasons.keys() - {"done"}:
+            stop += f" (the server ended sessions: {dict(srv.reasons)})"
         held = len(socks)
         per = (loaded - idle) / held if held else None
         return Memory(per if not stop else None, held, idle, loaded, processes, stop, warm)
     finally:
         srv.stop()
         srv.expected = srv.ends  # the held sessions end at the stop, with reason shutdown
-
-
-def capacity_note(n: int) -> str:
-    reasons = [r for r in (descriptor_budget(n), process_budget(n)) if r]
-    return "; ".join(reasons)
 
 
 # --- figure 6: start-to-ready -----------------------------------------------------------------------
@@ -741,6 +764,8 @@ def print_table(rows: list[Row]) -> None:
 def memory_cell(m: Memory, n: int, isolated: bool) -> float | str:
     if m.per_session_kib is not None:
         return m.per_session_kib
+    if "needs root" in m.note:
+        return "n/a (PSS unreadable without root)"
     what = "in default isolation (one process per session)" if isolated else "in one process"
     return f"n/a (cannot hold {n:,} {what})"
 
@@ -825,13 +850,13 @@ def table_rows(r: Results) -> list[Row]:
 def method(r: Results) -> list[str]:
     z, c, n = r.sizes, r.sizes.concurrency, r.sizes.sessions
     lines = [
-        f"deadend = `python -m deadend broker {' '.join(server_flags([]))} --port-offset P"
-        f" --max-per-ip 100000` (--warm {r.warm} and --workers 64, their defaults; figure 4 raises"
-        " --workers, --max-connections and --max-per-ip to N+64). Baseline = `python bench/inprocess.py`"
-        " with the same flags: the product's Server, Doorman, Session and Monitor, each session's Lua"
-        " state (sandbox/bootstrap.lua via sandbox.child.new_runtime) built per connection in its one"
-        " process; no fork, lockdown or pipe. Clients run in this process; both servers are measured in"
-        " alternating rounds.",
+        f"deadend = `python -m deadend broker {' '.join(server_flags([]))} --port-offset P --warm {r.warm}"
+        f" --max-per-ip 100000` (--warm {r.warm} and --workers {WORKERS} are the defaults; figure 4 raises"
+        " --workers, --max-connections and --max-per-ip to N+64).",
+        "baseline = `python bench/inprocess.py` with the same flags: the product's Server, Doorman, Session"
+        " and Monitor, each session's Lua state (sandbox/bootstrap.lua via sandbox.child.new_runtime) built"
+        " per connection in its one process; no fork, lockdown or pipe. Clients run in this process; both"
+        " servers are measured in alternating rounds.",
         f"1: connect() to the first byte of examples/25.lua's banner: {z.seq} sequential connections, then"
         f" {z.conc} by {c} clients each in a loop (connect, read the line, close); {z.rounds} rounds each.",
         f"2, 3: {z.smtp} sessions (banner, EHLO, QUIT; 25.lua with its tarpit set to 0) by {c} clients in a"
@@ -891,7 +916,7 @@ def print_report(r: Results, quick: bool, now: datetime.datetime, load_start: st
 def run(z: Sizes) -> Results:
     ready, inproc = start_to_ready(z.starts)
     scripts = scripts_folder(z.calls)
-    warm = 4  # the broker's default --warm
+    warm = WARM
     servers: list[Served] = []
     try:
         pair = make_servers(scripts, ["--max-per-ip", "100000"], warm)
@@ -903,13 +928,9 @@ def run(z: Sizes) -> Results:
             srv.stop()
 
         mem: dict[str, Memory] = {}
-        limits = capacity_note(z.sessions)
         for srv in make_servers(scripts, [], warm):
             servers.append(srv)
-            if limits and srv.isolated:
-                mem[srv.name] = Memory(None, 0, 0, 0, 0, f"not attempted: {limits}")
-            else:
-                mem[srv.name] = measure_memory(srv, z.sessions)
+            mem[srv.name] = measure_memory(srv, z.sessions)
     finally:
         for srv in servers:
             srv.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -23,6 +23,24 @@ class ChildGone(Exception):
 
 class Deadline(Exception):
     """The child did not send its next frame in time."""
+
+
+class WorkerLost(ChildGone):
+    """Dense mode: the child this session shared was killed because of another session."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class FrameChannel(Protocol):
+    """What a session needs of its sandbox: a ChildChannel, or a dense mode Slot."""
+
+    async def frame(self, timeout: float | None) -> Any: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ChildChannel:
@@ -43,15 +61,25 @@ class ChildChannel:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _read(self) -> bytes:
+        """What the pipe holds (maybe nothing yet); raises ChildGone at its end."""
         try:
             data = os.read(self.child.from_child, 1 << 16)
         except BlockingIOError:
-            return
+            return b""
         except OSError:
             data = b""
         if not data:
-            self._fail(ChildGone())
+            raise ChildGone()
+        return data
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._read()
+        except ChildGone as e:
+            self._fail(e)
+            return
+        if not data:
             return
         try:
             self._unpacker.feed(data)

@@ -40,6 +40,7 @@ END_QUEUE_FULL: Final = "queue-full"
 END_CONN_LIMIT: Final = "conn-limit"
 END_PER_IP_LIMIT: Final = "per-ip-limit"
 END_PROXY_HEADER: Final = "proxy-header"  # --proxy-protocol: the header was missing or malformed
+END_WORKER_LOST: Final = "worker-lost"  # dense mode: the child it shared was killed for another session
 END_IGNORED: Final = "ignored"  # --ignore-action refuse (never logged: seen only by the metrics)
 
 # The ceiling behind each limit reason, by its flag name: the session-end line's `limit` field.
@@ -59,6 +60,7 @@ DONE_REASONS: Final = {
     "instructions": END_INSTRUCTIONS,
     "memory": END_MEMORY,
     "crash": END_CRASH,
+    "cpu": END_CPU_LIMIT,  # dense mode: the child meters each session's CPU time
 }
 
 

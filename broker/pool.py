@@ -11,7 +11,8 @@ import asyncio
 import collections
 import contextlib
 
-from broker.channel import ChildChannel, ChildGone, Deadline
+from broker import monitor as m
+from broker.channel import ChildChannel, ChildGone, Deadline, FrameChannel
 from broker.privileges import RunAs
 from broker.zygote import ChildProcess, Zygote, ZygoteLost
 from deadend.config import Ceilings
@@ -32,7 +33,7 @@ class PoolClosed(Exception):
 class Sandbox:
     """A ready, locked-down child and its channel, handed to exactly one session."""
 
-    def __init__(self, child: ChildProcess, channel: ChildChannel) -> None:
+    def __init__(self, child: ChildProcess, channel: FrameChannel) -> None:
         self.child = child
         self.channel = channel
 
@@ -50,6 +51,7 @@ class SandboxPool:
         warm: int,
         queue_size: int,
         run_as: RunAs | None = None,
+        sessions_per_child: int = 1,
     ) -> None:
         self.ceilings = ceilings
         self.log = log
@@ -66,7 +68,7 @@ class SandboxPool:
         self._refill_pending = False
         self._no_prefork_until = 0.0
         self.started = 0  # children that reached "ready"
-        self.zygote = Zygote(ceilings, log, self._on_child_exit, run_as)
+        self.zygote = Zygote(ceilings, log, self._on_child_exit, run_as, sessions_per_child)
         self.failed: asyncio.Future[str] | None = None
 
     async def start(self) -> None:
@@ -134,11 +136,12 @@ class SandboxPool:
         except BaseException:
             self._slot_freed()
             raise
-        channel = ChildChannel(child)
+        channel = self._channel_for(child)
         try:
             frame = await channel.frame(READY_TIMEOUT)
             if frame != ["ready"]:
                 raise ChildGone
+            self._became_ready(channel)
         except BaseException:
             child.kill()
             channel.close()
@@ -147,10 +150,16 @@ class SandboxPool:
         self.started += 1
         return Sandbox(child, channel)
 
+    def _channel_for(self, child: ChildProcess) -> ChildChannel:
+        return ChildChannel(child)
+
+    def _became_ready(self, channel: ChildChannel) -> None:
+        pass  # dense mode switches the channel to slots here
+
     # --- releasing -------------------------------------------------------------------------------
 
-    def release(self, sandbox: Sandbox) -> None:
-        """The session is over: kill the child. Its slot frees when the zygote reports the exit."""
+    def release(self, sandbox: Sandbox, reason: str = m.END_RETURNED) -> None:
+        """The session is over (for `reason`): kill the child. Its slot frees when the zygote reports it."""
         self._discard(sandbox)
 
     def _discard(self, sandbox: Sandbox) -> None:

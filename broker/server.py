@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from broker.activation import ActivationError, address_of, inherited_listeners
 from broker.compile import compile_error
+from broker.dense import DensePool
 from broker.doorman import Doorman
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
@@ -80,7 +81,11 @@ class Server:
         scripts = self._discover()
         if self.pool is None:
             c = self.config
-            self.pool = SandboxPool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as)
+            if c.sessions_per_worker > 1:
+                k = c.sessions_per_worker
+                self.pool = DensePool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as, k)
+            else:
+                self.pool = SandboxPool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as)
         try:
             await self.pool.start()
         except ZygoteLost as e:

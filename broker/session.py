@@ -16,7 +16,8 @@ import socket
 from dataclasses import dataclass
 
 from broker import monitor as m
-from broker.channel import ChildGone, Deadline
+from broker.channel import ChildGone, Deadline, WorkerLost
+from broker.dense import Slot
 from broker.pool import Sandbox, SandboxPool
 from deadend import wire
 from deadend.config import Ceilings
@@ -62,12 +63,15 @@ class Session:
             where.peer, self.ceilings, random.Random(_system_random.random()), self.started
         )
         self.shutting_down = False
+        self.worker_lost: bytes | None = None  # dense mode: why the shared child went away
         self._timeout: asyncio.Timeout | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, pool: SandboxPool, sandbox: Sandbox) -> None:
         reason, detail = m.END_CRASH, b""
+        if isinstance(sandbox.channel, Slot):  # dense mode: wake us if the shared child dies
+            sandbox.channel.on_lost = self._lost_worker
         try:
             sandbox.channel.send(self._start_message().to_frame())
             try:
@@ -78,12 +82,14 @@ class Session:
                     self._timeout = None  # finished: begin_shutdown must not reschedule it any more
             except TimeoutError:
                 reason = self._timeout_reason()
+                if reason == m.END_WORKER_LOST:
+                    detail = self.worker_lost or b""
             except asyncio.CancelledError:
                 reason = m.END_SHUTDOWN
                 raise
         finally:
             self._close_socket()
-            pool.release(sandbox)
+            pool.release(sandbox, reason)
             if reason == m.END_CRASH and not detail:
                 reason, detail = await self._classify_exit(sandbox)
             if reason == m.END_RETURNED and self.shutting_down:
@@ -100,7 +106,15 @@ class Session:
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time() + self.settings.shutdown_grace)
 
+    def _lost_worker(self) -> None:
+        """Dense mode: the shared child died while this session was not waiting on it (sleep, socket)."""
+        self.worker_lost = b"the sandbox it shared was killed because of another session"
+        if self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(self.loop.time())
+
     def _timeout_reason(self) -> str:
+        if self.worker_lost is not None:
+            return m.END_WORKER_LOST
         if self.shutting_down:
             return m.END_SHUTDOWN
         if not self.monitor.open:
@@ -129,6 +143,8 @@ class Session:
             except Deadline:
                 sandbox.child.kill()
                 return m.END_CPU_DEADLINE, b"no API call within %.1fs" % self.ceilings.cpu_slice
+            except WorkerLost as e:
+                return m.END_WORKER_LOST, e.detail.encode()
             except ChildGone:
                 return m.END_CRASH, b""
             except wire.ProtocolViolation as e:

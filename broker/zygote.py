@@ -74,8 +74,10 @@ class Zygote:
         log: EventLog,
         on_exit: Callable[[ChildProcess], None],
         run_as: RunAs | None = None,
+        sessions_per_child: int = 1,
     ) -> None:
         self.ceilings = ceilings
+        self.sessions_per_child = sessions_per_child
         self.run_as = run_as  # the zygote switches to it before its first fork
         self.log = log
         self.on_exit = on_exit  # called once per child when the zygote reports (or loses) it
@@ -94,8 +96,10 @@ class Zygote:
             "broker_pid": os.getpid(),
             "libraries": resolved_libraries(),
             "control_fd": theirs.fileno(),
-            "address_space": self.ceilings.address_space,
-            "cpu_seconds": self.ceilings.session_cpu,
+            "address_space": dense_address_space(self.ceilings, self.sessions_per_child),
+            "cpu_seconds": self.ceilings.session_cpu * retire_after(self.sessions_per_child) + 10,
+            "dense": self.sessions_per_child > 1,
+            "session_cpu": self.ceilings.session_cpu,
             "run_as": [self.run_as.uid, self.run_as.gid] if self.run_as else None,
         }
         try:
@@ -263,3 +267,13 @@ class Zygote:
             if proc.stderr is not None:
                 proc.stderr.close()
             self.proc = None
+
+
+def retire_after(sessions_per_child: int) -> int:
+    """Sessions a child serves in its life (dense mode): bounds its heap fragmentation and CPU total."""
+    return 1 if sessions_per_child == 1 else 4 * sessions_per_child
+
+
+def dense_address_space(ceilings: Ceilings, sessions_per_child: int) -> int:
+    """RLIMIT_AS of a child: room for every Lua heap it may hold at once, plus the interpreter."""
+    return ceilings.address_space + (sessions_per_child - 1) * ceilings.memory_bytes

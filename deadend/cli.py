@@ -246,6 +246,16 @@ def build_parser() -> Parser:
     NumberOption("--workers", "workers", int, 1, 100_000, "N", "sandbox processes alive at once").add_to(
         b, defaults
     )
+    NumberOption(
+        "--sessions-per-worker",
+        "sessions_per_worker",
+        int,
+        1,
+        100_000,
+        "K",
+        "dense mode above 1: up to K sessions share one sandbox child, each in its own Lua state; a child "
+        "killed for one session ends the others (reason worker-lost)",
+    ).add_to(b, defaults)
     b.add_argument(
         "--allow-clock",
         action="store_true",
@@ -316,6 +326,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         hosts=tuple(args.host),
         port_offset=args.port_offset,
         workers=args.workers,
+        sessions_per_worker=args.sessions_per_worker,
         allow_clock=args.allow_clock,
         log_level=args.log_level,
         log_format=args.log_format,

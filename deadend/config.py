@@ -42,6 +42,7 @@ class Config:
     hosts: tuple[str, ...] = ()  # empty: every IPv4 and IPv6 address
     port_offset: int = 0
     workers: int = 64  # sandbox processes alive at once
+    sessions_per_worker: int = 1  # dense mode above 1: sessions sharing one sandbox child (SECURITY.md)
     warm: int = 4  # pre-forked, locked-down children kept ready
     queue_size: int = 128  # connections waiting for a sandbox
     queue_timeout: float = 2.0  # seconds a connection may wait for one

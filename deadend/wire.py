@@ -70,7 +70,12 @@ MAX_SCRIPT_BYTES: Final = 256 * 1024
 MAX_BROKER_FRAME: Final = MAX_SCRIPT_BYTES + 4096
 
 # How a session ended, as the child reports it in its "done" frame.
-DONE_KINDS: Final = ("return", "error", "instructions", "memory", "compile", "crash")
+DONE_KINDS: Final = ("return", "error", "instructions", "memory", "compile", "crash", "cpu")
+
+# Dense mode (--sessions-per-worker): the broker's "end this session now" in place of a reply; the child
+# drops that session's Lua state and answers ABORTED.
+ABORT: Final = ["abort"]
+ABORTED: Final = ["done", "aborted", b""]
 
 
 class ProtocolViolation(Exception):

@@ -1,4 +1,4 @@
-"""The sandbox child: build the Lua environment, lock down, then run one script as a chain of RPCs.
+"""The sandbox child: build the Lua environment, lock down, then run a script as a chain of RPCs.
 
 Runs in a process forked by the zygote with fd 0 = pipe from the broker, fd 1 = pipe to the broker,
 fd 2 = /dev/null. Everything after `lockdown()` is hostile territory: the script may have found a bug in
@@ -9,6 +9,8 @@ Every path ends in `os._exit`: an interpreter shutdown would make syscalls the f
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -51,7 +53,14 @@ class Pipe:
         self._unpacker = wire.broker_unpacker()
 
     def write(self, obj: Any) -> None:
-        data = memoryview(wire.pack(obj))
+        self._write_all(wire.pack(obj))
+
+    def write_slot(self, slot: int, obj: Any) -> None:
+        self._write_all(wire.pack(slot) + wire.pack(obj))  # one write: the slot and its frame together
+
+    @staticmethod
+    def _write_all(packed: bytes) -> None:
+        data = memoryview(packed)
         while data:
             data = data[os.write(1, data) :]
 
@@ -73,33 +82,56 @@ def _text(v: Any) -> bytes:
     return v if isinstance(v, bytes) else b""
 
 
-def run_session(lua: Any, start_fn: Any, pipe: Pipe) -> tuple[str, bytes]:
-    """Run the script to its end; return the ("done" kind, message) to report."""
-    start = wire.Start.from_frame(pipe.read())
-    lua.set_max_memory(start.memory)
-    result = _as_tuple(
-        start_fn(
-            start.source,
-            start.chunkname.encode(),
-            start.mode.encode(),
-            start.seed[0],
-            start.seed[1],
-            start.instructions,
-            start.clock,
+Done = tuple[str, bytes]  # the "done" kind and message to report
+Outcome = list[Any] | Done  # a request frame to send, or the end of the script
+
+
+class ScriptRun:
+    """One script in one Lua state: the start message in, then one request out per reply in."""
+
+    def __init__(self, lua: Any, start_fn: Any, start: wire.Start) -> None:
+        self.lua = lua
+        self.start_fn = start_fn
+        self.start = start
+        self.step: Any = None
+        self.dumped = False
+
+    def begin(self) -> Outcome:
+        return self._guarded(self._begin)
+
+    def resume(self, value: Any) -> Outcome:
+        if self.dumped:
+            return "return", b""
+        if value is not None and type(value) not in (bytes, bool):
+            return "crash", b"unexpected reply type from broker"
+        return self._guarded(lambda: self._advance((value,)))
+
+    def _begin(self) -> Outcome:
+        start = self.start
+        self.lua.set_max_memory(start.memory)
+        result = _as_tuple(
+            self.start_fn(
+                start.source,
+                start.chunkname.encode(),
+                start.mode.encode(),
+                start.seed[0],
+                start.seed[1],
+                start.instructions,
+                start.clock,
+            )
         )
-    )
-    if result[0] == b"compile":
-        return "compile", _text(result[1])
-    if result[0] == b"dump":
-        pipe.write(["dump", result[1]])
-        pipe.read()
-        return "return", b""
-    if start.mode == "compile":
-        return "return", b""
-    step = result[1]
-    reply: tuple[Any, ...] = ()
-    while True:
-        out = _as_tuple(step(*reply))
+        if result[0] == b"compile":
+            return "compile", _text(result[1])
+        if result[0] == b"dump":
+            self.dumped = True
+            return ["dump", result[1]]
+        if start.mode == "compile":
+            return "return", b""
+        self.step = result[1]
+        return self._advance(())
+
+    def _advance(self, reply: tuple[Any, ...]) -> Outcome:
+        out = _as_tuple(self.step(*reply))
         kind = out[0]
         if kind != b"call":
             message = _text(out[1]) if len(out) > 1 else b""
@@ -108,11 +140,21 @@ def run_session(lua: Any, start_fn: Any, pipe: Pipe) -> tuple[str, bytes]:
         args = list(out[2 : 2 + wire.ARITY[op]])
         if op == "log":
             args[1] = args[1].decode()  # the level is a name; everything else stays bytes
-        pipe.write([op, *args])
-        value = pipe.read()
-        if value is not None and type(value) not in (bytes, bool):
-            return "crash", b"unexpected reply type from broker"
-        reply = (value,)
+        return [op, *args]
+
+    @staticmethod
+    def _guarded(run: Callable[[], Outcome]) -> Outcome:
+        try:
+            return run()
+        except lupa.LuaMemoryError:
+            return "memory", b"not enough memory"
+        except Exception as exc:  # a bug here must still end as a report, not a traceback
+            return "crash", type(exc).__name__.encode()
+
+
+def _done_frame(done: Done) -> list[Any]:
+    kind, message = done
+    return ["done", kind, message[: wire.LOG_MAX + 1]]
 
 
 def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
@@ -124,14 +166,69 @@ def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
         pipe = Pipe()
         pipe.write(["ready"])
         try:
-            kind, message = run_session(lua, start_fn, pipe)
-        except lupa.LuaMemoryError:
-            kind, message = "memory", b"not enough memory"
+            run = ScriptRun(lua, start_fn, wire.Start.from_frame(pipe.read()))
+            outcome = run.begin()
+            while isinstance(outcome, list):
+                pipe.write(outcome)
+                outcome = run.resume(pipe.read())
         except (EOFError, BrokenPipeError):
             os._exit(0)  # the broker ended the session; nothing to report to
-        except Exception as exc:  # a bug here must still end as a report, not a traceback
-            kind, message = "crash", type(exc).__name__.encode()
-        pipe.write(["done", kind, message[: wire.LOG_MAX + 1]])
+        except Exception as exc:  # a malformed start message: still a report, not a traceback
+            outcome = "crash", type(exc).__name__.encode()
+        pipe.write(_done_frame(outcome))
         status = 0
+    finally:
+        os._exit(status)
+
+
+def serve_dense(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any, session_cpu: float) -> NoReturn:
+    """Dense mode (--sessions-per-worker): many sessions, each in its own Lua state, over one pipe.
+
+    Every frame in either direction is preceded by its session's slot number. The broker starts a
+    session by sending a start message to a free slot, answers each request as in the default mode, and
+    may end a session with ABORT in place of a reply. This child meters each session's CPU time itself
+    (RLIMIT_CPU is per process); the broker's watchdog bounds any single step.
+    """
+    status = 1
+    try:
+        spare: tuple[Any, Any] | None = new_runtime()  # the first state is built before lockdown
+        lockdown(rlimits, parent_pid, seccomp_filter)
+        pipe = Pipe()
+        pipe.write(["ready"])
+        runs: dict[int, ScriptRun] = {}
+        spent: dict[int, float] = {}
+        while True:
+            try:
+                slot, value = pipe.read(), pipe.read()
+            except EOFError:
+                os._exit(0)  # retired, or the broker is gone
+            run = runs.get(slot)
+            began = time.process_time()
+            if run is None:
+                lua, start_fn = spare if spare is not None else new_runtime()
+                spare = None
+                try:
+                    run = ScriptRun(lua, start_fn, wire.Start.from_frame(value))
+                except Exception as exc:
+                    pipe.write_slot(slot, _done_frame(("crash", type(exc).__name__.encode())))
+                    continue
+                runs[slot], spent[slot] = run, 0.0
+                outcome = run.begin()
+                # The bootstrap and the compiler leave ~20 KiB of garbage that an idle tarpit session
+                # would keep for hours: collect it once (about 40% of a held session's memory).
+                lua.gccollect()
+            elif value == wire.ABORT:
+                outcome = "aborted", b""
+            else:
+                outcome = run.resume(value)
+            spent[slot] += time.process_time() - began
+            if isinstance(outcome, list) and spent[slot] > session_cpu:
+                outcome = "cpu", b"session CPU time exhausted"
+            if not isinstance(outcome, list):
+                del runs[slot], spent[slot]  # the state goes with its last reference
+                outcome = _done_frame(outcome)
+            pipe.write_slot(slot, outcome)
+    except BrokenPipeError:
+        os._exit(0)
     finally:
         os._exit(status)

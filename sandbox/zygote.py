@@ -35,9 +35,12 @@ MAX_CONTROL = 4096
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, rlimits: Rlimits, broker_pid: int) -> None:
+    def __init__(
+        self, control: socket.socket, rlimits: Rlimits, broker_pid: int, dense_session_cpu: float | None
+    ) -> None:
         self.control = control
         self.rlimits = rlimits
+        self.dense_session_cpu = dense_session_cpu  # None: one session per child
         self.broker_pid = broker_pid
         self.filter = build_filter()  # compiled once; each child loads its inherited copy
         self.devnull = os.open(os.devnull, os.O_RDWR)
@@ -93,7 +96,10 @@ class Zygote:
             os.dup2(self.devnull, 2)  # child stderr never reaches anyone's terminal
             from sandbox import child  # imported by main() already: this is a lookup, not a load
 
-            child.serve(self.rlimits, zygote_pid, self.filter)
+            if self.dense_session_cpu is None:
+                child.serve(self.rlimits, zygote_pid, self.filter)
+            else:
+                child.serve_dense(self.rlimits, zygote_pid, self.filter, self.dense_session_cpu)
         finally:
             os._exit(1)
 
@@ -172,7 +178,8 @@ def main() -> NoReturn:
         time.tzset()
         control = socket.socket(fileno=config["control_fd"])
         rlimits = Rlimits(address_space=config["address_space"], cpu_seconds=config["cpu_seconds"])
-        zygote = Zygote(control, rlimits, broker_pid)
+        dense_session_cpu = float(config["session_cpu"]) if config.get("dense") else None
+        zygote = Zygote(control, rlimits, broker_pid, dense_session_cpu)
         if config.get("run_as"):
             # --user: everything is loaded (the interpreter may live where that user cannot read), and
             # no child has been forked yet, so no sandbox ever runs with the broker's privileges.

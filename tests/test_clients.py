@@ -654,6 +654,9 @@ def test_descriptor_exhaustion_the_budget_did_not_foresee(make_broker) -> None:
     open_at_limit = usage(pid).fds  # the pool may still be refilling: count again right before
     limit = max(idle.fds, open_at_limit) + 3
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    # A descriptor opened between the count and prlimit (the warm pool refilling) stays open above the
+    # new limit; no new one can be opened past it. So the bound is whichever is higher.
+    bound = max(limit, usage(pid).fds)
     mark = b.mark()
     clients = [b.connect(8) for _ in range(10)]  # completed by the kernel, waiting in the backlog
     b.wait_for(r"accept on \S+ failed: Too many open files; pausing accepts", 5, since=mark)
@@ -664,7 +667,7 @@ def test_descriptor_exhaustion_the_budget_did_not_foresee(make_broker) -> None:
     assert b.proc.poll() is None
     held = usage(pid)
     print(f"\n[nofile idle+3={limit}] holding 10: {held}; broker+zygote CPU {busy:.0%} while paused")
-    assert held.fds <= limit, (held, limit, open_at_limit)
+    assert held.fds <= bound, (held, limit, bound, open_at_limit)
     warnings_while_held = [line for line in b.lines[mark:] if " WARN  port=- " in line]
     close_all(clients)
 
