@@ -83,6 +83,8 @@ class InProcessChannel:
 
 
 class InProcessSandbox:
+    prepared_for = None  # broker.pool.Sandbox's: never a warm child compiled ahead, so Session sends "run"
+
     def __init__(self) -> None:
         self.child = InProcessChild()
         self.channel = InProcessChannel()

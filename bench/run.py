@@ -1,8 +1,10 @@
 """deadend's benchmark harness: every figure beside an in-process baseline measured in the same run.
 
-    python bench/run.py                    # default sizes (a minute or two)
-    python bench/run.py --quick            # a much smaller version of everything (< 30 s; the smoke test)
+    python bench/run.py                    # default sizes (two minutes or so)
+    python bench/run.py --quick            # a much smaller version of everything (< 40 s; the smoke test)
     python bench/run.py --sessions 4096    # memory at 4,096 held sessions (say --sessions 10000 to try)
+    python bench/run.py --dense-sessions 2000   # figure 8 at 2,000 sessions (default 10,000)
+    python bench/run.py --dense-uncap      # figure 8 past the broker's descriptor-based connection cap
 
 Two servers run side by side on loopback, started by this script and stopped (SIGTERM, wait) at the end:
 
@@ -35,6 +37,21 @@ rounds, so that the noise of a shared machine hits both alike: read the ratio (d
    "ready" (zygote fork, Lua state, lockdown, seccomp), against building the same Lua state in process
    (`sandbox.child.new_runtime()`), which the baseline does per connection.
 7. One idle warm child's PSS and USS (bench/basics.py's figure; no baseline: there is no child).
+
+Dense mode (`--sessions-per-worker K`: up to K sessions, each its own Lua state, share one child):
+
+- figures 1 (sequential) and 2 again on a broker with K=64, alternating with the same baseline. CPU is
+  read over the broker, the zygote and every live child (dense children outlive their sessions), plus
+  the children the zygote reaped in the window.
+8. N tarpit sessions (a folder with one 22.lua-style script: a banner, then 3 bytes every 10 s) held on a
+   broker with K=1000 --workers 64, and on the baseline: PSS per session as in figure 4, read per process
+   (broker, zygote, children), then both servers' CPU in cores over one window in which both hold their
+   N. The clients are held by helper processes (`--hold-clients`), each under its descriptor limit. N is
+   10,000 by default (`--dense-sessions`); the broker caps connections at its descriptor limit / 4
+   (broker/gate.py), also in dense mode: below N the row says so and both servers hold that many, unless
+   `--dense-uncap` starts the broker with that count set to one descriptor per session.
+Targets (printed in the method, with whether this run meets them): at N=10,000, <= 48 KiB PSS per session
+and <= 0.1 core of server CPU to hold them all; dense CPU per SMTP session <= 1.3x the baseline's.
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ import platform
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +79,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +98,33 @@ from sandbox import child as sandbox_child  # noqa: E402
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SETTLE = 0.3  # seconds of quiet after the last session end before a CPU reading
-DENSE_TARGET = 10_000
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
-WARM, WORKERS = DEFAULTS["warm"], DEFAULTS["workers"]  # the broker's defaults, passed explicitly
+WARM, WORKERS = (
+    typing.cast(int, DEFAULTS[k]) for k in ("warm", "workers")
+)  # the defaults, passed explicitly
 
 # The scripts both servers serve, by port (a --port-offset puts them on free loopback ports).
 SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT = 25, 26, 1, 2, 3
 IDLE_SCRIPT = 'deadend.send("x\\n")\ndeadend.sleep(600000)  -- milliseconds: 10 minutes\n'
+
+# Dense mode (--sessions-per-worker K). Figure 8 holds N sessions of an endlessh-style tarpit (22.lua's
+# manner: a banner, then a line every 10 s until a send fails) in a folder of its own.
+TARPIT_PORT = 22
+TARPIT_SCRIPT = (
+    'deadend.send("SSH-2.0-OpenSSH_9.6\\r\\n") while true do deadend.sleep(10000)'
+    ' if not deadend.send("x\\r\\n") then return end end\n'
+)
+DENSE_K, DENSE_WORKERS = 1000, 64  # figure 8: --sessions-per-worker, --workers
+DENSE_LATENCY_K = 64  # figures 1 and 2 in dense mode
+DENSE_TARGET = 10_000  # sessions the targets below are set for
+TARGET_PSS_KIB, TARGET_CORES, TARGET_CPU_RATIO = 48, 0.1, 1.3
+FD_CAP = re.compile(r"descriptor limit allows (\d+) concurrent connections")
+# --dense-uncap: the broker of figure 8 started with its connection cap counting one descriptor per
+# session (gate.FDS_PER_SESSION = 1, as bench/inprocess.py does) instead of four; nothing else changes.
+UNCAP_SHIM = (
+    "import sys; import broker.gate as g; g.FDS_PER_SESSION = 1; "
+    "from deadend.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclass(frozen=True)
@@ -99,16 +138,27 @@ class Sizes:
     sessions: int  # 4: held sessions
     rounds: int  # alternations between the two servers, per figure
     concurrency: int
+    dense: int  # 8: held sessions in dense mode
+    hold_seconds: float  # 8: the CPU window while they are held
 
 
-QUICK = Sizes(seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=100, rounds=2, concurrency=16)
+QUICK = Sizes(
+    seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=100, rounds=2, concurrency=16,
+    dense=500, hold_seconds=10,
+)  # fmt: skip
 FULL = Sizes(
-    seq=400, conc=800, smtp=800, calls=20000, reps=7, starts=100, sessions=1000, rounds=4, concurrency=16
-)
+    seq=400, conc=800, smtp=800, calls=20000, reps=7, starts=100, sessions=1000, rounds=4, concurrency=16,
+    dense=DENSE_TARGET, hold_seconds=60,
+)  # fmt: skip
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
-    given = {"sessions": args.sessions, "calls": args.calls, "concurrency": args.concurrency}
+    given = {
+        "sessions": args.sessions,
+        "calls": args.calls,
+        "concurrency": args.concurrency,
+        "dense": args.dense_sessions,
+    }
     return dataclasses.replace(QUICK if args.quick else FULL, **{k: v for k, v in given.items() if v})
 
 
@@ -121,6 +171,19 @@ def cpu_times(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(v) / CLK_TCK for v in fields[11:15])
     return utime + stime, cutime + cstime
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    own: dict[int, float]  # pid -> utime + stime, seconds
+    reaped: float  # the zygote's cutime + cstime: children it reaped
+
+
+def cpu_between(a: CpuSnapshot, b: CpuSnapshot) -> float:
+    """CPU seconds spent between two snapshots of one server, children that came and went included."""
+    spent = b.reaped - a.reaped  # a child reaped in between: its whole life is in the zygote's cutime ...
+    spent -= sum(t for pid, t in a.own.items() if pid not in b.own)  # ... less what it had spent before a
+    return spent + sum(t - a.own.get(pid, 0.0) for pid, t in b.own.items())
 
 
 def children_of(pid: int) -> list[int]:
@@ -205,10 +268,12 @@ class ServerFailed(Exception):
 class Served:
     """One server process (the broker or the in-process baseline) and a thread that reads its JSON log."""
 
-    def __init__(self, name: str, argv: list[str], warm: int) -> None:
+    def __init__(self, name: str, argv: list[str], warm: int, dense: bool = False) -> None:
         self.name = name
         self.argv = argv
         self.warm = warm  # the broker's --warm: children alive when it is idle
+        self.dense = dense  # --sessions-per-worker above 1: children outlive their sessions
+        self.fd_cap: int | None = None  # the broker capped connections there (its descriptor limit)
         self.proc: subprocess.Popen[str] | None = None
         self.offset = 0
         self.zygote = 0
@@ -222,7 +287,7 @@ class Served:
 
     @property
     def isolated(self) -> bool:
-        return self.name == "deadend"
+        return self.name != "baseline"
 
     def port(self, script_port: int) -> int:
         return script_port + self.offset
@@ -255,7 +320,8 @@ class Served:
             raise ServerFailed(f"{self.name}: no free ports after 5 tries")
         if self.isolated:
             self.zygote = self._find_zygote()
-            self.wait_warm()
+            if not self.dense:
+                self.wait_warm()
 
     def _find_zygote(self) -> int:
         assert self.proc is not None
@@ -276,6 +342,8 @@ class Served:
                 continue
             if event.get("event") == "broker.ready":
                 self._ready.set()
+            elif event.get("event") == "broker.warning" and (cap := FD_CAP.search(event.get("msg", ""))):
+                self.fd_cap = int(cap.group(1))
             elif event.get("event") == "session.end":
                 with self._cond:
                     self.ends += 1
@@ -305,6 +373,30 @@ class Served:
         zygote, reaped = cpu_times(self.zygote)
         return own + zygote + reaped
 
+    def cpu_snapshot(self) -> CpuSnapshot:
+        """utime+stime of each process of this server now, and what the zygote has reaped (dense rows)."""
+        assert self.proc is not None
+        if self.isolated and children_of(self.proc.pid) != [self.zygote]:
+            raise ServerFailed("the zygote was restarted: CPU readings would not add up")
+        own: dict[int, float] = {}
+        for pid in self.processes():
+            with contextlib.suppress(OSError):  # a child that was just reaped
+                own[pid] = cpu_times(pid)[0]
+        return CpuSnapshot(own, cpu_times(self.zygote)[1] if self.isolated else 0.0)
+
+    def pss_by_role(self) -> dict[str, tuple[int, int]]:
+        """{role: (Pss KiB, processes)}: broker, zygote, children; the baseline's one process. Needs root
+        for the broker's non-dumpable processes (PermissionError)."""
+        assert self.proc is not None
+        if not self.isolated:
+            return {"process": (rollup_kib(self.proc.pid).get("pss", 0), 1)}
+        kids = children_of(self.zygote)
+        return {
+            "broker": (rollup_kib(self.proc.pid).get("pss", 0), 1),
+            "zygote": (rollup_kib(self.zygote).get("pss", 0), 1),
+            "children": (sum(rollup_kib(pid).get("pss", 0) for pid in kids), len(kids)),
+        }
+
     def pss_total_kib(self) -> tuple[int, int]:
         """(sum of Pss over every process of this server, number of processes)."""
         pids = self.processes()
@@ -320,7 +412,7 @@ class Served:
                     raise ServerFailed(f"{self.name}: {self.ends} session ends of {self.expected} expected")
                 self._cond.wait(min(left, 0.5))
                 self.check_alive()
-        if self.isolated:
+        if self.isolated and not self.dense:
             self.wait_warm(deadline)
         time.sleep(SETTLE)
 
@@ -381,6 +473,19 @@ def make_servers(scripts: Path, extra: list[str], warm: int) -> tuple[Served, Se
     return deadend, baseline
 
 
+def make_dense(scripts: Path, extra: list[str], warm: int, k: int, uncap: bool = False) -> Served:
+    """A broker in dense mode (--sessions-per-worker k), with make_servers' flags."""
+    flags = [
+        "--scripts",
+        str(scripts),
+        "--warm",
+        str(warm),
+        *server_flags([*extra, "--sessions-per-worker", str(k)]),
+    ]
+    launch = ["-c", UNCAP_SHIM] if uncap else ["-m", "deadend"]
+    return Served("deadend-dense", [sys.executable, *launch, "broker", *flags], warm, dense=True)
+
+
 def scripts_folder(calls: int) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="deadend-bench-"))
     smtp = (REPO / "examples" / "25.lua").read_text()
@@ -398,6 +503,12 @@ def scripts_folder(calls: int) -> Path:
 
 
 SCRIPT_PORTS = [SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT]
+
+
+def tarpit_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="deadend-bench-dense-"))
+    (folder / f"{TARPIT_PORT}.lua").write_text(TARPIT_SCRIPT)
+    return folder
 
 
 # --- clients ----------------------------------------------------------------------------------------
@@ -725,6 +836,197 @@ def measure_memory(srv: Served, n: int) -> Memory:
         srv.expected = srv.ends  # the held sessions end at the stop, with reason shutdown
 
 
+# --- dense mode: figures 1 and 2 with --sessions-per-worker 64 ---------------------------------------
+
+
+@dataclass
+class DenseLatency:
+    seq: dict[str, list[float]]
+    cpu: dict[str, float]  # seconds per session
+    sessions: dict[str, int]
+
+
+def measure_dense_latency(servers: tuple[Served, Served], z: Sizes) -> DenseLatency:
+    """Figure 1 (sequential) and 2 on the dense broker, alternating with the baseline (already warm)."""
+    names = [s.name for s in servers]
+    dense = servers[0]
+    for _ in range(10):  # warm-up, as measure_latency does
+        ttfb_blocking(dense.port(SMTP_PORT))
+    results, _ = asyncio.run(run_clients(smtp_session, dense.port(SMTP_FAST_PORT), 4, 8))
+    dense.expected += 10 + len(results)
+    dense.quiesce()
+
+    seq: dict[str, list[float]] = {n: [] for n in names}
+    for srv in alternate(servers, z.rounds):
+        n = z.seq // z.rounds
+        seq[srv.name] += [ttfb_blocking(srv.port(SMTP_PORT)) for _ in range(n)]
+        srv.expected += n
+    for srv in servers:
+        srv.quiesce()
+
+    cpu = dict.fromkeys(names, 0.0)
+    done = dict.fromkeys(names, 0)
+    for srv in alternate(servers, z.rounds):
+        n = z.smtp // z.rounds
+        before = srv.cpu_snapshot()
+        results, _ = asyncio.run(run_clients(smtp_session, srv.port(SMTP_FAST_PORT), z.concurrency, n))
+        srv.expected += n
+        srv.quiesce()
+        cpu[srv.name] += cpu_between(before, srv.cpu_snapshot())
+        done[srv.name] += len(results)
+    return DenseLatency(seq=seq, cpu={n: cpu[n] / done[n] for n in names}, sessions=done)
+
+
+# --- figure 8: dense mode, N held tarpit sessions -----------------------------------------------------
+
+
+class HeldClients:
+    """`n` client connections to `port`, each held open once its first line arrived, by helper processes
+    (this script with --hold-clients), as many as it takes for each to stay under its descriptor limit.
+    The clients then read nothing more: the tarpit's 3 bytes every 10 s wait in their receive buffers."""
+
+    def __init__(self, port: int, n: int) -> None:
+        per = max(1, raise_fd_limit() - 256)  # a helper inherits this limit; 256 for Python and spares
+        counts = [min(per, n - i) for i in range(0, n, per)]
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--hold-clients", str(port), str(count)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+            )
+            for count in counts
+        ]
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """(connections held, why some could not be: "" if all were)."""
+        held, stops = 0, []
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = proc.stdout.readline() if ready else ""
+            try:
+                report = json.loads(line)
+            except ValueError:
+                stops.append(f"a client helper did not report (exit status {proc.poll()})")
+                continue
+            held += report["held"]
+            if report["stop"]:
+                stops.append(report["stop"])
+        return held, "; ".join(stops)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()  # the helper closes its connections and exits
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def hold_clients_main(port: int, n: int) -> int:
+    """The helper of HeldClients: hold `n` connections, report on stdout, close them at stdin's EOF."""
+    raise_fd_limit()
+    socks, stop = asyncio.run(hold(port, n, lambda _held: ""))
+    print(json.dumps({"held": len(socks), "stop": stop}), flush=True)
+    sys.stdin.read()
+    for s in socks:
+        s.close()
+    return 0
+
+
+@dataclass
+class DenseHold:
+    asked: int
+    held: int = 0
+    helpers: int = 0
+    idle: dict[str, tuple[int, int]] | None = None  # role -> (Pss KiB, processes); None: unreadable
+    loaded: dict[str, tuple[int, int]] | None = None
+    cores: float | None = None
+    window: float = 0.0
+    capped: int | None = None  # the broker admits no more connections than this, fewer than N
+    failed: str = ""  # why not every connection asked for was held
+    window_note: str = ""  # sessions that ended during the CPU window
+
+    def per_session(self, role: str | None = None) -> float | None:
+        """PSS KiB per held session: all processes, or one role's."""
+        if not self.held or self.idle is None or self.loaded is None or self.failed:
+            return None
+        roles = [role] if role else list(self.loaded)
+        loaded = sum(self.loaded[r][0] for r in roles)
+        return (loaded - sum(self.idle[r][0] for r in roles)) / self.held
+
+
+def measure_dense_hold(
+    folder: Path, n: int, seconds: float, uncap: bool, started: list[Served]
+) -> dict[str, DenseHold]:
+    """Figure 8: memory, then CPU over one window, of N held tarpit sessions on both servers.
+
+    Each server in turn is started alone with the other one stopped or, for the baseline, while the
+    broker holds its N: the Pss reading it compares (idle, then N held) is taken with the same other
+    processes alive. Then one window over which both hold their N at once, so that both see the same
+    machine; CPU time is per process, the other server's does not land in it.
+    """
+    room = str(n + 100)
+    extra = ["--workers", str(DENSE_WORKERS), "--max-connections", room, "--max-per-ip", room]
+    deadend = make_dense(folder, extra, WARM, DENSE_K, uncap)
+    flags = ["--scripts", str(folder), "--warm", str(WARM), *server_flags(extra)]
+    baseline = Served("baseline", [sys.executable, str(BENCH / "inprocess.py"), *flags], warm=0)
+    servers = (deadend, baseline)
+    started += servers
+    holds: dict[str, DenseHold] = {}
+    clients: list[HeldClients] = []
+    try:
+        for srv in servers:
+            held_before = holds.get(deadend.name)
+            target = min(n, held_before.held) if held_before and held_before.held else n
+            h = holds[srv.name] = DenseHold(asked=target)
+            srv.start([TARPIT_PORT])
+            time.sleep(1.0)  # the dense pool's first child, the heap after start-up
+            with contextlib.suppress(PermissionError):
+                h.idle = srv.pss_by_role()
+            if srv.fd_cap is not None and srv.fd_cap < target:
+                h.capped = target = srv.fd_cap
+            c = HeldClients(srv.port(TARPIT_PORT), target)
+            clients.append(c)
+            h.helpers = len(c.procs)
+            h.held, h.failed = c.wait(timeout=60 + target / 100)
+            srv.expected += h.held
+            time.sleep(1.5)  # let the heaps settle, as figure 4 does
+            srv.check_alive()
+            with contextlib.suppress(PermissionError):
+                h.loaded = srv.pss_by_role()
+        ends = {srv.name: srv.ends for srv in servers}
+        before = {srv.name: srv.cpu_snapshot() for srv in servers}
+        t = time.monotonic()
+        time.sleep(seconds)
+        after = {srv.name: srv.cpu_snapshot() for srv in servers}
+        wall = time.monotonic() - t
+        for srv in servers:
+            h = holds[srv.name]
+            h.cores, h.window = cpu_between(before[srv.name], after[srv.name]) / wall, wall
+            if srv.ends != ends[srv.name]:
+                h.window_note = f"{srv.ends - ends[srv.name]:,} of its sessions ended during the window"
+            srv.check_alive()
+    finally:
+        stopping = [threading.Thread(target=srv.stop) for srv in servers]  # both at once: they take ~1 s
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
+        for srv in servers:
+            srv.expected = srv.ends  # the held sessions end at the stop, with reason shutdown
+        for c in clients:
+            c.close()
+    return holds
+
+
 # --- figure 6: start-to-ready -----------------------------------------------------------------------
 
 
@@ -779,6 +1081,24 @@ class Results:
     inproc: list[float]  # ms
     reasons: dict[str, collections.Counter[str]]
     warm: int
+    dense_lat: DenseLatency
+    dense: dict[str, DenseHold]
+    uncap: bool
+
+
+def dense_memory_cell(h: DenseHold) -> float | str:
+    value = h.per_session()
+    if value is not None:
+        return value
+    if h.idle is None or h.loaded is None:
+        return "n/a (PSS unreadable without root)"
+    return f"n/a (held {h.held:,} of {h.asked:,}: see method)"
+
+
+def dense_cpu_cell(h: DenseHold) -> float | str:
+    if h.cores is None or h.failed or h.window_note:
+        return f"n/a ({h.window_note or 'not every session was held'}: see method)"
+    return h.cores
 
 
 def table_rows(r: Results) -> list[Row]:
@@ -787,6 +1107,14 @@ def table_rows(r: Results) -> list[Row]:
 
     def both(values: dict[str, list[float]], p: float) -> tuple[float, float]:
         return pct(values[d], p) * 1000, pct(values[b], p) * 1000
+
+    dd = "deadend-dense"
+
+    def dense_both(values: dict[str, list[float]], p: float) -> tuple[float, float]:
+        return pct(values[dd], p) * 1000, pct(values[b], p) * 1000
+
+    hd = r.dense[dd]
+    held = f"N={hd.held:,}" + (f" (broker's cap; {z.dense:,} asked)" if hd.capped else "")
 
     banner = "1. TTFB of the 25.lua banner,"
     rows = [
@@ -805,10 +1133,30 @@ def table_rows(r: Results) -> list[Row]:
         ),
         Row("ttfb-conc-p99", f"{banner} {c} concurrent clients, p99", *both(lat.conc, 99), "ms"),
         Row(
+            "ttfb-seq-dense-p50",
+            f"{banner} 1 client sequential, dense (K={DENSE_LATENCY_K}), p50 (N={len(r.dense_lat.seq[dd])})",
+            *dense_both(r.dense_lat.seq, 50),
+            "ms",
+        ),
+        Row(
+            "ttfb-seq-dense-p99",
+            f"{banner} 1 client sequential, dense (K={DENSE_LATENCY_K}), p99",
+            *dense_both(r.dense_lat.seq, 99),
+            "ms",
+        ),
+        Row(
             "cpu-per-session",
             f"2. server CPU per SMTP session (banner, EHLO, QUIT), {c} concurrent (N={lat.sessions[d]})",
             lat.cpu[d] * 1000,
             lat.cpu[b] * 1000,
+            "ms",
+        ),
+        Row(
+            "cpu-per-session-dense",
+            f"2. server CPU per SMTP session, dense (K={DENSE_LATENCY_K}), {c} concurrent"
+            f" (N={r.dense_lat.sessions[dd]})",
+            r.dense_lat.cpu[dd] * 1000,
+            r.dense_lat.cpu[b] * 1000,
             "ms",
         ),
         Row("sessions-per-second", "3. SMTP sessions per second, same load", lat.rate[d], lat.rate[b], "/s"),
@@ -821,10 +1169,17 @@ def table_rows(r: Results) -> list[Row]:
         ),
         Row(
             "memory-dense",
-            f"4. the same in dense mode (sessions sharing a child; target {DENSE_TARGET:,})",
-            "n/a (dense mode not implemented)",
-            "—",
-            "",
+            f"8. PSS per held tarpit session, dense (K={DENSE_K:,}), all processes, {held}",
+            dense_memory_cell(r.dense[dd]),
+            dense_memory_cell(r.dense[b]),
+            "KiB",
+        ),
+        Row(
+            "cpu-dense-hold",
+            f"8. server CPU holding them, over {r.dense[dd].window:.0f} s",
+            dense_cpu_cell(r.dense[dd]),
+            dense_cpu_cell(r.dense[b]),
+            "cores",
         ),
         Row(
             "rpc-round-trip",
@@ -878,10 +1233,6 @@ def method(r: Results) -> list[str]:
         if m.note:
             lines.append(f"   {name} could not hold {n:,}: {m.note}")
     lines.append(
-        f"   dense mode (many sessions per child, targeting {DENSE_TARGET:,}) is not implemented in deadend"
-        " yet."
-    )
-    lines.append(
         f"5: (median TTFB of a script making K={z.calls:,} get_ip() calls, then sending a byte - median TTFB"
         f" of one sending it at once) / K; {z.reps} connections each; --call-rate 10000000 on both."
     )
@@ -892,10 +1243,98 @@ def method(r: Results) -> list[str]:
         " the child's ready frame; baseline: sandbox.child.new_runtime() in this process."
     )
     lines.append("7: smaps_rollup of the idle broker's warm children, median.")
+    lines += dense_method(r)
     for name, reasons in r.reasons.items():
         other = {k: v for k, v in reasons.items() if k not in ("done", "shutdown")}
         if other:
             lines.append(f"note: {name} also ended sessions with reason(s) {other}")
+    return lines
+
+
+def dense_method(r: Results) -> list[str]:
+    z, dd, k = r.sizes, "deadend-dense", DENSE_LATENCY_K
+    hd, hb = r.dense[dd], r.dense["baseline"]
+    lines = [
+        f"dense rows of 1 and 2: the same broker with --sessions-per-worker {k} (so up to {k} sessions per"
+        f" child, a child retired after {4 * k} sessions), started once figures 1-3 were done (the two"
+        " servers still up) and measured in alternating rounds against the same baseline process (its"
+        f" figures in these rows are from those rounds): {z.seq} sequential connections; {z.smtp} SMTP"
+        f" sessions by {z.concurrency}"
+        " clients. CPU = utime+stime over the broker, the zygote and every live child, plus the growth of"
+        " the zygote's cutime+cstime (children reaped in the window) less what those children had spent"
+        " before it, read once the broker logged every session end, +0.3s: dense children outlive their"
+        " sessions, so they are read alive.",
+        f"8: a folder holding only 22.lua = `{TARPIT_SCRIPT.strip()}`. deadend = the broker with"
+        f" --sessions-per-worker {DENSE_K} --workers {DENSE_WORKERS} --max-connections N+100 --max-per-ip"
+        f" N+100 (and the flags above; its dense pool keeps min(--warm, 1) child pre-forked); baseline ="
+        " bench/inprocess.py with the same flags (one process: --workers and --sessions-per-worker change"
+        " nothing there). Started in turn, the broker first, the baseline while the broker holds its N;"
+        " 1 s after the start, smaps_rollup Pss of each process; then N clients connect and read the banner"
+        " line, +1.5 s, Pss again: (held - idle) / N, over broker + zygote + every child. Then one window"
+        f" of {z.hold_seconds:.0f} s during which both servers hold their N at once (each session sends 3"
+        " bytes every 10 s): CPU in cores = (utime+stime deltas over broker + zygote + children, reaped ones"
+        " included as above) / wall time; baseline: its process.",
+        "   clients: held by helper processes (bench/run.py --hold-clients PORT N), each keeping at most its"
+        " descriptor limit - 256 connections, that read nothing after the banner. RLIMIT_NOFILE is per"
+        " process, so the clients' N sockets are not counted against the broker's N (+ 4 per child): one"
+        f" helper per server here ({hd.helpers} for deadend, {hb.helpers} for the baseline; limit"
+        f" {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}).",
+    ]
+    for name, h in ((dd, hd), ("baseline", hb)):
+        if h.idle is not None and h.loaded is not None and h.held:
+            idle = sum(v for v, _ in h.idle.values())
+            loaded = sum(v for v, _ in h.loaded.values())
+            parts = []
+            for role, (kib, count) in h.loaded.items():
+                grew = (kib - h.idle[role][0]) / h.held
+                procs = f" ({h.idle[role][1]} -> {count} processes)" if role == "children" else ""
+                parts.append(
+                    f"{role} {h.idle[role][0] / 1024:,.1f} -> {kib / 1024:,.1f} MiB{procs}, {grew:+,.1f}"
+                )
+            lines.append(
+                f"   {name}: idle {idle / 1024:,.1f} MiB, {h.held:,} held {loaded / 1024:,.1f} MiB; by"
+                f" process (KiB per session): {'; '.join(parts)}"
+            )
+        if h.cores is not None:
+            lines.append(f"   {name}: {h.cores * h.window:,.2f} CPU s over {h.window:.1f} s")
+        for what in (h.failed, h.window_note):
+            if what:
+                lines.append(f"   {name}: {what}")
+    if hd.capped:
+        lines.append(
+            f"   the broker capped its connections at {hd.capped:,} (its log: 'the file descriptor limit"
+            f" allows {hd.capped:,} concurrent connections'), below --max-connections {z.dense + 100:,}:"
+            " broker/server.py Server._make_gate -> broker/gate.py connections_fd_allows divides the"
+            " descriptor limit by FDS_PER_SESSION = 4 (client socket, two pipe ends, a pidfd) in dense mode"
+            " too, where a session holds its client socket only. So both servers held"
+            f" {hd.held:,}; `--dense-uncap` measures N with that count set to 1."
+        )
+    if r.uncap:
+        lines.append(
+            "   --dense-uncap: figure 8's broker ran as `python -c` setting broker.gate.FDS_PER_SESSION = 1"
+            " before deadend.cli.main, so that its connection cap lets N in; nothing else differs from"
+            " `python -m deadend broker`."
+        )
+    at = (
+        ""
+        if hd.held == DENSE_TARGET
+        else f" (this run held N={hd.held:,}: the two figure-8 verdicts are for that N)"
+    )
+    checks = []
+    pss, cores = hd.per_session(), dense_cpu_cell(hd)
+    cpu_ratio = r.dense_lat.cpu[dd] / r.dense_lat.cpu["baseline"]
+    for what, value, target, unit in (
+        ("memory-dense", pss, TARGET_PSS_KIB, " KiB"),
+        ("cpu-dense-hold", cores if isinstance(cores, float) else None, TARGET_CORES, " core"),
+        ("cpu-per-session-dense", cpu_ratio, TARGET_CPU_RATIO, "x the baseline"),
+    ):
+        shown = (
+            "not measured"
+            if value is None
+            else f"{num(value)}{unit}, {'met' if value <= target else 'NOT met'}"
+        )
+        checks.append(f"{what} <= {num(target)}{unit} ({shown})")
+    lines.append(f"targets, for N={DENSE_TARGET:,}{at}: " + "; ".join(checks) + ".")
     return lines
 
 
@@ -913,9 +1352,10 @@ def print_report(r: Results, quick: bool, now: datetime.datetime, load_start: st
         )
 
 
-def run(z: Sizes) -> Results:
+def run(z: Sizes, uncap: bool) -> Results:
     ready, inproc = start_to_ready(z.starts)
     scripts = scripts_folder(z.calls)
+    tarpits = tarpit_folder()
     warm = WARM
     servers: list[Served] = []
     try:
@@ -924,21 +1364,28 @@ def run(z: Sizes) -> Results:
         for srv in pair:
             srv.start(SCRIPT_PORTS)
         lat = measure_latency(pair, z)
-        for srv in pair:
+        dense = make_dense(scripts, ["--max-per-ip", "100000"], warm, DENSE_LATENCY_K)
+        servers.append(dense)
+        dense.start(SCRIPT_PORTS)
+        dense_lat = measure_dense_latency((dense, pair[1]), z)
+        for srv in (*pair, dense):
             srv.stop()
 
         mem: dict[str, Memory] = {}
         for srv in make_servers(scripts, [], warm):
             servers.append(srv)
             mem[srv.name] = measure_memory(srv, z.sessions)
+
+        held = measure_dense_hold(tarpits, z.dense, z.hold_seconds, uncap, servers)
     finally:
         for srv in servers:
             srv.stop()
         shutil.rmtree(scripts, ignore_errors=True)
+        shutil.rmtree(tarpits, ignore_errors=True)
     reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for srv in servers:
         reasons[srv.name] += srv.reasons
-    return Results(z, lat, mem, ready, inproc, dict(reasons), warm)
+    return Results(z, lat, mem, ready, inproc, dict(reasons), warm, dense_lat, held, uncap)
 
 
 def main() -> int:
@@ -947,10 +1394,24 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, help="held sessions for figure 4 (default 1000)")
     parser.add_argument("--calls", type=int, help="K get_ip() calls for figure 5 (default 20000)")
     parser.add_argument("--concurrency", type=int, help="concurrent clients (default 16)")
+    parser.add_argument(
+        "--dense-sessions",
+        type=int,
+        metavar="N",
+        help="held sessions for figure 8, dense mode (default 10000)",
+    )
+    parser.add_argument(
+        "--dense-uncap",
+        action="store_true",
+        help="figure 8's broker counts 1 descriptor per session for its connection cap, not 4 (see method)",
+    )
+    parser.add_argument("--hold-clients", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hold_clients:
+        return hold_clients_main(*args.hold_clients)
     began, load_start = time.monotonic(), loadavg()
     now = datetime.datetime.now(datetime.UTC)
-    results = run(sizes_from(args))
+    results = run(sizes_from(args), args.dense_uncap)
     print_report(results, args.quick, now, load_start)
     print(f"elapsed: {time.monotonic() - began:.0f} s")
     return 0

@@ -29,6 +29,7 @@ from broker.zygote import ChildProcess, retire_after
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.logs import EventLog
+from deadend.scripts import Script
 
 # Session ends after which the shared child is killed rather than trusted with more sessions.
 KILL_CHILD_REASONS = frozenset({m.END_PROTOCOL, m.END_CRASH, m.END_SECCOMP, m.END_CPU_DEADLINE})
@@ -47,7 +48,7 @@ class Slot:
         self.done = False  # the child reported the session's end: its Lua state is gone
         self.aborting = False  # released by the broker before the end: ABORT sent or to be sent
         self.abort_sent = False
-        self.on_lost: Callable[[], None] | None = None  # wakes a session busy elsewhere (sleep, socket)
+        self.on_lost: Callable[[BaseException], None] | None = None  # wakes a session busy elsewhere
 
     async def frame(self, timeout: float | None) -> Any:
         """The next frame for this session. The timeout is the child's watchdog's, not this call's."""
@@ -80,7 +81,7 @@ class Slot:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
         elif self.on_lost is not None:
-            self.on_lost()
+            self.on_lost(exc)
 
 
 class DenseChannel(ChildChannel):
@@ -285,17 +286,24 @@ class DensePool(SandboxPool):
                 best, load = sandbox, channel.open_slots
         return best
 
-    async def acquire(self, timeout: float, *, beyond_workers: bool = False) -> Sandbox:
-        """A slot in the least loaded child; a new child if none has room; else wait in the queue."""
+    async def acquire(
+        self, timeout: float, *, beyond_workers: bool = False, script: Script | None = None
+    ) -> Sandbox:
+        """A slot in the least loaded child; a new child if none has room; else wait in the queue.
+
+        Dense children are not prepared for one script (`script` is not used): each serves many.
+        """
         if self._closed:
             raise PoolClosed
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             host = self._pick()
             if host is None and (self._warm or self.alive < self.workers or beyond_workers):
+                past_the_cap = not self._warm and self.alive >= self.workers
                 sandbox = await super().acquire(timeout, beyond_workers=beyond_workers)  # does not wait
                 self.live.append(sandbox)
-                self._served[sandbox.child.pid] = 0
+                # A child forked past --workers (a compile on reload) serves that one session, then retires.
+                self._served[sandbox.child.pid] = self.retire_after - 1 if past_the_cap else 0
                 continue
             if host is None:
                 await self._wait_for_room(deadline)

@@ -16,11 +16,12 @@ import socket
 import time
 
 from broker import monitor as m
+from broker.dense import DensePool
 from broker.gate import Gate
 from broker.memory import return_free_memory
 from broker.net import peer_ip, read_proxy_header
 from broker.pool import PoolClosed, QueueFull, Sandbox, SandboxPool
-from broker.session import Session, SessionSettings, log_session_end
+from broker.session import Session, SessionSettings, log_session_end, start_message
 from deadend.config import Config
 from deadend.logs import EventLog, Where, sanitize
 from deadend.proxy import ProxyError
@@ -55,6 +56,8 @@ class Doorman:
         self.gate = gate
         self.recorder = recorder
         self.settings = SessionSettings(config.ceilings, config.allow_clock, config.shutdown_grace)
+        if not isinstance(pool, DensePool):  # dense children serve many scripts: nothing to prepare
+            pool.preparer = lambda script: start_message(script, self.settings, "prepare")
         self.sessions: set[Session] = set()
         self.handlers: set[asyncio.Task[None]] = set()
         self.active_by_port: collections.Counter[int] = collections.Counter()
@@ -167,7 +170,7 @@ class Doorman:
             self.log.info(where, "queued", message, waiting=waiting)
         refused, level, why = None, "warn", ""
         try:
-            sandbox = await self.pool.acquire(c.queue_timeout)
+            sandbox = await self.pool.acquire(c.queue_timeout, script=a.script)
         except QueueFull:
             refused, why = m.END_QUEUE_FULL, f"all {c.workers} sandboxes busy and the queue is full"
         except TimeoutError:

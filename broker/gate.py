@@ -32,10 +32,16 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def connections_fd_allows(fd_limit: int, listeners: int, warm: int) -> int:
-    """How many concurrent connections the descriptor limit can carry, with room to spare."""
+def connections_fd_allows(fd_limit: int, listeners: int, warm: int, sessions_per_child: int = 1) -> int:
+    """How many concurrent connections the descriptor limit can carry, with room to spare.
+
+    Dense mode: a session costs its client socket, plus its share of its child's three descriptors.
+    """
     spare = fd_limit - FDS_RESERVED - listeners - warm * FDS_PER_WARM_CHILD
-    return max(1, spare // FDS_PER_SESSION)
+    if sessions_per_child == 1:
+        return max(1, spare // FDS_PER_SESSION)
+    per_child = sessions_per_child + FDS_PER_WARM_CHILD
+    return max(1, spare // per_child * sessions_per_child + max(0, spare % per_child - FDS_PER_WARM_CHILD))
 
 
 @dataclass

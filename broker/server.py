@@ -244,7 +244,7 @@ class Server:
 
     def _make_gate(self) -> Gate:
         c = self.config
-        allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm)
+        allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm, c.sessions_per_worker)
         if allowed < c.max_connections:
             self.log.warn(
                 BROKER,

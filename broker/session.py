@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from broker import monitor as m
 from broker.channel import ChildGone, Deadline, WorkerLost
 from broker.dense import Slot
-from broker.pool import Sandbox, SandboxPool
+from broker.pool import Sandbox, SandboxPool, key_of
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.logs import EventLog, Where, sanitize
@@ -73,7 +73,11 @@ class Session:
         if isinstance(sandbox.channel, Slot):  # dense mode: wake us if the shared child dies
             sandbox.channel.on_lost = self._lost_worker
         try:
-            sandbox.channel.send(self._start_message().to_frame())
+            if sandbox.prepared_for == key_of(self.script):  # compiled already: only the seed is missing
+                seed = _system_random.getrandbits(63), _system_random.getrandbits(63)
+                sandbox.channel.send([wire.GO, *seed])
+            else:
+                sandbox.channel.send(start_message(self.script, self.settings, "run").to_frame())
             try:
                 try:
                     async with asyncio.timeout(self.ceilings.session_time) as self._timeout:
@@ -106,9 +110,10 @@ class Session:
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time() + self.settings.shutdown_grace)
 
-    def _lost_worker(self) -> None:
+    def _lost_worker(self, exc: BaseException) -> None:
         """Dense mode: the shared child died while this session was not waiting on it (sleep, socket)."""
-        self.worker_lost = b"the sandbox it shared was killed because of another session"
+        detail = exc.detail if isinstance(exc, WorkerLost) else "the sandbox it shared was lost"
+        self.worker_lost = detail.encode()
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time())
 
@@ -120,17 +125,6 @@ class Session:
         if not self.monitor.open:
             return m.END_LINGER
         return m.END_SESSION_TIME
-
-    def _start_message(self) -> wire.Start:
-        return wire.Start(
-            mode="run",
-            source=self.script.source,
-            chunkname=self.script.name,
-            seed=(_system_random.getrandbits(63), _system_random.getrandbits(63)),
-            memory=self.ceilings.memory_bytes,
-            instructions=self.ceilings.instructions,
-            clock=self.settings.allow_clock,
-        )
 
     # --- the request loop ------------------------------------------------------------------------
 
@@ -279,6 +273,20 @@ class Session:
         log_session_end(
             self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, mon.closed_by or "-"
         )
+
+
+def start_message(script: Script, settings: SessionSettings, mode: str) -> wire.Start:
+    """What a child needs to run `script` ("run"), or to compile it and wait for GO ("prepare")."""
+    seed = (_system_random.getrandbits(63), _system_random.getrandbits(63)) if mode == "run" else (0, 0)
+    return wire.Start(
+        mode=mode,
+        source=script.source,
+        chunkname=script.name,
+        seed=seed,
+        memory=settings.ceilings.memory_bytes,
+        instructions=settings.ceilings.instructions,
+        clock=settings.allow_clock,
+    )
 
 
 def log_session_end(

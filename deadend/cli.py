@@ -268,6 +268,12 @@ def build_parser() -> Parser:
         default=defaults.log_format,
         help="text lines, or one JSON object per line (schema: docs/events.md)",
     )
+    b.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default=defaults.event_loop,
+        help="the event loop; uvloop is an optional extra (pip install 'deadend[uvloop]')",
+    )
     pool = b.add_argument_group("pool, queue and connection caps")
     for option in POOL_OPTIONS:
         option.add_to(pool, defaults)
@@ -330,6 +336,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allow_clock=args.allow_clock,
         log_level=args.log_level,
         log_format=args.log_format,
+        event_loop=args.event_loop,
         ceilings=ceilings_from_args(args),
         record=args.record,
         metrics=args.metrics,
@@ -369,6 +376,10 @@ def run_broker(config: Config) -> int:
     log = EventLog(level=config.log_level, fmt=config.log_format)
     server = Server(config, log)
     try:
+        if config.event_loop == "uvloop":
+            import uvloop  # the optional extra: pip install 'deadend[uvloop]'
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(server.serve())
     except StartupError as e:
         log.close()

@@ -51,6 +51,7 @@ class Config:
     allow_clock: bool = False
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (deadend/events.py)
+    event_loop: str = "asyncio"  # or "uvloop" (an optional extra)
     shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing
     ceilings: Ceilings = field(default_factory=Ceilings)
     # operations

@@ -25,6 +25,7 @@ from deadend.events import EVENTS, SCHEMA_VERSION
 from deadend.wire import LOG_LEVELS, LOG_MAX
 
 LOG_FORMATS: Final = ("text", "json")
+BATCH_DELAY: Final = 0.005  # seconds the writer waits after a first line for more to join it
 
 LEVEL_ORDER: Final = {name: i for i, name in enumerate(LOG_LEVELS)}
 CUT_MARKER: Final = "…[cut]"
@@ -141,6 +142,10 @@ class EventLog:
     def _drain(self) -> None:
         while True:
             lines = [self._queue.get()]
+            if isinstance(lines[0], str):
+                # Let a burst gather: one wake-up and one write per batch instead of a GIL hand-off per
+                # line (measured: ~14% of the broker's CPU under load went to those hand-offs).
+                time.sleep(BATCH_DELAY)
             with contextlib.suppress(queue.Empty):
                 while len(lines) < 128 and not isinstance(lines[-1], threading.Event):
                     lines.append(self._queue.get_nowait())  # bounded batches: small transient buffers

@@ -72,6 +72,10 @@ MAX_BROKER_FRAME: Final = MAX_SCRIPT_BYTES + 4096
 # How a session ended, as the child reports it in its "done" frame.
 DONE_KINDS: Final = ("return", "error", "instructions", "memory", "compile", "crash", "cpu")
 
+# A child prepared for one script (mode "prepare") answers PREPARED and starts the session at GO.
+PREPARED: Final = ["prepared"]
+GO: Final = "go"  # ["go", seed_hi, seed_lo]
+
 # Dense mode (--sessions-per-worker): the broker's "end this session now" in place of a reply; the child
 # drops that session's Lua state and answers ABORTED.
 ABORT: Final = ["abort"]
@@ -122,7 +126,9 @@ def broker_unpacker() -> msgpack.Unpacker:
 class Start:
     """What a child needs to run one session. It never opens anything itself."""
 
-    mode: str  # "run" a session; "compile" only; "check": compile and send the chunk's bytecode
+    # "run" a session; "compile" only; "check": compile and send the chunk's bytecode; "prepare": compile,
+    # say PREPARED, and run when GO arrives with the session's seed (a warm child ready for one script)
+    mode: str
     source: bytes
     chunkname: str  # e.g. "25.lua", used in Lua error messages
     seed: tuple[int, int]  # for math.randomseed; forked children would otherwise share the PRNG
@@ -160,7 +166,7 @@ class Start:
             clock=f["clock"],
         )
         if (
-            start.mode not in ("run", "compile", "check")
+            start.mode not in ("run", "compile", "check", "prepare")
             or not isinstance(start.source, bytes)
             or not isinstance(start.chunkname, str)
             or not isinstance(start.memory, int)

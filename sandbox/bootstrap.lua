@@ -270,13 +270,6 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
   -- `deadend check`: the trusted side analyses the bytecode (globals, API calls); never run it here.
   if mode == "check" then return "dump", string_dump(fn) end
 
-  -- [Lua PRNG shared across forks] every child gets its own seed from the broker.
-  math_randomseed(seed_hi, seed_lo)
-
-  co = co_create(fn)
-  -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
-  debug_sethook(co, hook, "", STEP)
-
   local function describe(e)
     -- [vector: error objects / __tostring] never run script metamethods here, on the unhooked thread
     local t = type(e)
@@ -299,7 +292,18 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
     return "call", op, x, y
   end
 
-  return "ready", step
+  local function go(go_hi, go_lo)
+    -- [Lua PRNG shared across forks] every session gets its own seed from the broker.
+    math_randomseed(go_hi, go_lo)
+    co = co_create(fn)
+    -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
+    debug_sethook(co, hook, "", STEP)
+    return "ready", step
+  end
+
+  -- A warm child prepared for one script compiles now and runs when a connection comes (GO).
+  if mode == "prepare" then return "prepared", go end
+  return go(seed_hi, seed_lo)
 end
 
 return start

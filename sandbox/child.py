@@ -94,6 +94,7 @@ class ScriptRun:
         self.start_fn = start_fn
         self.start = start
         self.step: Any = None
+        self.go_fn: Any = None  # mode "prepare": compiled, waiting for the session's seed
         self.dumped = False
 
     def begin(self) -> Outcome:
@@ -127,7 +128,27 @@ class ScriptRun:
             return ["dump", result[1]]
         if start.mode == "compile":
             return "return", b""
+        if result[0] == b"prepared":
+            self.go_fn = result[1]
+            return list(wire.PREPARED)
         self.step = result[1]
+        return self._advance(())
+
+    def go(self, frame: Any) -> Outcome:
+        """A prepared script's session starts: ["go", seed_hi, seed_lo]."""
+        if (
+            self.go_fn is None
+            or not isinstance(frame, list)
+            or len(frame) != 3
+            or frame[0] != wire.GO
+            or not all(type(v) is int for v in frame[1:])
+        ):
+            return "crash", b"expected the session's go message"
+        go_fn, self.go_fn = self.go_fn, None
+        return self._guarded(lambda: self._started(go_fn(frame[1], frame[2])))
+
+    def _started(self, result: Any) -> Outcome:
+        self.step = _as_tuple(result)[1]
         return self._advance(())
 
     def _advance(self, reply: tuple[Any, ...]) -> Outcome:
@@ -168,6 +189,15 @@ def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
         try:
             run = ScriptRun(lua, start_fn, wire.Start.from_frame(pipe.read()))
             outcome = run.begin()
+            if outcome == wire.PREPARED:  # a warm child for one script: compiled, now wait for a session
+                pipe.write(outcome)
+                frame = pipe.read()
+                if isinstance(frame, list) and frame[:1] == [wire.GO]:
+                    outcome = run.go(frame)
+                else:  # a session of another script: a fresh state (building one needs no syscall)
+                    lua, start_fn = new_runtime()
+                    run = ScriptRun(lua, start_fn, wire.Start.from_frame(frame))
+                    outcome = run.begin()
             while isinstance(outcome, list):
                 pipe.write(outcome)
                 outcome = run.resume(pipe.read())

@@ -142,8 +142,16 @@ class Broker:
     def session_end(self, conn: str, timeout: float = 10.0) -> re.Match[str]:
         return self.wait_for(rf"conn={conn} .*session end reason=(\S+) .*closed_by=(\S+)", timeout)
 
-    def conn_ids(self) -> list[str]:
-        return re.findall(r"conn=([0-9a-f]{12}) peer=\S+ connect from", "\n".join(self.lines))
+    def conn_ids(self, at_least: int = 0, timeout: float = 5.0) -> list[str]:
+        """The connection ids logged so far, waiting (up to `timeout`) until there are `at_least`.
+
+        The log is written by a thread in batches: a client can have its bytes before its connect line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = re.findall(r"conn=([0-9a-f]{12}) peer=\S+ connect from", "\n".join(self.lines))
+            if len(ids) >= at_least or time.monotonic() > deadline:
+                return ids
+            time.sleep(0.01)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

@@ -44,7 +44,7 @@ class RoguePool(SandboxPool):
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
 
-    async def acquire(self, timeout: float) -> Sandbox:
+    async def acquire(self, timeout: float, *, beyond_workers: bool = False, script: Any = None) -> Sandbox:
         if self._closed:
             raise PoolClosed
         proc = subprocess.Popen(
@@ -80,7 +80,7 @@ class RoguePool(SandboxPool):
             raise
         return Sandbox(child, channel)
 
-    def release(self, sandbox: Sandbox) -> None:
+    def release(self, sandbox: Sandbox, reason: str = "done") -> None:
         sandbox.child.kill()
         sandbox.channel.close()
         sandbox.child.release()
