@@ -4,7 +4,6 @@
     python bench/run.py --quick            # a much smaller version of everything (< 40 s; the smoke test)
     python bench/run.py --sessions 4096    # memory at 4,096 held sessions (say --sessions 10000 to try)
     python bench/run.py --dense-sessions 2000   # figure 8 at 2,000 sessions (default 10,000)
-    python bench/run.py --dense-uncap      # figure 8 past the broker's descriptor-based connection cap
 
 Two servers run side by side on loopback, started by this script and stopped (SIGTERM, wait) at the end:
 
@@ -47,9 +46,8 @@ Dense mode (`--sessions-per-worker K`: up to K sessions, each its own Lua state,
    broker with K=1000 --workers 64, and on the baseline: PSS per session as in figure 4, read per process
    (broker, zygote, children), then both servers' CPU in cores over one window in which both hold their
    N. The clients are held by helper processes (`--hold-clients`), each under its descriptor limit. N is
-   10,000 by default (`--dense-sessions`); the broker caps connections at its descriptor limit / 4
-   (broker/gate.py), also in dense mode: below N the row says so and both servers hold that many, unless
-   `--dense-uncap` starts the broker with that count set to one descriptor per session.
+   10,000 by default (`--dense-sessions`); should the broker cap connections below N at its descriptor
+   limit (broker/gate.py), the row says so and both servers hold that many.
 Targets (printed in the method, with whether this run meets them): at N=10,000, <= 48 KiB PSS per session
 and <= 0.1 core of server CPU to hold them all; dense CPU per SMTP session <= 1.3x the baseline's.
 """
@@ -119,12 +117,6 @@ DENSE_LATENCY_K = 64  # figures 1 and 2 in dense mode
 DENSE_TARGET = 10_000  # sessions the targets below are set for
 TARGET_PSS_KIB, TARGET_CORES, TARGET_CPU_RATIO = 48, 0.1, 1.3
 FD_CAP = re.compile(r"descriptor limit allows (\d+) concurrent connections")
-# --dense-uncap: the broker of figure 8 started with its connection cap counting one descriptor per
-# session (gate.FDS_PER_SESSION = 1, as bench/inprocess.py does) instead of four; nothing else changes.
-UNCAP_SHIM = (
-    "import sys; import broker.gate as g; g.FDS_PER_SESSION = 1; "
-    "from deadend.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 @dataclass(frozen=True)
@@ -473,7 +465,7 @@ def make_servers(scripts: Path, extra: list[str], warm: int) -> tuple[Served, Se
     return deadend, baseline
 
 
-def make_dense(scripts: Path, extra: list[str], warm: int, k: int, uncap: bool = False) -> Served:
+def make_dense(scripts: Path, extra: list[str], warm: int, k: int) -> Served:
     """A broker in dense mode (--sessions-per-worker k), with make_servers' flags."""
     flags = [
         "--scripts",
@@ -482,7 +474,7 @@ def make_dense(scripts: Path, extra: list[str], warm: int, k: int, uncap: bool =
         str(warm),
         *server_flags([*extra, "--sessions-per-worker", str(k)]),
     ]
-    launch = ["-c", UNCAP_SHIM] if uncap else ["-m", "deadend"]
+    launch = ["-m", "deadend"]
     return Served("deadend-dense", [sys.executable, *launch, "broker", *flags], warm, dense=True)
 
 
@@ -963,9 +955,7 @@ class DenseHold:
         return (loaded - sum(self.idle[r][0] for r in roles)) / self.held
 
 
-def measure_dense_hold(
-    folder: Path, n: int, seconds: float, uncap: bool, started: list[Served]
-) -> dict[str, DenseHold]:
+def measure_dense_hold(folder: Path, n: int, seconds: float, started: list[Served]) -> dict[str, DenseHold]:
     """Figure 8: memory, then CPU over one window, of N held tarpit sessions on both servers.
 
     Each server in turn is started alone with the other one stopped or, for the baseline, while the
@@ -975,7 +965,7 @@ def measure_dense_hold(
     """
     room = str(n + 100)
     extra = ["--workers", str(DENSE_WORKERS), "--max-connections", room, "--max-per-ip", room]
-    deadend = make_dense(folder, extra, WARM, DENSE_K, uncap)
+    deadend = make_dense(folder, extra, WARM, DENSE_K)
     flags = ["--scripts", str(folder), "--warm", str(WARM), *server_flags(extra)]
     baseline = Served("baseline", [sys.executable, str(BENCH / "inprocess.py"), *flags], warm=0)
     servers = (deadend, baseline)
@@ -1083,7 +1073,6 @@ class Results:
     warm: int
     dense_lat: DenseLatency
     dense: dict[str, DenseHold]
-    uncap: bool
 
 
 def dense_memory_cell(h: DenseHold) -> float | str:
@@ -1304,16 +1293,8 @@ def dense_method(r: Results) -> list[str]:
         lines.append(
             f"   the broker capped its connections at {hd.capped:,} (its log: 'the file descriptor limit"
             f" allows {hd.capped:,} concurrent connections'), below --max-connections {z.dense + 100:,}:"
-            " broker/server.py Server._make_gate -> broker/gate.py connections_fd_allows divides the"
-            " descriptor limit by FDS_PER_SESSION = 4 (client socket, two pipe ends, a pidfd) in dense mode"
-            " too, where a session holds its client socket only. So both servers held"
-            f" {hd.held:,}; `--dense-uncap` measures N with that count set to 1."
-        )
-    if r.uncap:
-        lines.append(
-            "   --dense-uncap: figure 8's broker ran as `python -c` setting broker.gate.FDS_PER_SESSION = 1"
-            " before deadend.cli.main, so that its connection cap lets N in; nothing else differs from"
-            " `python -m deadend broker`."
+            " (broker/gate.py connections_fd_allows). So both servers held"
+            f" {hd.held:,}."
         )
     at = (
         ""
@@ -1352,7 +1333,7 @@ def print_report(r: Results, quick: bool, now: datetime.datetime, load_start: st
         )
 
 
-def run(z: Sizes, uncap: bool) -> Results:
+def run(z: Sizes) -> Results:
     ready, inproc = start_to_ready(z.starts)
     scripts = scripts_folder(z.calls)
     tarpits = tarpit_folder()
@@ -1376,7 +1357,7 @@ def run(z: Sizes, uncap: bool) -> Results:
             servers.append(srv)
             mem[srv.name] = measure_memory(srv, z.sessions)
 
-        held = measure_dense_hold(tarpits, z.dense, z.hold_seconds, uncap, servers)
+        held = measure_dense_hold(tarpits, z.dense, z.hold_seconds, servers)
     finally:
         for srv in servers:
             srv.stop()
@@ -1385,7 +1366,7 @@ def run(z: Sizes, uncap: bool) -> Results:
     reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for srv in servers:
         reasons[srv.name] += srv.reasons
-    return Results(z, lat, mem, ready, inproc, dict(reasons), warm, dense_lat, held, uncap)
+    return Results(z, lat, mem, ready, inproc, dict(reasons), warm, dense_lat, held)
 
 
 def main() -> int:
@@ -1400,18 +1381,13 @@ def main() -> int:
         metavar="N",
         help="held sessions for figure 8, dense mode (default 10000)",
     )
-    parser.add_argument(
-        "--dense-uncap",
-        action="store_true",
-        help="figure 8's broker counts 1 descriptor per session for its connection cap, not 4 (see method)",
-    )
     parser.add_argument("--hold-clients", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hold_clients:
         return hold_clients_main(*args.hold_clients)
     began, load_start = time.monotonic(), loadavg()
     now = datetime.datetime.now(datetime.UTC)
-    results = run(sizes_from(args), args.dense_uncap)
+    results = run(sizes_from(args))
     print_report(results, args.quick, now, load_start)
     print(f"elapsed: {time.monotonic() - began:.0f} s")
     return 0
