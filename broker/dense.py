@@ -23,7 +23,7 @@ from typing import Any
 
 from broker import monitor as m
 from broker.channel import ChildChannel, ChildGone, Deadline, WorkerLost
-from broker.pool import PoolClosed, QueueFull, Sandbox, SandboxPool
+from broker.pool import PoolClosed, Sandbox, SandboxPool
 from broker.privileges import RunAs
 from broker.zygote import ChildProcess, retire_after
 from deadend import wire
@@ -316,20 +316,6 @@ class DensePool(SandboxPool):
             if channel.free:
                 self._wake_one()  # a new child has room for more than this one queued connection
             return Sandbox(host.child, slot)
-
-    async def _wait_for_room(self, deadline: float) -> None:
-        if len(self._waiters) >= self.queue_size:
-            raise QueueFull
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if self._closed:
-            raise PoolClosed
 
     async def close(self) -> None:
         self.stop_acquiring()

@@ -131,6 +131,7 @@ class SandboxPool:
             raise PoolClosed
         if script is not None and self.preparer is not None:
             self._want(script)
+        deadline = asyncio.get_running_loop().time() + timeout
         while True:
             sandbox = self._take_warm(None if script is None else key_of(script))
             if sandbox is not None:
@@ -141,18 +142,22 @@ class SandboxPool:
                 sandbox = await self._spawn()
                 self._refill()
                 return sandbox
-            if len(self._waiters) >= self.queue_size:
-                raise QueueFull
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if self._closed:
-                raise PoolClosed
+            await self._wait_for_room(deadline)
+
+    async def _wait_for_room(self, deadline: float) -> None:
+        """Queue until a child or a slot may be free (woken by `_wake_one`), at most until `deadline`."""
+        if len(self._waiters) >= self.queue_size:
+            raise QueueFull
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if self._closed:
+            raise PoolClosed
 
     def _take_warm(self, key: ScriptKey | None) -> Sandbox | None:
         """A live warm child: prepared for `key`, else a plain one, else any (None: plain ones only)."""
