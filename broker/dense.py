@@ -130,8 +130,8 @@ class DenseChannel(ChildChannel):
                         raise wire.ProtocolViolation("a frame for a session the child does not hold")
                     self._slot_no = obj
                     continue
-                slot, self._slot_no = self.slots[self._slot_no], None
-                self._route(slot, obj)
+                self._route(self.slots[self._slot_no], obj)
+                self._slot_no = None  # only now: a violation in _route names this slot as the culprit
         except wire.ProtocolViolation as e:
             self._violation(e)
         except Exception as e:  # BufferFull, malformed msgpack, limits exceeded
@@ -202,6 +202,14 @@ class DenseChannel(ChildChannel):
         self._watchdog = None
         self.child.kill()
         self._lose_all(Deadline(), blame_oldest=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        # The plain channel's failures once slots are in use (a child that stopped reading its replies).
+        if not self.ready:
+            super()._fail(exc)
+            return
+        self.child.kill()
+        self._lose_all(exc)
 
     def _violation(self, e: wire.ProtocolViolation) -> None:
         self.child.kill()
