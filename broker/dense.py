@@ -340,7 +340,8 @@ class DensePool(SandboxPool):
         if reason in KILL_CHILD_REASONS and slot.failure is None:
             # A session that broke the protocol or crashed its state: its child is not trusted further.
             slot.channel.child.kill()
-            slot.channel._lose_all(ChildGone(), blame_oldest=False)
+            cause = wire.ProtocolViolation(reason) if reason == m.END_PROTOCOL else ChildGone(reason)
+            slot.channel._lose_all(cause, blame_oldest=False)
         slot.channel.release(slot)
 
     def _slot_freed_in(self, channel: DenseChannel) -> None:

@@ -63,7 +63,7 @@ class Session:
             where.peer, self.ceilings, random.Random(_system_random.random()), self.started
         )
         self.shutting_down = False
-        self.worker_lost: bytes | None = None  # dense mode: why the shared child went away
+        self.lost: tuple[str, bytes] | None = None  # dense mode: how the shared child was lost to us
         self._timeout: asyncio.Timeout | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -86,8 +86,8 @@ class Session:
                     self._timeout = None  # finished: begin_shutdown must not reschedule it any more
             except TimeoutError:
                 reason = self._timeout_reason()
-                if reason == m.END_WORKER_LOST:
-                    detail = self.worker_lost or b""
+                if self.lost is not None:
+                    reason, detail = self.lost
             except asyncio.CancelledError:
                 reason = m.END_SHUTDOWN
                 raise
@@ -111,15 +111,22 @@ class Session:
             self._timeout.reschedule(self.loop.time() + self.settings.shutdown_grace)
 
     def _lost_worker(self, exc: BaseException) -> None:
-        """Dense mode: the shared child died while this session was not waiting on it (sleep, socket)."""
-        detail = exc.detail if isinstance(exc, WorkerLost) else "the sandbox it shared was lost"
-        self.worker_lost = detail.encode()
+        """Dense mode: the shared child went away while this session was not waiting on it (sleep, socket).
+
+        `exc` says whose fault it was: WorkerLost (another session's), or this session's own.
+        """
+        if isinstance(exc, WorkerLost):
+            self.lost = m.END_WORKER_LOST, exc.detail.encode()
+        elif isinstance(exc, wire.ProtocolViolation):
+            self.lost = m.END_PROTOCOL, str(exc).encode()
+        elif isinstance(exc, Deadline):
+            self.lost = m.END_CPU_DEADLINE, b"no API call within %.1fs" % self.ceilings.cpu_slice
+        else:
+            self.lost = m.END_CRASH, b""  # classified from the exit status
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time())
 
     def _timeout_reason(self) -> str:
-        if self.worker_lost is not None:
-            return m.END_WORKER_LOST
         if self.shutting_down:
             return m.END_SHUTDOWN
         if not self.monitor.open:
