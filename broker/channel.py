@@ -54,6 +54,7 @@ class ChildChannel:
         self._deadline = 0.0
         self._failure: BaseException | None = None
         self._out = bytearray()
+        self.out_limit = 2 * wire.MAX_BROKER_FRAME  # what may wait for a child to read
         self._writing = False
         os.set_blocking(child.from_child, False)
         os.set_blocking(child.to_child, False)
@@ -150,7 +151,7 @@ class ChildChannel:
         if self.child.to_child < 0:
             return
         self._out += msgpack.packb(obj, use_bin_type=True)
-        if len(self._out) > 2 * wire.MAX_BROKER_FRAME:  # a child that stopped reading: hostile
+        if len(self._out) > self.out_limit:  # a child that stopped reading: hostile
             self._fail(wire.ProtocolViolation("child stopped reading its replies"))
             return
         self._flush()

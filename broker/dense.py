@@ -89,6 +89,9 @@ class DenseChannel(ChildChannel):
 
     def __init__(self, child: ChildProcess, capacity: int, cpu_slice: float) -> None:
         super().__init__(child)
+        # K sessions may each be owed a message while the child computes: replies (a recv's bytes at most)
+        # and start messages (a script each) queue up; a child that stops reading is still bounded.
+        self.out_limit = 2 * wire.MAX_BROKER_FRAME + capacity * (wire.RECV_MAX + 4096)
         self.capacity = capacity
         self.cpu_slice = cpu_slice
         self.ready = False  # until the child's "ready", the plain channel reads it
@@ -99,6 +102,7 @@ class DenseChannel(ChildChannel):
         self._slot_no: int | None = None  # a slot number read, its frame not yet
         self._watchdog: asyncio.TimerHandle | None = None
         self.lost = False  # the child is dead or being killed: no slot is reused
+        self._flush_pending = False
 
     @property
     def open_slots(self) -> int:
@@ -168,6 +172,18 @@ class DenseChannel(ChildChannel):
             self._watchdog = self._loop.call_later(self.cpu_slice, self._expire_child)
         self._out += wire.pack(slot.number)
         self.send(obj)
+
+    def _flush(self) -> None:
+        # Replies made in one turn of the event loop (timers that fired together) leave in one write:
+        # one wake-up of the child instead of one each.
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        if self.child.to_child >= 0:  # not closed meanwhile
+            super()._flush()
 
     # --- ending sessions ---------------------------------------------------------------------------
 
