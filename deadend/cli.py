@@ -377,8 +377,11 @@ def run_broker(config: Config) -> int:
     server = Server(config, log)
     try:
         if config.event_loop == "uvloop":
-            import uvloop  # the optional extra: pip install 'deadend[uvloop]'
-
+            try:
+                import uvloop  # the optional extra: pip install 'deadend[uvloop]'
+            except ImportError:
+                needs = "--event-loop uvloop needs the uvloop extra: pip install 'deadend[uvloop]'"
+                raise StartupError(needs) from None
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(server.serve())
     except StartupError as e:
