@@ -16,7 +16,6 @@ import socket
 import time
 
 from broker import monitor as m
-from broker.dense import DensePool
 from broker.gate import Gate
 from broker.memory import return_free_memory
 from broker.net import peer_ip, read_proxy_header
@@ -56,8 +55,8 @@ class Doorman:
         self.gate = gate
         self.recorder = recorder
         self.settings = SessionSettings(config.ceilings, config.allow_clock, config.shutdown_grace)
-        if not isinstance(pool, DensePool):  # dense children serve many scripts: nothing to prepare
-            pool.preparer = lambda script: start_message(script, self.settings, "prepare")
+        # Warm children are prepared for the scripts connections ask for (a dense pool asks for none).
+        pool.preparer = lambda script: start_message(script, self.settings, "prepare")
         self.sessions: set[Session] = set()
         self.handlers: set[asyncio.Task[None]] = set()
         self.active_by_port: collections.Counter[int] = collections.Counter()
@@ -130,8 +129,8 @@ class Doorman:
             return False
         if header.source is not None:  # else a LOCAL header (the proxy's health check): the proxy is the peer
             a.proxy = a.where.peer
-            ip, port = header.source
-            a.where = dataclasses.replace(a.where, peer=peer_ip(ip), peer_port=port)
+            ip, port = header.source  # already in the form scripts see (deadend.proxy.peer_text)
+            a.where = dataclasses.replace(a.where, peer=ip, peer_port=port)
         a.where = self._classify(a.where)
         refused = self.gate.admit_source(a.where.peer)
         if refused is not None:

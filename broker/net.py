@@ -8,7 +8,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from deadend.proxy import MAX_V2_PAYLOAD, ProxyError, ProxyHeader, parse_proxy_header
+from deadend.proxy import MAX_V2_PAYLOAD, ProxyError, ProxyHeader, parse_proxy_header, peer_text
 
 BACKLOG = 1024
 # A v2 header is at most 16 + MAX_V2_PAYLOAD bytes (v1: 107); the parser rejects it before this is reached.
@@ -64,11 +64,8 @@ def ipv6_unavailable(e: OSError) -> bool:
 
 
 def peer_ip(host: str) -> str:
-    """SPEC.md get_ip(): dotted quad, compressed IPv6, IPv4-mapped IPv6 as plain IPv4."""
-    addr = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return addr.compressed
+    """An accepted socket's peer address as scripts and logs show it (the scope of a link-local dropped)."""
+    return peer_text(ipaddress.ip_address(host.split("%", 1)[0]))
 
 
 async def read_proxy_header(sock: socket.socket, timeout: float) -> tuple[ProxyHeader, bytes]:

@@ -60,7 +60,6 @@ class Server:
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
-    reloads: int = 0  # finished reloads
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event | None = None
     _reload_wanted: asyncio.Event | None = None
@@ -380,7 +379,6 @@ class Server:
                 await self.reload()
             except Exception as e:  # a reload must never take the serving broker down
                 self.log.error(BROKER, "broker.error", f"reload failed: {sanitize(repr(e))}")
-            self.reloads += 1
 
     async def reload(self) -> None:
         """Rescan the scripts folder: open new ports, close removed ones, serve changed scripts.

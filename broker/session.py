@@ -74,8 +74,7 @@ class Session:
             sandbox.channel.on_lost = self._lost_worker
         try:
             if sandbox.prepared_for == key_of(self.script):  # compiled already: only the seed is missing
-                seed = _system_random.getrandbits(63), _system_random.getrandbits(63)
-                sandbox.channel.send([wire.GO, *seed])
+                sandbox.channel.send([wire.GO, *session_seed()])
             else:
                 sandbox.channel.send(start_message(self.script, self.settings, "run").to_frame())
             try:
@@ -115,16 +114,19 @@ class Session:
 
         `exc` says whose fault it was: WorkerLost (another session's), or this session's own.
         """
-        if isinstance(exc, WorkerLost):
-            self.lost = m.END_WORKER_LOST, exc.detail.encode()
-        elif isinstance(exc, wire.ProtocolViolation):
-            self.lost = m.END_PROTOCOL, str(exc).encode()
-        elif isinstance(exc, Deadline):
-            self.lost = m.END_CPU_DEADLINE, b"no API call within %.1fs" % self.ceilings.cpu_slice
-        else:
-            self.lost = m.END_CRASH, b""  # classified from the exit status
+        self.lost = self._ending(exc)
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(self.loop.time())
+
+    def _ending(self, exc: BaseException) -> tuple[str, bytes]:
+        """The reason and detail a session ends with when its sandbox fails it."""
+        if isinstance(exc, Deadline):
+            return m.END_CPU_DEADLINE, b"no API call within %.1fs" % self.ceilings.cpu_slice
+        if isinstance(exc, WorkerLost):
+            return m.END_WORKER_LOST, exc.detail.encode()
+        if isinstance(exc, wire.ProtocolViolation):
+            return m.END_PROTOCOL, str(exc).encode()
+        return m.END_CRASH, b""  # the child is gone: classified later from its exit status
 
     def _timeout_reason(self) -> str:
         if self.shutting_down:
@@ -141,15 +143,10 @@ class Session:
             try:
                 frame = await channel.frame(self.ceilings.cpu_slice)
                 action = monitor.handle(wire.parse_request(frame), loop.time())
-            except Deadline:
-                sandbox.child.kill()
-                return m.END_CPU_DEADLINE, b"no API call within %.1fs" % self.ceilings.cpu_slice
-            except WorkerLost as e:
-                return m.END_WORKER_LOST, e.detail.encode()
-            except ChildGone:
-                return m.END_CRASH, b""
-            except wire.ProtocolViolation as e:
-                return m.END_PROTOCOL, str(e).encode()
+            except (Deadline, ChildGone, wire.ProtocolViolation) as e:
+                if isinstance(e, Deadline):
+                    sandbox.child.kill()
+                return self._ending(e)
 
             if isinstance(action, m.End):
                 return action.reason, action.detail
@@ -282,9 +279,14 @@ class Session:
         )
 
 
+def session_seed() -> tuple[int, int]:
+    """The seed of a session's Lua PRNG: from the system's generator, never shared between children."""
+    return _system_random.getrandbits(63), _system_random.getrandbits(63)
+
+
 def start_message(script: Script, settings: SessionSettings, mode: str) -> wire.Start:
     """What a child needs to run `script` ("run"), or to compile it and wait for GO ("prepare")."""
-    seed = (_system_random.getrandbits(63), _system_random.getrandbits(63)) if mode == "run" else (0, 0)
+    seed = session_seed() if mode == "run" else (0, 0)  # a prepared child gets its seed with GO
     return wire.Start(
         mode=mode,
         source=script.source,

@@ -62,9 +62,9 @@ def _show(raw: bytes) -> str:
     return repr(raw[:12]) + ("..." if len(raw) > 12 else "")
 
 
-def _peer(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    # As broker.net.peer_ip shows peers (SPEC.md get_ip()): a script must see the same string for a client
-    # whether it came directly or through a balancer.
+def peer_text(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """SPEC.md get_ip(): dotted quad, compressed IPv6, IPv4-mapped IPv6 as plain IPv4. The one home of
+    the rule: a script sees the same string for a client whether it came directly or through a balancer."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return addr.compressed
@@ -105,10 +105,10 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     if family == 0x11:
         src4, dst4 = ipaddress.IPv4Address(data[16:20]), ipaddress.IPv4Address(data[20:24])
         sport, dport = struct.unpack_from("!HH", data, 24)
-        return ProxyHeader(2, total, (_peer(src4), sport), (_peer(dst4), dport))
+        return ProxyHeader(2, total, (peer_text(src4), sport), (peer_text(dst4), dport))
     src6, dst6 = ipaddress.IPv6Address(data[16:32]), ipaddress.IPv6Address(data[32:48])
     sport, dport = struct.unpack_from("!HH", data, 48)
-    return ProxyHeader(2, total, (_peer(src6), sport), (_peer(dst6), dport))
+    return ProxyHeader(2, total, (peer_text(src6), sport), (peer_text(dst6), dport))
 
 
 # --- version 1 ------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         if text is None or not _v1_field_ok(text, i, proto == b"TCP6", final):
             raise ProxyError(f"PROXY v1 {_V1_FIELDS[i]} {_show(raw)} is not valid")
         if final and i < 2:
-            addresses.append(_peer(ipaddress.ip_address(text)))
+            addresses.append(peer_text(ipaddress.ip_address(text)))
         elif final:
             ports.append(int(text))
     if not done:

@@ -16,6 +16,7 @@ from collections.abc import Generator
 from typing import Any
 
 import msgpack
+from child_pipe import raw, read
 
 PID = os.getpid()
 SEND_MAX = 1 << 20  # deadend.wire.SEND_MAX (not imported: this is the attacker's program)
@@ -29,25 +30,6 @@ def pack(obj: object) -> bytes:
 
 def frame(slot: object, obj: object) -> bytes:
     return pack(slot) + pack(obj)
-
-
-def raw(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
-
-
-unpacker = msgpack.Unpacker(raw=False)
-
-
-def read() -> Any:
-    while True:
-        for obj in unpacker:
-            return obj
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            os._exit(0)
-        unpacker.feed(chunk)
 
 
 behaviours: dict[int, str] = {}  # slot -> behaviour, for the sessions this child holds

@@ -27,25 +27,7 @@ import sys
 import time
 
 import msgpack
-
-
-def raw(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
-
-
-unpacker = msgpack.Unpacker(raw=False)
-
-
-def read() -> object:
-    while True:
-        for frame in unpacker:
-            return frame
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            os._exit(0)
-        unpacker.feed(chunk)
+from child_pipe import raw, read
 
 
 class Counter:

@@ -9,29 +9,11 @@ import sys
 import time
 
 import msgpack
+from child_pipe import raw, read
 
 
 def write(obj: object) -> None:
     os.write(1, msgpack.packb(obj, use_bin_type=True))
-
-
-def raw(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
-
-
-unpacker = msgpack.Unpacker(raw=False)
-
-
-def read() -> object:
-    while True:
-        for frame in unpacker:
-            return frame
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            os._exit(0)
-        unpacker.feed(chunk)
 
 
 SINGLE_FRAMES = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import re
 import signal
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 from conftest import HOST, descendants, free_offset, read_all, read_until
+from test_rogue import Lines
 
 from broker.dense import DensePool
 from broker.server import Server
@@ -114,33 +114,6 @@ class RogueDensePool(DensePool):
     def __init__(self, ceilings: Ceilings, log: EventLog, workers: int) -> None:
         super().__init__(ceilings, log, workers, 0, 16, None, K)
         self.zygote: RogueZygote = RogueZygote(self._on_child_exit)  # type: ignore[assignment]
-
-
-class Lines(io.TextIOBase):
-    """The broker's log lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.lock = threading.Lock()
-
-    def write(self, s: str) -> int:
-        with self.lock:
-            self.lines.extend(s.splitlines())
-        return len(s)
-
-    def text(self) -> str:
-        with self.lock:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.text())
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no line matching {pattern!r} in:\n{self.text()[-4000:]}")
-            time.sleep(0.01)
 
 
 @dataclass
