@@ -144,7 +144,8 @@ class Zygote:
         return fut
 
     def _on_control(self) -> None:
-        assert self.control is not None
+        if self.control is None:  # stopped after this callback was queued
+            return
         while True:
             try:
                 data, fds, flags, _addr = socket.recv_fds(self.control, MAX_CONTROL, 4)
@@ -250,6 +251,9 @@ class Zygote:
         """Close the control socket (the zygote kills its children and exits) and reap the zygote."""
         self._lose("zygote stopped")
         if self.control is not None:
+            # _lose unregisters the reader only the first time the zygote is lost: a zygote that exited
+            # and is now stopped must not leave a reader on a descriptor number about to be reused.
+            asyncio.get_running_loop().remove_reader(self.control.fileno())
             self.control.close()
             self.control = None
         if self.proc is not None:
