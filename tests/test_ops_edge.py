@@ -485,6 +485,7 @@ def test_socket_activation_for_another_pid_is_ignored(make_broker) -> None:
         # It bound its own socket; ours is merely still open in it (not its to close), and not accepted on.
         listening = set(socket_inodes(b.proc.pid).values()) & listening_tcp_inodes()
         assert len(listening - {inode(sock)}) == 1
+        b.wait_for(r"session end reason=done")  # the log is written in batches: that session's lines first
         mark = b.mark()
         with socket.create_connection(sock.getsockname(), timeout=5):
             time.sleep(0.3)
