@@ -35,8 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from broker.channel import ChildChannel  # noqa: E402
-from broker.zygote import Zygote  # noqa: E402
+from broker.channel import WorkerChannel  # noqa: E402
+from broker.zygote import DirectSpawner, Zygote  # noqa: E402
+from deadend import wire  # noqa: E402
 from deadend.config import Ceilings  # noqa: E402
 from deadend.logs import EventLog  # noqa: E402
 
@@ -53,14 +54,16 @@ def pct(values: list[float], p: float) -> float:
 
 async def child_start(n: int) -> tuple[list[float], list[float]]:
     devnull = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the zygote)
-    zygote = Zygote(Ceilings(), EventLog(devnull), lambda _c: None)
+    zygote = Zygote(DirectSpawner(), EventLog(devnull), lambda _c: None)
     await zygote.start()
+    ceilings = Ceilings()
+    request = wire.ForkRequest(address_space=ceilings.address_space, cpu_seconds=ceilings.session_cpu)
     ready: list[float] = []
     try:
         for _ in range(n):
             t = time.perf_counter()
-            child = await zygote.fork()
-            channel = ChildChannel(child)
+            child = await zygote.fork(request)
+            channel = WorkerChannel(child)
             assert await channel.frame(5) == ["ready"]
             ready.append((time.perf_counter() - t) * 1000)
             child.kill()

@@ -5,9 +5,9 @@
 Benchmark-only, never a mode of the product: no fork, no lockdown, no seccomp, no rlimits, no pipe, no
 msgpack, and no wall-clock deadline on a script that computes. It is `broker.server.Server` — listeners,
 Doorman, gate, `broker.session.Session`, the pure `broker.monitor.Monitor`, the event log, all imported,
-not copied — given a pool (the `Server.pool` field) whose "sandboxes" are fresh lupa Lua 5.4 runtimes
-built in this process, per connection, by `sandbox.child.new_runtime()` (the same bootstrap), and driven
-by the product's `sandbox.child.ScriptRun`, as `sandbox.child.serve` drives it. Each request the script
+not copied — given sandboxes (the `Server.sandboxes` field) that are fresh lupa Lua 5.4 runtimes built
+in this process, per connection, by `sandbox.worker.new_runtime()` (the same bootstrap), and driven by
+the product's `sandbox.worker.ScriptRun`, as `sandbox.worker.serve` drives it. Each request the script
 makes goes straight from Lua to the same Session/Monitor code the broker runs, instead of over a pipe.
 So deadend/baseline is the price of the isolation: a process per session, its start, the pipe and the
 framing.
@@ -19,6 +19,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from broker import gate  # noqa: E402
-from broker.channel import ChildGone  # noqa: E402
-from broker.pool import PoolClosed  # noqa: E402
+from broker.channel import WorkerGone  # noqa: E402
+from broker.pool import Lease, Pool  # noqa: E402
 from broker.server import Server, StartupError  # noqa: E402
+from broker.workers import PoolClosed  # noqa: E402
 from deadend import wire  # noqa: E402
 from deadend.cli import config_from_args, parse_args  # noqa: E402
 from deadend.logs import EventLog  # noqa: E402
-from sandbox import child  # noqa: E402
+from deadend.scripts import Script  # noqa: E402
+from sandbox import worker  # noqa: E402
 
 
-class InProcessChild:
-    """Stands in for `broker.zygote.ChildProcess`: there is no process, so nothing to kill or reap."""
+class InProcessWorker:
+    """Stands in for `broker.zygote.WorkerProcess`: there is no process, so nothing to kill or reap."""
 
     pid = 0
 
@@ -49,82 +52,127 @@ class InProcessChild:
 
 
 class InProcessChannel:
-    """Stands in for `broker.channel.ChildChannel`: `send` runs the script to its next request.
+    """Stands in for `broker.channel.WorkerChannel`: `send` runs the script to its next request.
 
-    The other end is the product's own driver, `sandbox.child.ScriptRun`, exactly as `child.serve` uses it
-    between its pipe reads and writes.
+    The other end is the product's own driver, `sandbox.worker.ScriptRun`, exactly as `worker.serve` uses
+    it between its pipe reads and writes.
     """
 
     def __init__(self) -> None:
-        self._lua, self._start_fn = child.new_runtime()  # a fresh Lua state with the bootstrap
-        self._run: child.ScriptRun | None = None
+        self._lua, self._start_fn = worker.new_runtime()  # a fresh Lua state with the bootstrap
+        self._run: worker.ScriptRun | None = None
         self._next: list[Any] | None = None
+        self.on_lost: Callable[[BaseException], None] | None = None
 
     def send(self, obj: Any) -> None:
-        if self._run is None:  # the start message, as child.serve reads it first
+        if self._run is None:  # the start message, as worker.serve reads it first
             try:
-                self._run = child.ScriptRun(self._lua, self._start_fn, wire.Start.from_frame(obj))
+                self._run = worker.ScriptRun(self._lua, self._start_fn, wire.Start.from_frame(obj))
             except Exception as exc:
-                self._next = child._done_frame(("crash", type(exc).__name__.encode()))
+                self._next = worker._done_frame(("crash", type(exc).__name__.encode()))
                 return
             outcome = self._run.begin()
         else:
             outcome = self._run.resume(obj)
-        self._next = outcome if isinstance(outcome, list) else child._done_frame(outcome)
+        self._next = outcome if isinstance(outcome, list) else worker._done_frame(outcome)
 
     async def frame(self, timeout: float | None) -> Any:
         frame, self._next = self._next, None
         if frame is None:
-            raise ChildGone
+            raise WorkerGone
         return frame
 
     def close(self) -> None:
         self._run = self._lua = self._start_fn = None  # drops the last references to the Lua state
 
 
-class InProcessSandbox:
-    prepared_for = None  # broker.pool.Sandbox's: never a warm child compiled ahead, so Session sends "run"
-
-    def __init__(self) -> None:
-        self.child = InProcessChild()
-        self.channel = InProcessChannel()
-
-
 class InProcessPool:
-    """The part of `broker.pool.SandboxPool` that Server, Doorman, Session and compile use."""
+    """A `broker.pool.Pool` whose sandboxes are Lua states in this process."""
+
+    name = "inprocess"
 
     def __init__(self) -> None:
-        self.failed: asyncio.Future[str] | None = None
         self.started = 0
-        self.busy = 0
-        self.warm = 0
-        self.queued = 0
+        self._busy = 0
         self._closed = False
 
-    async def start(self) -> None:
-        self.failed = asyncio.get_running_loop().create_future()
+    @property
+    def capacity(self) -> int:
+        return 1 << 30  # no process, no --workers to respect
 
-    def at_capacity(self) -> bool:
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @property
+    def warm(self) -> int:
+        return 0
+
+    def at_capacity(self, script: Script) -> bool:
         return False
 
-    async def acquire(self, timeout: float, **_options: object) -> InProcessSandbox:
-        # No process, no --workers to respect: options such as `beyond_workers` change nothing here.
+    async def acquire(self, script: Script, deadline: float, *, beyond_workers: bool = False) -> Lease:
         if self._closed:
             raise PoolClosed
-        sandbox = InProcessSandbox()
+        channel = InProcessChannel()
         self.started += 1
-        self.busy += 1
-        return sandbox
+        self._busy += 1
 
-    def release(self, sandbox: InProcessSandbox, *_reason: object) -> None:
-        self.busy -= 1
-        sandbox.channel.close()
+        def release(_reason: str) -> None:
+            self._busy -= 1
+            channel.close()
 
-    def stop_acquiring(self) -> None:
-        self._closed = True
+        return Lease(InProcessWorker(), channel, wire.Mode.RUN, release)
 
     async def close(self) -> None:
         self._closed = True
+
+
+class InProcessSandboxes:
+    """A `broker.sandboxes.SandboxSet` of one in-process pool, for every port."""
+
+    def __init__(self) -> None:
+        self.pool = InProcessPool()
+        self._failed: asyncio.Future[str] | None = None
+
+    async def start(self) -> None:
+        self._failed = asyncio.get_running_loop().create_future()
+
+    def serve(self, scripts: Iterable[Script]) -> None:
+        pass
+
+    def pool_for(self, script: Script) -> Pool:
+        return self.pool
+
+    @property
+    def compiler(self) -> Pool:
+        return self.pool
+
+    @property
+    def failed(self) -> asyncio.Future[str] | None:
+        return self._failed
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    @property
+    def started(self) -> int:
+        return self.pool.started
+
+    @property
+    def busy(self) -> int:
+        return self.pool.busy
+
+    @property
+    def warm(self) -> int:
+        return 0
+
+    def stop_acquiring(self) -> None:
+        self.pool._closed = True
+
+    async def close(self) -> None:
+        await self.pool.close()
 
 
 def main(argv: list[str]) -> int:
@@ -135,7 +183,7 @@ def main(argv: list[str]) -> int:
     os.environ["TZ"] = "UTC"  # as the zygote does before any Lua state exists (SPEC.md, clock option)
     time.tzset()
     log = EventLog(level=config.log_level, fmt=config.log_format)
-    server = Server(config, log, pool=InProcessPool())  # type: ignore[arg-type]
+    server = Server(config, log, sandboxes=InProcessSandboxes())
     try:
         asyncio.run(server.serve())
     except StartupError as e:

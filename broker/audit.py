@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.compile import compile_in_sandbox
-from broker.pool import SandboxPool
+from broker.pool import Pool
 from deadend import bytecode, wire
 from deadend.config import Ceilings
 from deadend.logs import sanitize
@@ -137,7 +137,7 @@ def judge(report: Report, analysis: bytecode.Analysis) -> None:
         report.problems.append("never calls deadend.set_tarpit: nothing slows an attacker down")
 
 
-async def check(pool: SandboxPool, path: Path, ceilings: Ceilings) -> Report:
+async def check(pool: Pool, path: Path, ceilings: Ceilings) -> Report:
     report = Report(str(path))
     verdict = port_of(path.name)
     if isinstance(verdict, str):

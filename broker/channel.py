@@ -1,32 +1,35 @@
-"""Framed, bounded, deadline-aware I/O on one child's pipes (the broker's side).
+"""Framed, bounded, deadline-aware I/O on one worker's pipes (the broker's side).
 
-A child is hostile. The channel reads with a bounded unpacker, refuses a second request before the first
-was answered (so a flood cannot grow a queue), and wakes the session with `Deadline` when the child
-computes longer than it may between two requests. It never interprets a frame: `deadend.wire` does.
+A worker is hostile. `WorkerPipe` moves bytes, with a bounded buffer for what waits to be written.
+`WorkerChannel` speaks the plain dialect on it: a bounded decoder, one frame in flight (a second request
+before the first was answered is a violation, so a flood cannot grow a queue), and `Deadline` when the
+worker computes longer than it may between two requests. Dense workers speak their dialect on the same
+pipe (broker/dense.py). Neither interprets a frame: `deadend.wire` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
 
-from broker.zygote import ChildProcess
+from broker.zygote import WorkerProcess
 from deadend import wire
 
 
-class ChildGone(Exception):
-    """The child closed its end of the pipe (exited, crashed or was killed)."""
+class WorkerGone(Exception):
+    """The worker closed its end of the pipe (exited, crashed or was killed)."""
 
 
 class Deadline(Exception):
-    """The child did not send its next frame in time."""
+    """The worker did not send its next frame in time."""
 
 
-class WorkerLost(ChildGone):
-    """Dense mode: the child this session shared was killed because of another session."""
+class WorkerLost(WorkerGone):
+    """Dense mode: the worker this session shared was killed because of another session."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -34,64 +37,129 @@ class WorkerLost(ChildGone):
 
 
 class FrameChannel(Protocol):
-    """What a session needs of its sandbox: a ChildChannel, or a dense mode Slot."""
+    """What a session needs of its sandbox: a WorkerChannel, or a slot of a dense worker."""
+
+    # Called when the channel fails while nobody waits on it (the session sleeps, or waits on its
+    # socket): the session ends now instead of at its next request. The argument says whose fault it was.
+    on_lost: Callable[[BaseException], None] | None
 
     async def frame(self, timeout: float | None) -> Any: ...
 
     def send(self, obj: Any) -> None: ...
 
-    def close(self) -> None: ...
 
+class WorkerPipe:
+    """Non-blocking bytes both ways on a worker's pipe pair; the pipe owns both descriptors."""
 
-class ChildChannel:
-    def __init__(self, child: ChildProcess) -> None:
-        self.child = child
+    def __init__(self, worker: WorkerProcess, out_limit: int) -> None:
+        self.worker = worker
+        self.out_limit = out_limit  # what may wait for the worker to read; past it the worker is stuck
         self._loop = asyncio.get_running_loop()
-        self._unpacker = wire.child_unpacker()
-        self._frames: list[Any] = []
-        self._waiter: asyncio.Future[Any] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
-        self._failure: BaseException | None = None
         self._out = bytearray()
-        self.out_limit = 2 * wire.MAX_BROKER_FRAME  # what may wait for a child to read
         self._writing = False
-        os.set_blocking(child.from_child, False)
-        os.set_blocking(child.to_child, False)
-        self._loop.add_reader(child.from_child, self._on_readable)
+        self._reading = False
+        self.on_write_failed: Callable[[BaseException], None] = lambda _exc: None
+        os.set_blocking(worker.from_worker, False)
+        os.set_blocking(worker.to_worker, False)
+
+    def start_reading(self, callback: Callable[[], None]) -> None:
+        self.stop_reading()
+        self._loop.add_reader(self.worker.from_worker, callback)
         self._reading = True
 
-    # --- reading ---------------------------------------------------------------------------------
+    def stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.worker.from_worker)
+            self._reading = False
 
-    def _read(self) -> bytes:
-        """What the pipe holds (maybe nothing yet); raises ChildGone at its end."""
+    def read(self) -> bytes:
+        """What the pipe holds (maybe nothing yet); raises WorkerGone at its end."""
         try:
-            data = os.read(self.child.from_child, 1 << 16)
+            data = os.read(self.worker.from_worker, wire.READ_CHUNK)
         except BlockingIOError:
             return b""
         except OSError:
             data = b""
         if not data:
-            raise ChildGone()
+            raise WorkerGone()
         return data
+
+    def queue(self, data: bytes) -> None:
+        """Add to what waits to be written; a worker that stopped reading fails the channel."""
+        if self.worker.to_worker < 0:
+            return
+        self._out += data
+        if len(self._out) > self.out_limit:  # a worker that stopped reading its replies: hostile
+            self._out.clear()
+            self.on_write_failed(wire.ProtocolViolation("worker stopped reading its replies"))
+
+    def flush(self) -> None:
+        if self.worker.to_worker < 0:
+            return
+        try:
+            while self._out:
+                n = os.write(self.worker.to_worker, self._out)
+                del self._out[:n]
+        except BlockingIOError:
+            if not self._writing:
+                self._loop.add_writer(self.worker.to_worker, self.flush)
+                self._writing = True
+            return
+        except OSError:
+            self._out.clear()
+            self.on_write_failed(WorkerGone())
+        if self._writing:
+            self._loop.remove_writer(self.worker.to_worker)
+            self._writing = False
+
+    def close(self) -> None:
+        """Unregister and close both pipe ends. Idempotent."""
+        self.stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self.worker.to_worker)
+            self._writing = False
+        for fd in (self.worker.to_worker, self.worker.from_worker):
+            if fd >= 0:
+                os.close(fd)
+        self.worker.to_worker = self.worker.from_worker = -1
+
+
+class WorkerChannel:
+    """The plain dialect: one session, one request in flight, a deadline on the worker's computing."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.pipe = WorkerPipe(worker, out_limit=2 * wire.MAX_BROKER_FRAME)
+        self.pipe.on_write_failed = self._fail
+        self.unpacker: msgpack.Unpacker = wire.worker_unpacker()
+        self.on_lost: Callable[[BaseException], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._frames: list[Any] = []
+        self._waiter: asyncio.Future[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._failure: BaseException | None = None
+        self.pipe.start_reading(self._on_readable)
+
+    # --- reading ---------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
         try:
-            data = self._read()
-        except ChildGone as e:
+            data = self.pipe.read()
+        except WorkerGone as e:
             self._fail(e)
             return
         if not data:
             return
         try:
-            self._unpacker.feed(data)
-            for frame in self._unpacker:
+            self.unpacker.feed(data)
+            for frame in self.unpacker:
                 self._frames.append(frame)
         except Exception as e:  # BufferFull, malformed msgpack, limits exceeded
             self._fail(wire.ProtocolViolation(f"unreadable frame: {type(e).__name__}"))
             return
         if len(self._frames) > 1 or (self._frames and (self._waiter is None or self._waiter.done())):
-            # The broker always waits for the next request before the child can have its reply, so a
+            # The broker always waits for the next request before the worker can have its reply, so a
             # frame nobody waits for is a request sent ahead of its answer.
             self._fail(wire.ProtocolViolation("a second request before the first was answered"))
             return
@@ -100,6 +168,9 @@ class ChildChannel:
     def _deliver(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
+            if self._failure is not None and self.on_lost is not None:
+                on_lost, self.on_lost = self.on_lost, None
+                on_lost(self._failure)
             return
         if self._frames:
             waiter.set_result(self._frames.pop(0))
@@ -113,7 +184,7 @@ class ChildChannel:
         if self._failure is None:
             self._failure = exc
         self._frames.clear()
-        self._stop_reading()
+        self.pipe.stop_reading()
         self._deliver()
 
     def _expire(self) -> None:
@@ -130,7 +201,7 @@ class ChildChannel:
         self._waiter = None
 
     async def frame(self, timeout: float | None) -> Any:
-        """The child's next frame; raises ChildGone, Deadline or ProtocolViolation."""
+        """The worker's next frame; raises WorkerGone, Deadline or ProtocolViolation."""
         if self._frames:
             return self._frames.pop(0)
         if self._failure is not None:
@@ -147,49 +218,24 @@ class ChildChannel:
     # --- writing ---------------------------------------------------------------------------------
 
     def send(self, obj: Any) -> None:
-        """Queue one frame to the child; it is written as the pipe drains."""
-        if self.child.to_child < 0:
-            return
-        self._out += msgpack.packb(obj, use_bin_type=True)
-        if len(self._out) > self.out_limit:  # a child that stopped reading: hostile
-            self._fail(wire.ProtocolViolation("child stopped reading its replies"))
-            return
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            while self._out:
-                n = os.write(self.child.to_child, self._out)
-                del self._out[:n]
-        except BlockingIOError:
-            if not self._writing:
-                self._loop.add_writer(self.child.to_child, self._flush)
-                self._writing = True
-            return
-        except OSError:
-            self._out.clear()
-            self._fail(ChildGone())
-        if self._writing:
-            self._loop.remove_writer(self.child.to_child)
-            self._writing = False
+        """Queue one frame to the worker; it is written as the pipe drains."""
+        self.pipe.queue(wire.pack(obj))
+        self.pipe.flush()
 
     # --- teardown --------------------------------------------------------------------------------
 
-    def _stop_reading(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self.child.from_child)
-            self._reading = False
-
-    def close(self) -> None:
-        """Unregister and close both pipe ends (the channel owns them). Idempotent."""
-        self._stop_reading()
-        if self._writing:
-            self._loop.remove_writer(self.child.to_child)
-            self._writing = False
+    def detach(self) -> tuple[WorkerPipe, msgpack.Unpacker]:
+        """Hand the pipe and its decoder (with any bytes already read) to another dialect: dense mode
+        takes over a worker once its plain "ready" frame has been read."""
+        self.pipe.stop_reading()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for fd in (self.child.to_child, self.child.from_child):
-            if fd >= 0:
-                os.close(fd)
-        self.child.to_child = self.child.from_child = -1
+        return self.pipe, self.unpacker
+
+    def close(self) -> None:
+        """Unregister and close both pipe ends (the channel owns them). Idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pipe.close()

@@ -5,10 +5,11 @@ Used at start-up (does each script compile?) and by `deadend check` (also: its b
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-from broker.channel import ChildGone, Deadline
-from broker.pool import SandboxPool
+from broker.channel import Deadline, WorkerGone
+from broker.pool import Pool
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.scripts import Script
@@ -22,14 +23,14 @@ class Compiled:
     bytecode: bytes | None = None  # the main chunk as string.dump writes it (checks only)
 
 
-async def compile_in_sandbox(
-    pool: SandboxPool, script: Script, ceilings: Ceilings, *, dump: bool
-) -> Compiled:
-    sandbox = await pool.acquire(ACQUIRE_TIMEOUT, beyond_workers=True)
+async def compile_in_sandbox(pool: Pool, script: Script, ceilings: Ceilings, *, dump: bool) -> Compiled:
+    deadline = asyncio.get_running_loop().time() + ACQUIRE_TIMEOUT
+    lease = await pool.acquire(script, deadline, beyond_workers=True)
+    mode = wire.Mode.CHECK if dump else wire.Mode.COMPILE
     bytecode = None
     try:
         start = wire.Start(
-            mode="check" if dump else "compile",
+            mode=mode.value,
             source=script.source,
             chunkname=script.name,
             seed=(0, 0),
@@ -37,17 +38,17 @@ async def compile_in_sandbox(
             instructions=ceilings.instructions,
             clock=False,
         )
-        channel = sandbox.channel
+        channel = lease.channel
         channel.send(start.to_frame())
-        req = wire.parse_request(await channel.frame(ceilings.cpu_slice))
-        if dump and req.op == "dump":
+        req = wire.parse_request(await channel.frame(ceilings.cpu_slice), mode)
+        if req.op == "dump":
             bytecode = req.args[0]
             channel.send(None)
-            req = wire.parse_request(await channel.frame(ceilings.cpu_slice))
-    except (ChildGone, Deadline, wire.ProtocolViolation) as e:
+            req = wire.parse_request(await channel.frame(ceilings.cpu_slice), mode)
+    except (WorkerGone, Deadline, wire.ProtocolViolation) as e:
         return Compiled(f"the sandbox failed while compiling ({type(e).__name__})".encode())
     finally:
-        pool.release(sandbox)
+        lease.release("done")
     if req.op != "done":
         return Compiled(b"the sandbox answered a compile request with a call")
     kind, message = req.args
@@ -59,6 +60,6 @@ async def compile_in_sandbox(
     return Compiled(f"the sandbox could not compile it ({kind})".encode())
 
 
-async def compile_error(pool: SandboxPool, script: Script, ceilings: Ceilings) -> bytes | None:
+async def compile_error(pool: Pool, script: Script, ceilings: Ceilings) -> bytes | None:
     """The compiler's message if `script` does not compile, else None."""
     return (await compile_in_sandbox(pool, script, ceilings, dump=False)).error

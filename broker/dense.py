@@ -1,17 +1,19 @@
-"""Dense mode (`--sessions-per-worker K`): up to K sessions share one sandbox child, each in its own Lua
+"""Dense mode (`--sessions-per-worker K`): up to K sessions share one sandbox worker, each in its own Lua
 state with its own memory cap, instruction budget and CPU meter, multiplexed over the same pipe.
 
-The trade (SECURITY.md, README): a child killed for one session — the CPU deadline, a crash, a protocol
+The trade (SECURITY.md, README): a worker killed for one session — the CPU deadline, a crash, a protocol
 violation — takes its other sessions with it; each of them ends with reason `worker-lost`. New sessions
-go to the least loaded child, and a child is retired after 4 x K sessions.
+go to the least loaded worker, and a worker is retired after 4 x K sessions. The ports served with the
+global --sessions-per-worker share one dense pool; a port with dense settings of its own in the config
+file has a pool of its own (its workers serve that port only). All draw on the one WorkerSupply.
 
-Wire: every frame in either direction is preceded by its slot number (a msgpack integer). The broker
-starts a session by sending a start message to a free slot, and may end one with ABORT in place of a
-reply (the child answers ABORTED). The one-request-in-flight rule holds per slot.
+The dialect is DENSE in `deadend.wire`: every frame is preceded by its slot number. The one-request-in-
+flight rule holds per slot: the broker accepts a frame for a slot only when that slot is owed one.
 
-The CPU deadline is the child's, not a session's: the child handles its pipe in order, so whenever the
-broker is owed a frame and none arrives for `--cpu-slice` seconds, the child is stuck in the session whose
-message it took first — the oldest one owed. That session ends with `cpu-deadline`, the rest `worker-lost`.
+The CPU deadline is the worker's, not a session's: the worker handles its pipe in order, so whenever the
+broker is owed a frame and none arrives for `--cpu-slice` seconds, the worker is stuck in the session
+whose message it took first — the oldest one owed. That session ends with `cpu-deadline`, the rest
+`worker-lost`.
 """
 
 from __future__ import annotations
@@ -19,24 +21,31 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from broker import monitor as m
-from broker.channel import ChildChannel, ChildGone, Deadline, WorkerLost
-from broker.pool import PoolClosed, Sandbox, SandboxPool
-from broker.privileges import RunAs
-from broker.zygote import ChildProcess, retire_after
+import msgpack
+
+from broker.channel import Deadline, WorkerChannel, WorkerGone, WorkerLost, WorkerPipe
+from broker.pool import Lease
+from broker.workers import PoolClosed, Waiter, WorkerSupply
+from broker.zygote import WorkerProcess
 from deadend import wire
-from deadend.config import Ceilings
 from deadend.logs import EventLog
+from deadend.reasons import Reason
 from deadend.scripts import Script
 
-# Session ends after which the shared child is killed rather than trusted with more sessions.
-KILL_CHILD_REASONS = frozenset({m.END_PROTOCOL, m.END_CRASH, m.END_SECCOMP, m.END_CPU_DEADLINE})
+# Session ends after which the shared worker is killed rather than trusted with more sessions.
+KILL_WORKER_REASONS = frozenset({Reason.PROTOCOL, Reason.CRASH, Reason.SECCOMP, Reason.CPU_DEADLINE})
+
+
+def retire_after(sessions_per_worker: int) -> int:
+    """Sessions a dense worker serves in its life: bounds its heap fragmentation and CPU total."""
+    return 4 * sessions_per_worker
 
 
 class Slot:
-    """One session's view of a shared child: the same frame()/send() a ChildChannel offers."""
+    """One session's view of a shared worker: the same frame()/send() a WorkerChannel offers."""
 
     def __init__(self, channel: DenseChannel, number: int) -> None:
         self.channel = channel
@@ -44,14 +53,14 @@ class Slot:
         self.frames: collections.deque[Any] = collections.deque()
         self.waiter: asyncio.Future[Any] | None = None
         self.failure: BaseException | None = None
-        self.owed = False  # the child owes this slot a frame (a start message or a reply was sent)
-        self.done = False  # the child reported the session's end: its Lua state is gone
+        self.owed = False  # the worker owes this slot a frame (a start message or a reply was sent)
+        self.done = False  # the worker reported the session's end: its Lua state is gone
         self.aborting = False  # released by the broker before the end: ABORT sent or to be sent
         self.abort_sent = False
         self.on_lost: Callable[[BaseException], None] | None = None  # wakes a session busy elsewhere
 
     async def frame(self, timeout: float | None) -> Any:
-        """The next frame for this session. The timeout is the child's watchdog's, not this call's."""
+        """The next frame for this session. The timeout is the worker's watchdog's, not this call's."""
         if self.frames:
             return self.frames.popleft()
         if self.failure is not None:
@@ -64,9 +73,6 @@ class Slot:
 
     def send(self, obj: Any) -> None:
         self.channel.send_to(self, obj)
-
-    def close(self) -> None:
-        pass  # the pool decides what happens to the slot and the child
 
     def deliver(self, frame: Any) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -84,25 +90,36 @@ class Slot:
             self.on_lost(exc)
 
 
-class DenseChannel(ChildChannel):
-    """The broker's end of a shared child's pipes: slots, routing, the child-wide CPU watchdog."""
+class DenseChannel:
+    """The broker's end of a shared worker's pipes: slots, routing, the worker-wide CPU watchdog."""
 
-    def __init__(self, child: ChildProcess, capacity: int, cpu_slice: float) -> None:
-        super().__init__(child)
-        # K sessions may each be owed a message while the child computes: replies (a recv's bytes at most)
-        # and start messages (a script each) queue up; a child that stops reading is still bounded.
-        self.out_limit = 2 * wire.MAX_BROKER_FRAME + capacity * (wire.RECV_MAX + 4096)
+    def __init__(
+        self,
+        worker: WorkerProcess,
+        pipe: WorkerPipe,
+        unpacker: msgpack.Unpacker,
+        capacity: int,
+        cpu_slice: float,
+    ) -> None:
+        self.worker = worker
+        self.pipe = pipe
+        # Each of the K slots may be owed one message while the worker computes: a start message (a script
+        # each, all K may start at once) or a reply (a recv's bytes at most). A worker that stops reading is
+        # still bounded: past this, it is killed.
+        pipe.out_limit = capacity * (wire.MAX_BROKER_FRAME + wire.SLOT_PREFIX_MAX) + wire.MAX_BROKER_FRAME
+        pipe.on_write_failed = self._fail
+        self.reader = wire.SlotReader(unpacker)
         self.capacity = capacity
         self.cpu_slice = cpu_slice
-        self.ready = False  # until the child's "ready", the plain channel reads it
         self.slots: dict[int, Slot] = {}
         self.free = list(range(capacity - 1, -1, -1))  # slot numbers, popped from the end
         self.on_free: Callable[[DenseChannel], None] | None = None
-        self._owed: dict[int, Slot] = {}  # insertion order is the order the child will answer in
-        self._slot_no: int | None = None  # a slot number read, its frame not yet
+        self._owed: dict[int, Slot] = {}  # insertion order is the order the worker will answer in
         self._watchdog: asyncio.TimerHandle | None = None
-        self.lost = False  # the child is dead or being killed: no slot is reused
+        self.lost = False  # the worker is dead or being killed: no slot is reused
         self._flush_pending = False
+        self._loop = asyncio.get_running_loop()
+        pipe.start_reading(self._on_readable)
 
     @property
     def open_slots(self) -> int:
@@ -116,26 +133,20 @@ class DenseChannel(ChildChannel):
     # --- reading ---------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if not self.ready:
-            super()._on_readable()
-            return
         try:
-            data = self._read()
-        except ChildGone as e:
-            self._lose_all(e)
+            data = self.pipe.read()
+        except WorkerGone as e:
+            self.lose(e)
             return
         if not data:
             return
         try:
-            self._unpacker.feed(data)
-            for obj in self._unpacker:
-                if self._slot_no is None:
-                    if type(obj) is not int or obj not in self.slots:
-                        raise wire.ProtocolViolation("a frame for a session the child does not hold")
-                    self._slot_no = obj
-                    continue
-                self._route(self.slots[self._slot_no], obj)
-                self._slot_no = None  # only now: a violation in _route names this slot as the culprit
+            self.reader.feed(data)
+            for number, frame in self.reader:
+                slot = self.slots.get(number)
+                if slot is None:
+                    raise wire.ProtocolViolation("a frame for a session the worker does not hold")
+                self._route(slot, frame)
         except wire.ProtocolViolation as e:
             self._violation(e)
         except Exception as e:  # BufferFull, malformed msgpack, limits exceeded
@@ -169,31 +180,27 @@ class DenseChannel(ChildChannel):
         slot.owed = True
         self._owed[slot.number] = slot
         if self._watchdog is None:
-            self._watchdog = self._loop.call_later(self.cpu_slice, self._expire_child)
-        self._out += wire.pack(slot.number)
-        self.send(obj)
-
-    def _flush(self) -> None:
+            self._watchdog = self._loop.call_later(self.cpu_slice, self._expire_worker)
+        self.pipe.queue(wire.pack_slot(slot.number, obj))
         # Replies made in one turn of the event loop (timers that fired together) leave in one write:
-        # one wake-up of the child instead of one each.
+        # one wake-up of the worker instead of one each.
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        if self.child.to_child >= 0:  # not closed meanwhile
-            super()._flush()
+        self.pipe.flush()
 
     # --- ending sessions ---------------------------------------------------------------------------
 
     def release(self, slot: Slot) -> None:
-        """The session is over on the broker's side; free the slot now, or once the child let it go."""
+        """The session is over on the broker's side; free the slot now, or once the worker let it go."""
         if slot.done or slot.failure is not None:
             self._finish(slot)
             return
         slot.aborting = True
-        if not slot.owed:  # the child waits for a reply: ABORT is that reply
+        if not slot.owed:  # the worker waits for a reply: ABORT is that reply
             slot.abort_sent = True
             self.send_to(slot, wire.ABORT)
 
@@ -205,48 +212,46 @@ class DenseChannel(ChildChannel):
         if self.on_free is not None:
             self.on_free(self)
 
-    # --- the child dies, and takes its sessions with it --------------------------------------------
+    # --- the worker dies, and takes its sessions with it -------------------------------------------
 
     def _rearm(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._owed:  # the child made progress: it has a slice again for the next owed frame
-            self._watchdog = self._loop.call_later(self.cpu_slice, self._expire_child)
+        if self._owed:  # the worker made progress: it has a slice again for the next owed frame
+            self._watchdog = self._loop.call_later(self.cpu_slice, self._expire_worker)
 
-    def _expire_child(self) -> None:
+    def _expire_worker(self) -> None:
         self._watchdog = None
-        self.child.kill()
-        self._lose_all(Deadline(), blame_oldest=True)
+        self.worker.kill()
+        self.lose(Deadline(), blame_oldest=True)
 
     def _fail(self, exc: BaseException) -> None:
-        # The plain channel's failures once slots are in use (a child that stopped reading its replies).
-        if not self.ready:
-            super()._fail(exc)
-            return
-        self.child.kill()
-        self._lose_all(exc)
+        # The pipe's failures: a worker that stopped reading its replies, or a write that failed.
+        self.worker.kill()
+        self.lose(exc)
 
     def _violation(self, e: wire.ProtocolViolation) -> None:
-        self.child.kill()
-        culprit = self.slots.get(self._slot_no) if self._slot_no is not None else None
+        self.worker.kill()
+        number = self.reader.pending_slot
+        culprit = self.slots.get(number) if number is not None else None
         if culprit is not None:
             culprit.fail(e)
-        self._lose_all(e, blame_oldest=culprit is None)
+        self.lose(e, blame_oldest=culprit is None)
 
-    def _lose_all(self, cause: BaseException, *, blame_oldest: bool = True) -> None:
+    def lose(self, cause: BaseException, *, blame_oldest: bool = True) -> None:
         """Fail every slot: the oldest owed one with `cause`, the others with WorkerLost."""
         self.lost = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self._stop_reading()
+        self.pipe.stop_reading()
         oldest = next(iter(self._owed.values()), None) if blame_oldest else None
         if oldest is not None:
             oldest.fail(cause)
         what = "the CPU deadline" if isinstance(cause, Deadline) else type(cause).__name__
         lost = WorkerLost(
-            f"the sandbox it shared (pid {self.child.pid}) was killed: {what} in another session"
+            f"the sandbox it shared (pid {self.worker.pid}) was killed: {what} in another session"
         )
         for slot in list(self.slots.values()):
             slot.fail(lost)
@@ -257,130 +262,162 @@ class DenseChannel(ChildChannel):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        super().close()
+        self.pipe.close()
 
 
-class DensePool(SandboxPool):
-    """SandboxPool's children, zygote supervision and queue, with K sessions per child."""
+@dataclass(eq=False, slots=True)
+class _Host:
+    channel: DenseChannel
+    served: int = 0  # sessions started in it
 
-    def __init__(
-        self,
-        ceilings: Ceilings,
-        log: EventLog,
-        workers: int,
-        warm: int,
-        queue_size: int,
-        run_as: RunAs | None,
-        sessions_per_child: int,
-    ) -> None:
-        super().__init__(ceilings, log, workers, min(warm, 1), queue_size, run_as, sessions_per_child)
-        self.capacity = sessions_per_child
-        self.retire_after = retire_after(sessions_per_child)
-        self.live: list[Sandbox] = []  # children taking sessions, or finishing them once retired
-        self._served: dict[int, int] = {}  # sessions started, by child pid
-        self.sessions = 0
 
-    def _channel_for(self, child: ChildProcess) -> ChildChannel:
-        channel = DenseChannel(child, self.capacity, self.ceilings.cpu_slice)
-        channel.on_free = self._slot_freed_in
-        return channel
+@dataclass
+class DensePool:
+    """Up to K sessions of one port per worker."""
 
-    def _became_ready(self, channel: ChildChannel) -> None:
-        assert isinstance(channel, DenseChannel)
-        channel.ready = True
+    supply: WorkerSupply
+    log: EventLog
+    request: wire.ForkRequest
+    name: str  # its tenant in the budget, and its scope for the per-IP cap
+    sessions_per_worker: int
+    cpu_slice: float
+    live: list[_Host] = field(default_factory=list)  # workers taking sessions, or finishing them once retired
+    sessions: int = 0
+    _spawning: int = 0  # workers being forked for this pool
+    _spawned: asyncio.Event = field(
+        default_factory=asyncio.Event
+    )  # set when one of them is ready (or failed)
+    _closed: bool = False
+
+    @property
+    def retire_after(self) -> int:
+        return retire_after(self.sessions_per_worker)
+
+    @property
+    def capacity(self) -> int:
+        return self.supply.budget.cap(self.name) * self.sessions_per_worker
 
     @property
     def busy(self) -> int:
         return self.sessions
 
-    def at_capacity(self) -> bool:
-        return self._pick() is None and not self._warm and self.alive >= self.workers
+    @property
+    def warm(self) -> int:
+        return 0
 
-    def _pick(self) -> Sandbox | None:
-        """The least loaded child with a free slot that is not retired."""
-        best, load = None, self.capacity
-        for sandbox in self.live:
-            channel = sandbox.channel
-            assert isinstance(channel, DenseChannel)
-            if (
-                channel.free
-                and channel.open_slots < load
-                and self._served[sandbox.child.pid] < self.retire_after
-            ):
-                best, load = sandbox, channel.open_slots
+    def at_capacity(self, script: Script) -> bool:
+        return not self._can_go()
+
+    def _can_go(self) -> bool:
+        return self._pick() is not None or (self.supply.budget.may_assign(self.name) and self.supply.room())
+
+    def _pick(self) -> _Host | None:
+        """The least loaded worker with a free slot that is not retired."""
+        best, load = None, self.sessions_per_worker
+        for host in self.live:
+            channel = host.channel
+            if channel.free and channel.open_slots < load and host.served < self.retire_after:
+                best, load = host, channel.open_slots
         return best
 
-    async def acquire(
-        self, timeout: float, *, beyond_workers: bool = False, script: Script | None = None
-    ) -> Sandbox:
-        """A slot in the least loaded child; a new child if none has room; else wait in the queue.
+    async def acquire(self, script: Script, deadline: float, *, beyond_workers: bool = False) -> Lease:
+        """A slot in the least loaded worker; a new worker if none has room; else wait in the queue."""
+        waiter: Waiter | None = None
+        try:
+            while True:
+                if self._closed or self.supply.closed:
+                    raise PoolClosed
+                host = self._pick()
+                if host is not None:
+                    return self._open(host)
+                if self._spawning:
+                    # A worker on its way has room for this session too: wait for it rather than fork more.
+                    self._spawned.clear()
+                    async with asyncio.timeout_at(deadline):
+                        await self._spawned.wait()
+                    continue
+                if self.supply.budget.may_assign(self.name):
+                    if self.supply.room():
+                        await self._spawn()
+                        continue
+                    self.supply.make_room()
+                if waiter is None:
+                    waiter = self.supply.enter(self._can_go)
+                await self.supply.wait(waiter, deadline)
+        finally:
+            self.supply.leave(waiter)
 
-        Dense children are not prepared for one script (`script` is not used): each serves many.
-        """
+    async def _spawn(self) -> None:
+        self.supply.budget.assign(self.name)
+        self._spawning += 1
+        try:
+            plain = await self.supply.spawn(self.request)
+        except BaseException:
+            self.supply.budget.unassign(self.name)
+            raise
+        finally:
+            self._spawning -= 1
+            self._spawned.set()
+        self._adopt(plain)
+
+    def _adopt(self, plain: WorkerChannel) -> None:
+        """A new worker said "ready" in the plain dialect; from now on it speaks the dense one."""
+        pipe, unpacker = plain.detach()
+        channel = DenseChannel(plain.worker, pipe, unpacker, self.sessions_per_worker, self.cpu_slice)
+        channel.on_free = self._slot_freed_in
+        host = _Host(channel)
+        self.live.append(host)
+        plain.worker.exited.add_done_callback(lambda _: self._worker_exited(host))
         if self._closed:
-            raise PoolClosed
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            host = self._pick()
-            if host is None and (self._warm or self.alive < self.workers or beyond_workers):
-                past_the_cap = not self._warm and self.alive >= self.workers
-                sandbox = await super().acquire(timeout, beyond_workers=beyond_workers)  # does not wait
-                self.live.append(sandbox)
-                # A child forked past --workers (a compile on reload) serves that one session, then retires.
-                self._served[sandbox.child.pid] = self.retire_after - 1 if past_the_cap else 0
-                continue
-            if host is None:
-                await self._wait_for_room(deadline)
-                continue
-            channel = host.channel
-            assert isinstance(channel, DenseChannel)
-            self._served[host.child.pid] += 1
-            self.sessions += 1
-            slot = channel.open_slot()
-            if channel.free:
-                self._wake_one()  # a new child has room for more than this one queued connection
-            return Sandbox(host.child, slot)
+            self._discard(host)
 
-    async def close(self) -> None:
-        self.stop_acquiring()
-        while self.live:
-            self._discard(self.live.pop())
-        await super().close()
+    def _open(self, host: _Host) -> Lease:
+        host.served += 1
+        self.sessions += 1
+        slot = host.channel.open_slot()
+        if host.channel.free:
+            self.supply.wake()  # a worker with room for more than this one queued connection
+        released = False
 
-    def release(self, sandbox: Sandbox, reason: str = m.END_RETURNED) -> None:
-        slot = sandbox.channel
-        if not isinstance(slot, Slot):  # a whole child (a warm one discarded at shutdown)
-            super().release(sandbox)
-            return
-        self.sessions -= 1
-        if reason in KILL_CHILD_REASONS and slot.failure is None:
-            # A session that broke the protocol or crashed its state: its child is not trusted further.
-            slot.channel.child.kill()
-            cause = wire.ProtocolViolation(reason) if reason == m.END_PROTOCOL else ChildGone(reason)
-            slot.channel._lose_all(cause, blame_oldest=False)
-        slot.channel.release(slot)
+        def release(reason: str) -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.sessions -= 1
+            if reason in KILL_WORKER_REASONS and slot.failure is None:
+                # A session that broke the protocol or crashed its state: its worker is not trusted further.
+                host.channel.worker.kill()
+                cause = wire.ProtocolViolation(reason) if reason == Reason.PROTOCOL else WorkerGone(reason)
+                host.channel.lose(cause, blame_oldest=False)
+            host.channel.release(slot)
+
+        return Lease(host.channel.worker, slot, wire.Mode.DENSE, release)
 
     def _slot_freed_in(self, channel: DenseChannel) -> None:
-        pid = channel.child.pid
-        host = next((s for s in self.live if s.channel is channel), None)
+        host = next((h for h in self.live if h.channel is channel), None)
         if host is None:
             return
-        retired = self._served.get(pid, 0) >= self.retire_after
-        if channel.open_slots == 0 and (retired or channel.lost):
+        if channel.open_slots == 0 and (host.served >= self.retire_after or channel.lost):
             self.live.remove(host)
-            self._served.pop(pid, None)
-            self._discard(host)  # its exit report frees the pool's count of children
+            self._discard(host)  # its exit report frees the slot in the supply and the port's budget
         else:
-            self._wake_one()
+            self.supply.wake()
 
-    def _on_child_exit(self, child: ChildProcess) -> None:
+    @staticmethod
+    def _discard(host: _Host) -> None:
+        host.channel.worker.kill()
+
+    def _worker_exited(self, host: _Host) -> None:
+        if host in self.live:
+            self.live.remove(host)
+        host.channel.lose(WorkerGone())
+        host.channel.close()
+        host.channel.worker.release()
+        self.supply.budget.unassign(self.name)
+        self.supply.wake()
+
+    async def close(self) -> None:
+        self._closed = True
         for host in list(self.live):
-            if host.child is child:
-                self.live.remove(host)
-                self._served.pop(child.pid, None)
-                channel = host.channel
-                assert isinstance(channel, DenseChannel)
-                channel._lose_all(ChildGone())
-                channel.close()
-                child.release()
-        super()._on_child_exit(child)
+            self._discard(host)

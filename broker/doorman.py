@@ -15,15 +15,18 @@ import secrets
 import socket
 import time
 
-from broker import monitor as m
-from broker.gate import Gate
+from broker.gate import Counted, Gate
 from broker.memory import return_free_memory
 from broker.net import peer_ip, read_proxy_header
-from broker.pool import PoolClosed, QueueFull, Sandbox, SandboxPool
-from broker.session import Session, SessionSettings, log_session_end, start_message
+from broker.pool import Lease, Pool
+from broker.ratelimit import TokenBucket
+from broker.sandboxes import SandboxSet
+from broker.session import Session, SessionSettings, log_session_end
+from broker.workers import PoolClosed, QueueFull
 from deadend.config import Config
 from deadend.logs import EventLog, Where, sanitize
 from deadend.proxy import ProxyError
+from deadend.reasons import ClosedBy, Reason
 from deadend.recording import Recorder, SessionMeta, SessionRecording
 from deadend.scripts import Script
 
@@ -40,43 +43,55 @@ class Arrival:
     script: Script
     started: float  # loop time of the accept
     wall_started: float  # time.time() of the accept, for recordings
-    counted_ip: str | None  # what the gate counted against the per-IP cap
+    counted: Counted | None  # what the gate counted against the per-IP cap
     proxy: str | None = None  # the proxy's address when the peer came in a PROXY header
     pending: bytes = b""  # client bytes that arrived with the PROXY header
 
 
 class Doorman:
     def __init__(
-        self, config: Config, log: EventLog, pool: SandboxPool, gate: Gate, recorder: Recorder | None
+        self, config: Config, log: EventLog, sandboxes: SandboxSet, gate: Gate, recorder: Recorder | None
     ) -> None:
         self.config = config
         self.log = log
-        self.pool = pool
+        self.sandboxes = sandboxes
         self.gate = gate
         self.recorder = recorder
-        self.settings = SessionSettings(config.ceilings, config.allow_clock, config.shutdown_grace)
-        # Warm children are prepared for the scripts connections ask for (a dense pool asks for none).
-        pool.preparer = lambda script: start_message(script, self.settings, "prepare")
+        loop = asyncio.get_running_loop()
+        # The API calls of every session together: the broker's own CPU stays bounded however many spin.
+        self.calls = TokenBucket(config.call_rate_total, config.call_rate_total / 10, loop.time())
         self.sessions: set[Session] = set()
         self.handlers: set[asyncio.Task[None]] = set()
         self.active_by_port: collections.Counter[int] = collections.Counter()
         self.released = asyncio.Event()  # set whenever a connection ends (descriptors came free)
         self._last_trim = float("-inf")
 
+    def settings(self, script: Script) -> SessionSettings:
+        """What a session of `script` runs with (its port's own ceilings, from the config file)."""
+        c = self.config
+        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace, self.calls)
+
+    def per_ip_cap(self, pool: Pool) -> tuple[str, int]:
+        """The scope and the cap of the per-IP limit for a connection to `pool`."""
+        if self.config.max_per_ip is not None:
+            return "", self.config.max_per_ip
+        return pool.name, max(1, pool.capacity // 4)
+
     def admit(self, conn: socket.socket, addr: tuple[str, int], port: int, script: Script) -> None:
         """Called for each accepted socket: refuse it at once, or start handling it."""
         loop = asyncio.get_running_loop()
         where = Where(port, secrets.token_hex(6), peer_ip(addr[0]), addr[1])
+        scope, cap = self.per_ip_cap(self.sandboxes.pool_for(script))
         if self.config.proxy_protocol:
-            counted = None  # the real peer, the one to count and to classify, comes in the header
+            ip = None  # the real peer, the one to count and to classify, comes in the header
         else:
             where = self._classify(where)
-            counted = where.peer
-        refused = self.gate.admit(counted)
+            ip = where.peer
+        refused, counted = self.gate.admit(ip, scope, cap)
         if refused is not None:
             # Cheap: no sandbox, no connect line; the one session-end line says why.
             conn.close()
-            log_session_end(self.log, where, refused, 0.0, 0, 0, "-")
+            log_session_end(self.log, where, refused, 0.0, 0, 0, ClosedBy.NONE)
             return
         conn.setblocking(False)
         arrival = Arrival(conn, where, script, loop.time(), time.time(), counted)
@@ -98,11 +113,11 @@ class Doorman:
             if self.config.proxy_protocol and not await self._read_proxy_header(a):
                 return
             if a.where.quiet and self.config.ignore_action == "refuse":
-                self._refuse(a, m.END_IGNORED)
+                self._refuse(a, Reason.IGNORED)
                 return
             await self._serve(a)
         finally:
-            self.gate.release(a.counted_ip)
+            self.gate.release(a.counted)
             port = a.where.port or 0
             self.active_by_port[port] -= 1
             if not self.active_by_port[port]:
@@ -110,9 +125,10 @@ class Doorman:
             self.released.set()
             self._trim_when_idle()
 
-    def _refuse(self, a: Arrival, reason: str) -> None:
+    def _refuse(self, a: Arrival, reason: Reason) -> None:
         a.conn.close()
-        log_session_end(self.log, a.where, reason, asyncio.get_running_loop().time() - a.started, 0, 0, "-")
+        duration = asyncio.get_running_loop().time() - a.started
+        log_session_end(self.log, a.where, reason, duration, 0, 0, ClosedBy.NONE)
 
     async def _read_proxy_header(self, a: Arrival) -> bool:
         try:
@@ -125,18 +141,18 @@ class Doorman:
             else:
                 error = sanitize(str(e), 256)
             self.log.warn(a.where, "proxy.error", f"refused: {error}", error=error)
-            self._refuse(a, m.END_PROXY_HEADER)
+            self._refuse(a, Reason.PROXY_HEADER)
             return False
         if header.source is not None:  # else a LOCAL header (the proxy's health check): the proxy is the peer
             a.proxy = a.where.peer
             ip, port = header.source  # already in the form scripts see (deadend.proxy.peer_text)
             a.where = dataclasses.replace(a.where, peer=ip, peer_port=port)
         a.where = self._classify(a.where)
-        refused = self.gate.admit_source(a.where.peer)
+        scope, cap = self.per_ip_cap(self.sandboxes.pool_for(a.script))
+        refused, a.counted = self.gate.admit_source(a.where.peer, scope, cap)
         if refused is not None:
             self._refuse(a, refused)
             return False
-        a.counted_ip = a.where.peer
         return True
 
     async def _serve(self, a: Arrival) -> None:
@@ -149,37 +165,40 @@ class Doorman:
             script=a.script.name,
             proxy=a.proxy,
         )
-        sandbox = await self._sandbox_for(a)
-        if sandbox is None:
+        lease = await self._lease_for(a)
+        if lease is None:
             return
-        session = Session(a.conn, where, a.script, self.settings, self.log, self._recording(a), a.pending)
+        session = Session(
+            a.conn, where, a.script, self.settings(a.script), self.log, self._recording(a), a.pending
+        )
         self.sessions.add(session)
         try:
-            await session.run(self.pool, sandbox)
+            await session.run(lease)
         finally:
             self.sessions.discard(session)
 
-    async def _sandbox_for(self, a: Arrival) -> Sandbox | None:
+    async def _lease_for(self, a: Arrival) -> Lease | None:
         """A sandbox, or None after refusing the connection (each refusal logged once)."""
         loop, where, c = asyncio.get_running_loop(), a.where, self.config
-        queued = self.pool.at_capacity() and self.pool.queued < c.queue_size
+        pool = self.sandboxes.pool_for(a.script)
+        queued = pool.at_capacity(a.script) and self.sandboxes.queued < c.queue_size
         if queued:
-            waiting = self.pool.queued
-            message = f"all {c.workers} sandboxes busy; queued ({waiting} already waiting)"
+            waiting = self.sandboxes.queued
+            message = f"no sandbox free for port {where.port}; queued ({waiting} already waiting)"
             self.log.info(where, "queued", message, waiting=waiting)
         refused, level, why = None, "warn", ""
         try:
-            sandbox = await self.pool.acquire(c.queue_timeout, script=a.script)
+            lease = await pool.acquire(a.script, loop.time() + c.queue_timeout)
         except QueueFull:
-            refused, why = m.END_QUEUE_FULL, f"all {c.workers} sandboxes busy and the queue is full"
+            refused, why = Reason.QUEUE_FULL, "no sandbox free and the queue is full"
         except TimeoutError:
-            refused, why = m.END_CAPACITY, f"no sandbox free within {c.queue_timeout:g}s"
+            refused, why = Reason.CAPACITY, f"no sandbox free within {c.queue_timeout:g}s"
         except (PoolClosed, asyncio.CancelledError):
-            refused = m.END_SHUTDOWN
+            refused = Reason.SHUTDOWN
         except OSError as e:  # the zygote could not fork: out of processes or memory
-            refused, why = m.END_CAPACITY, f"no sandbox could be forked ({sanitize(e.strerror or str(e))})"
+            refused, why = Reason.CAPACITY, f"no sandbox could be forked ({sanitize(e.strerror or str(e))})"
         except Exception as e:  # zygote trouble: this connection fails, the broker goes on
-            refused, level = m.END_CRASH, "error"
+            refused, level = Reason.CRASH, "error"
             why = f"no sandbox could be started: {sanitize(type(e).__name__)}"
         if refused is not None:
             if why:
@@ -189,7 +208,7 @@ class Doorman:
         if queued:
             waited = round((loop.time() - a.started) * 1000)
             self.log.info(where, "dequeued", f"dequeued after {waited}ms", waited_ms=waited)
-        return sandbox
+        return lease
 
     def _recording(self, a: Arrival) -> SessionRecording | None:
         if self.recorder is None or a.where.quiet:

@@ -1,7 +1,8 @@
 """The connection gate: global and per-IP caps, applied at accept time before any sandbox is involved.
 
-No peer honeypot caps concurrent connections per source address (research/peers.md); without it one
-address can hold every worker. Refused connections cost one accept and one close, and are counted.
+Comparable honeypots (Cowrie, OpenCanary, endlessh) do not cap concurrent connections per source address;
+without it one address can hold every worker. Refused connections cost one accept and one close, and are
+counted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import resource
 from dataclasses import dataclass, field
 from typing import Final
 
-from broker import monitor as m
+from deadend.reasons import Reason
 
 FDS_PER_SESSION: Final = 4  # client socket, two pipe ends, one pidfd
 FDS_PER_WARM_CHILD: Final = 3
@@ -44,54 +45,54 @@ def connections_fd_allows(fd_limit: int, listeners: int, warm: int, sessions_per
     return max(1, spare // per_child * sessions_per_child + max(0, spare % per_child - FDS_PER_WARM_CHILD))
 
 
+Counted = tuple[str, str]  # (scope, source): what one connection is counted as against the per-IP cap
+
+
 @dataclass
 class Gate:
+    """--max-connections, and the per-IP cap: `--max-per-ip` for every address across the broker when
+    given, else a quarter of what the connection's pool can hold, per pool (the caller names the scope)."""
+
     max_connections: int
-    max_per_ip: int
     active: int = 0
-    per_ip: dict[str, int] = field(default_factory=dict)
+    per_ip: dict[Counted, int] = field(default_factory=dict)
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
 
-    def admit(self, ip: str | None) -> str | None:
-        """Count a new connection in, or return the reason it is refused.
+    def admit(self, ip: str | None, scope: str = "", cap: int = 0) -> tuple[Reason | None, Counted | None]:
+        """Count a new connection in, or say why it is refused; also what was counted for the per-IP cap.
 
         `ip` None defers the per-IP cap to `admit_source` (the real peer comes in a PROXY header).
         """
         if self.active >= self.max_connections:
-            reason = m.END_CONN_LIMIT
-        elif ip is not None and self.per_ip.get(source_of(ip), 0) >= self.max_per_ip:
-            reason = m.END_PER_IP_LIMIT
-        else:
-            self.active += 1
-            if ip is not None:
-                self._count_source(ip)
-            return None
-        self.refused[reason] += 1
-        return reason
+            self.refused[Reason.CONN_LIMIT] += 1
+            return Reason.CONN_LIMIT, None
+        counted = None
+        if ip is not None:
+            refused, counted = self.admit_source(ip, scope, cap)
+            if refused is not None:
+                return refused, None
+        self.active += 1
+        return None, counted
 
-    def admit_source(self, ip: str) -> str | None:
-        """The per-IP cap for a connection already admitted with `admit(None)`."""
-        if self.per_ip.get(source_of(ip), 0) >= self.max_per_ip:
-            self.refused[m.END_PER_IP_LIMIT] += 1
-            return m.END_PER_IP_LIMIT
-        self._count_source(ip)
-        return None
+    def admit_source(self, ip: str, scope: str, cap: int) -> tuple[Reason | None, Counted | None]:
+        """The per-IP cap alone (for a connection admitted with `admit(None)`)."""
+        key = (scope, source_of(ip))
+        if self.per_ip.get(key, 0) >= cap:
+            self.refused[Reason.PER_IP_LIMIT] += 1
+            return Reason.PER_IP_LIMIT, None
+        self.per_ip[key] = self.per_ip.get(key, 0) + 1
+        return None, key
 
-    def _count_source(self, ip: str) -> None:
-        source = source_of(ip)
-        self.per_ip[source] = self.per_ip.get(source, 0) + 1
-
-    def release(self, ip: str | None) -> None:
-        """`ip` is what was counted: None for a connection whose source never was."""
+    def release(self, counted: Counted | None) -> None:
+        """`counted` is what `admit` counted: None for a connection whose source never was."""
         self.active -= 1
-        if ip is None:
+        if counted is None:
             return
-        source = source_of(ip)
-        left = self.per_ip[source] - 1
+        left = self.per_ip[counted] - 1
         if left:
-            self.per_ip[source] = left
+            self.per_ip[counted] = left
         else:
-            del self.per_ip[source]  # the table never holds more sources than live connections
+            del self.per_ip[counted]  # the table never holds more sources than live connections
 
 
 def source_of(ip: str) -> str:

@@ -21,14 +21,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker import monitor as m
 from deadend import __version__
 from deadend.logs import Where
+from deadend.reasons import REFUSED, Reason
 
-# Session-end reasons that mean the connection never reached a script.
-REFUSED_REASONS = frozenset(
-    {m.END_CONN_LIMIT, m.END_PER_IP_LIMIT, m.END_CAPACITY, m.END_QUEUE_FULL, m.END_PROXY_HEADER}
-)
 DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0)
 
 
@@ -135,11 +131,11 @@ class BrokerMetrics:
         elif event == "session.end":
             reason = str(fields["reason"])
             if where.quiet:
-                turned_away = reason == m.END_IGNORED or reason in REFUSED_REASONS
+                turned_away = reason == Reason.IGNORED or reason in REFUSED
                 self.ignored.labels(port, "refuse" if turned_away else "serve").inc()
                 return
             self.ended.labels(port, reason).inc()
-            if reason in REFUSED_REASONS:
+            if reason in REFUSED:
                 self.refused.labels(port, reason).inc()
                 return
             duration = fields["duration"]

@@ -1,75 +1,30 @@
-"""The monitor: one session's state, answering the fixed table of requests of `deadend.wire`.
+"""The monitor: one session's state, answering the request table of `deadend.wire`.
 
 Pure logic in the manner of h11: no sockets, no processes, no clock of its own (the caller passes `now`).
 It turns each validated request into one action for the I/O layer (`broker.session`) and is told the
-outcome. Recv limits, the tarpit delay, close, the log rate and the linger ceiling are decided here.
+outcomes, and what happens to the connection meanwhile (the peer left, a recv waited too long). Recv
+limits, the tarpit delay, close, the log rate, the API call rate and the linger ceiling are decided here.
+Every request of the table permitted in a session has exactly one handler (`_on_<name>`); the table, not
+an if-chain, says which requests exist and where they are permitted.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
+from broker.ratelimit import TokenBucket
+from deadend import wire
 from deadend.config import Ceilings
-from deadend.wire import LOG_MAX, ProtocolViolation, Request
-
-# Why a connection was closed while the script may still run (reported on the session-end line).
-CLOSED_BY_PEER: Final = "peer"
-CLOSED_BY_SCRIPT: Final = "script"
-CLOSED_BY_LIMIT: Final = "limit"
-CLOSED_BY_SHUTDOWN: Final = "shutdown"
-
-# How a session ended (the `reason=` of the session-end line). One home for the vocabulary; each is one
-# token so that `key=value` log lines stay trivially parseable.
-END_RETURNED: Final = "done"
-END_SCRIPT_ERROR: Final = "script-error"
-END_COMPILE_ERROR: Final = "compile-error"
-END_INSTRUCTIONS: Final = "instruction-limit"
-END_MEMORY: Final = "memory-limit"
-END_CPU_DEADLINE: Final = "cpu-deadline"
-END_CPU_LIMIT: Final = "cpu-limit"
-END_SECCOMP: Final = "seccomp"
-END_CRASH: Final = "sandbox-crash"
-END_PROTOCOL: Final = "protocol-violation"
-END_LINGER: Final = "linger"
-END_SESSION_TIME: Final = "session-time"
-END_SHUTDOWN: Final = "shutdown"
-END_CAPACITY: Final = "capacity"
-END_QUEUE_FULL: Final = "queue-full"
-END_CONN_LIMIT: Final = "conn-limit"
-END_PER_IP_LIMIT: Final = "per-ip-limit"
-END_PROXY_HEADER: Final = "proxy-header"  # --proxy-protocol: the header was missing or malformed
-END_WORKER_LOST: Final = "worker-lost"  # dense mode: the child it shared was killed for another session
-END_IGNORED: Final = "ignored"  # --ignore-action refuse (never logged: seen only by the metrics)
-
-# The ceiling behind each limit reason, by its flag name: the session-end line's `limit` field.
-LIMIT_OF_REASON: Final = {
-    END_INSTRUCTIONS: "instructions",
-    END_MEMORY: "memory",
-    END_CPU_DEADLINE: "cpu-slice",
-    END_CPU_LIMIT: "session-cpu",
-    END_SESSION_TIME: "session-time",
-    END_LINGER: "linger",
-}
-
-DONE_REASONS: Final = {
-    "return": END_RETURNED,
-    "error": END_SCRIPT_ERROR,
-    "compile": END_COMPILE_ERROR,
-    "instructions": END_INSTRUCTIONS,
-    "memory": END_MEMORY,
-    "crash": END_CRASH,
-    "cpu": END_CPU_LIMIT,  # dense mode: the child meters each session's CPU time
-}
-
+from deadend.reasons import OF_DONE_KIND, ClosedBy, Reason
 
 # --- actions for the I/O layer --------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    value: bytes | bool | None
+    value: bytes | bool | int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +51,15 @@ class Log:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    reason: str
+    reason: Reason
     detail: bytes = b""
 
 
 Action = Reply | Send | Recv | Sleep | Log | End
+Handler = Callable[[tuple[object, ...], float], Action]
+
+# The request-table modes a session runs in (its requests are checked in one of them).
+SESSION_MODES = wire.SESSION
 
 
 class Monitor:
@@ -108,10 +67,12 @@ class Monitor:
         self.peer_ip = peer_ip.encode()
         self.ceilings = ceilings
         self.rng = rng
-        self.open = True
+        self.open = True  # the script may still send
         self.eof = False  # the peer finished sending (it may still read: a half-close)
-        self.closed_by: str | None = None
-        self.closed_at: float | None = None
+        self.closed_by: ClosedBy | None = None
+        self.peer_gone = False  # the peer sent FIN or RST, whether or not the script has seen it yet
+        self.gone_at: float | None = None  # when the connection closed or the peer finished: linger from here
+        self.idled = False  # a recv waited --idle-timeout for nothing: the session ends `idle`
         self.recv_calls = 0  # successful recv calls (counted from the connection's start)
         self.bytes_in = 0
         self.bytes_out = 0
@@ -121,73 +82,86 @@ class Monitor:
         self.tarpit_jitter = 0
         self.calls_after_close = 0
         self.logs_dropped = 0
-        self._log_tokens = float(ceilings.log_burst)
-        self._log_stamp = now
-        self._call_tokens = float(ceilings.call_burst)
-        self._call_stamp = now
+        self._logs = TokenBucket(ceilings.log_rate, ceilings.log_burst, now)
+        self._calls = TokenBucket(ceilings.call_rate, ceilings.call_burst, now)
         self._busy = False  # a request is being carried out; a second one is a violation
+        self._handlers: dict[str, Handler] = {
+            row.name: getattr(self, f"_on_{row.name}") for row in wire.REQUESTS if row.modes & SESSION_MODES
+        }
 
     # --- the request table -----------------------------------------------------------------------
 
-    def handle(self, req: Request, now: float) -> Action:
+    def handle(self, req: wire.Request, now: float) -> Action:
+        """One request (already checked against the table for this session's mode): the action to take."""
         if self._busy:
-            raise ProtocolViolation(f"{req.op!r} before the previous request was answered")
-        op, a = req.op, req.args
-        if op == "done":
-            return End(DONE_REASONS[a[0]], a[1])
-        if op == "dump":
-            raise ProtocolViolation("'dump' is only for a check, not in a session")
-        if (op in ("send", "recv") and not self.open) or (op == "recv" and self.eof):
+            raise wire.ProtocolViolation(f"{req.op!r} before the previous request was answered")
+        handler = self._handlers.get(req.op)
+        if handler is None:  # a row permitted only outside sessions (`dump`): parse_request refused it
+            raise wire.ProtocolViolation(f"{req.op!r} is not permitted in a session")
+        if wire.ROWS[req.op].io and not self._connection_usable(req.op):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
-                return End(END_LINGER, b"kept calling send/recv after the peer was done")
-        action = self._dispatch(op, a, now)
-        self._busy = not isinstance(action, (Reply, End))
+                return End(Reason.LINGER, b"kept calling send/recv after the peer was done")
+        action = handler(req.args, now)
+        self._busy = not isinstance(action, Reply | End)
         return action
 
-    def _dispatch(self, op: str, a: tuple[object, ...], now: float) -> Action:
-        if op == "send":
-            data = a[0]
-            assert isinstance(data, bytes)
-            if not self.open:
-                return Reply(False)
-            if not data:
-                return Reply(True)
-            return Send(data)
-        if op == "recv":
-            assert isinstance(a[0], int)
-            if not self.open or self.eof:
-                return Reply(None)
-            if self.calls_limit and self.recv_calls >= self.calls_limit:
-                self.close(CLOSED_BY_LIMIT, now)
-                return Reply(None)
-            return Recv(a[0])
-        if op == "sleep":
-            assert isinstance(a[0], int)
-            return Sleep(a[0] / 1000)
-        if op == "get_ip":
-            return Reply(self.peer_ip)
-        if op == "log":
-            message, level = a
-            assert isinstance(message, bytes) and isinstance(level, str)
-            if not self._log_allowed(now):
-                self.logs_dropped += 1
-                return Reply(None)
-            return Log(level, message[:LOG_MAX], len(message) > LOG_MAX)
-        if op == "set_tarpit":
-            base, jitter = a
-            assert isinstance(base, int) and isinstance(jitter, int)
-            self.tarpit_base, self.tarpit_jitter = base, jitter
+    def _connection_usable(self, op: str) -> bool:
+        return self.open and not (op == "recv" and self.eof)
+
+    def _on_done(self, a: tuple[object, ...], now: float) -> Action:
+        kind, message = a
+        assert isinstance(kind, str) and isinstance(message, bytes)
+        return End(OF_DONE_KIND[kind], message)
+
+    def _on_send(self, a: tuple[object, ...], now: float) -> Action:
+        data = a[0]
+        assert isinstance(data, bytes)
+        if not self.open:
+            return Reply(False)
+        if not data:
+            return Reply(True)
+        return Send(data)
+
+    def _on_recv(self, a: tuple[object, ...], now: float) -> Action:
+        assert isinstance(a[0], int)
+        if not self._connection_usable("recv"):
             return Reply(None)
-        if op == "set_limits":
-            calls, nbytes = a
-            assert isinstance(calls, int) and isinstance(nbytes, int)
-            self.calls_limit, self.bytes_limit = calls, nbytes
+        if self.calls_limit and self.recv_calls >= self.calls_limit:
+            self.close(ClosedBy.LIMIT, now)
             return Reply(None)
-        if op == "close":
-            self.close(CLOSED_BY_SCRIPT, now)
+        return Recv(a[0])
+
+    def _on_sleep(self, a: tuple[object, ...], now: float) -> Action:
+        assert isinstance(a[0], int)
+        return Sleep(a[0] / 1000)
+
+    def _on_get_ip(self, a: tuple[object, ...], now: float) -> Action:
+        return Reply(self.peer_ip)
+
+    def _on_log(self, a: tuple[object, ...], now: float) -> Action:
+        message, level = a
+        assert isinstance(message, bytes) and isinstance(level, str)
+        if not self._logs.take(now):
+            self.logs_dropped += 1
             return Reply(None)
-        raise ProtocolViolation(f"no handler for {op!r}")  # unreachable: wire checked the table
+        return Log(level, message[: wire.LOG_MAX], len(message) > wire.LOG_MAX)
+
+    def _on_set_tarpit(self, a: tuple[object, ...], now: float) -> Action:
+        base, jitter = a
+        assert isinstance(base, int) and isinstance(jitter, int)
+        self.tarpit_base, self.tarpit_jitter = base, jitter
+        return Reply(None)
+
+    def _on_set_limits(self, a: tuple[object, ...], now: float) -> Action:
+        calls, nbytes = a
+        assert isinstance(calls, int) and isinstance(nbytes, int)
+        self.calls_limit, self.bytes_limit = calls, nbytes
+        return Reply(None)
+
+    def _on_close(self, a: tuple[object, ...], now: float) -> Action:
+        self.close(ClosedBy.SCRIPT, now)
+        return Reply(None)
 
     # --- outcomes of I/O -------------------------------------------------------------------------
 
@@ -196,32 +170,42 @@ class Monitor:
         if ok and self.open:
             self.bytes_out += n
             return Reply(True)
-        self.close(CLOSED_BY_PEER, now)
+        self.close(ClosedBy.PEER, now)
         return Reply(False)
 
     def received(self, data: bytes | None, now: float) -> tuple[Reply, float]:
         """The reply to a recv (`None`: the read failed, `b""`: end of input) and the tarpit delay."""
         self._busy = False
         if data is None or not self.open:
-            self.close(CLOSED_BY_PEER, now)
+            self.close(ClosedBy.PEER, now)
             return Reply(None), 0.0
         if not data:
-            # The peer finished sending. It may still be reading (a half-close), so the connection stays
-            # open for send until a send fails; recv returns nil from now on.
-            self.eof = True
-            self.closed_by = self.closed_by or CLOSED_BY_PEER
+            self.peer_finished(now)
             return Reply(None), 0.0
         if self.bytes_limit and self.bytes_in + len(data) > self.bytes_limit:
-            self.close(CLOSED_BY_LIMIT, now)
+            self.close(ClosedBy.LIMIT, now)
             return Reply(None), 0.0
         self.recv_calls += 1
         self.bytes_in += len(data)
         return Reply(data), self.tarpit_delay()
 
+    def idle(self, now: float) -> Reply:
+        """A recv got no byte within --idle-timeout: it returns nil, the connection closes, and the session
+        ends `idle` (unless a ceiling ends it first)."""
+        self._busy = False
+        self.idled = True
+        self.close(ClosedBy.LIMIT, now)
+        return Reply(None)
+
     def carried_out(self) -> Reply:
-        """A sleep or a log line is done: the (empty) reply to it."""
+        """A log line is written: the (empty) reply to it."""
         self._busy = False
         return Reply(None)
+
+    def slept(self, ms: int) -> Reply:
+        """A sleep is over, after `ms` milliseconds (fewer than asked when the peer left meanwhile)."""
+        self._busy = False
+        return Reply(ms)
 
     def tarpit_delay(self) -> float:
         if not self.tarpit_base and not self.tarpit_jitter:
@@ -229,17 +213,48 @@ class Monitor:
         jitter = self.rng.randint(0, self.tarpit_jitter) if self.tarpit_jitter else 0
         return (self.tarpit_base + jitter) / 1000
 
-    # --- state -----------------------------------------------------------------------------------
+    # --- the connection, whatever the script is doing ----------------------------------------------
 
-    def close(self, by: str, now: float) -> bool:
-        """Mark the connection closed; True if it was open (the I/O layer then closes the socket)."""
+    def peer_left(self, now: float) -> None:
+        """The peer sent FIN or RST (seen while the script did anything at all): the script has --linger
+        from now, as after a close. What the peer sent before is still the script's to read, and who
+        closed is what the script saw (a script that closes before it read the end closed first)."""
+        self.peer_gone = True
+        if self.gone_at is None:
+            self.gone_at = now
+
+    def peer_finished(self, now: float) -> None:
+        """A recv reached the end of input: recv returns nil from now on, send keeps working (it may be a
+        half-close)."""
+        self.eof = True
+        if self.closed_by is None:
+            self.closed_by = ClosedBy.PEER
+        self.peer_left(now)
+
+    def final_closed_by(self) -> ClosedBy:
+        """Who closed, for the session-end event: a peer that left unnoticed by the script still left."""
+        if self.closed_by is not None:
+            return self.closed_by
+        return ClosedBy.PEER if self.peer_gone else ClosedBy.NONE
+
+    def close(self, by: ClosedBy, now: float) -> bool:
+        """Mark the connection closed; True if it was open (the I/O layer then closes the socket).
+
+        `closed_by` names whoever closed first: a script that closes after its peer left (FIN or RST)
+        does not take the credit, nor does a limit or the shutdown.
+        """
         if not self.open:
             return False
         self.open = False
-        if not self.eof or by != CLOSED_BY_PEER:
+        if self.closed_by is None:
             self.closed_by = by
-        self.closed_at = now
+        if self.gone_at is None:
+            self.gone_at = now
         return True
+
+    def final_reason(self, reason: Reason) -> Reason:
+        """The session-end reason: a script that returned after its recv idled out ended `idle`."""
+        return Reason.IDLE if reason == Reason.DONE and self.idled else reason
 
     def call_delay(self, now: float) -> float:
         """Seconds to hold this call back so the session stays within its API call rate.
@@ -247,20 +262,7 @@ class Monitor:
         A script spinning on cheap calls (`while true do deadend.get_ip() end`) would otherwise cost the
         broker as much CPU as it likes; throttled, it only wastes its own CPU budget.
         """
-        rate, burst = self.ceilings.call_rate, self.ceilings.call_burst
-        self._call_tokens = min(float(burst), self._call_tokens + (now - self._call_stamp) * rate)
-        self._call_stamp = now
-        self._call_tokens -= 1.0
-        return 0.0 if self._call_tokens >= 0 else -self._call_tokens / rate
-
-    def _log_allowed(self, now: float) -> bool:
-        rate, burst = self.ceilings.log_rate, self.ceilings.log_burst
-        self._log_tokens = min(float(burst), self._log_tokens + (now - self._log_stamp) * rate)
-        self._log_stamp = now
-        if self._log_tokens >= 1.0:
-            self._log_tokens -= 1.0
-            return True
-        return False
+        return self._calls.delay(now)
 
     def take_dropped_logs(self) -> int:
         n, self.logs_dropped = self.logs_dropped, 0

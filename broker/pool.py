@@ -1,58 +1,35 @@
-"""The sandbox pool: at most `workers` children alive, a few kept pre-forked and locked down.
+"""Pools hand sessions their sandboxes. Two siblings implement one protocol (chosen per port by
+--sessions-per-worker, broker/sandboxes.py): `ProcessPool` here, one worker per session, and `DensePool`
+(broker/dense.py), up to K sessions per worker. Both draw workers from the one WorkerSupply.
 
-A connection takes a warm child (no fork on the path to its first byte), or forks one if there is room,
-or waits in a bounded queue for a short time. Every child serves one session and is then killed and
-reaped; its slot is freed only when the zygote reports it gone, so `alive` is never an underestimate.
-
-Warm children are prepared for the scripts connections ask for: a prepared child has already compiled
-its script and only waits for the session's seed, which takes compiling (~0.3-0.8 ms for a 14 KiB
-script in a fresh child) off the path to the first byte. The mix follows demand: each connection asks
-for a replacement prepared for its script. A connection takes a child prepared for its script, else a
-plain one, else one prepared for another script (which then builds a fresh Lua state for the start
-message it gets instead of GO): every warm child can serve every script, so preparing never costs
-capacity.
+The one-per-process pool keeps a few workers pre-forked and locked down, so a connection does not wait
+for a fork. Every worker serves one session and is then killed and reaped. Warm workers are prepared for
+the scripts connections ask for: a prepared worker has already compiled its script and only waits for the
+session's seed, which takes compiling (~0.3-0.8 ms for a 14 KiB script in a fresh worker) off the path to
+the first byte. The mix follows demand: each connection asks for a replacement prepared for its script.
+A connection takes a worker prepared for its script, else a plain one, else one prepared for another
+script (which then builds a fresh Lua state for the start message it gets instead of GO): every warm
+worker can serve every script, so preparing never costs capacity.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from broker import monitor as m
-from broker.channel import ChildChannel, ChildGone, Deadline, FrameChannel
-from broker.privileges import RunAs
-from broker.zygote import ChildProcess, Zygote, ZygoteLost
+from broker.channel import Deadline, FrameChannel, WorkerChannel, WorkerGone
+from broker.workers import PoolClosed, Waiter, WorkerSupply
+from broker.zygote import ZygoteLost
 from deadend import wire
-from deadend.config import Ceilings
 from deadend.logs import BROKER, EventLog, sanitize
 from deadend.scripts import Script
-from deadend.wire import ProtocolViolation
 
-READY_TIMEOUT = 5.0
+READY_TIMEOUT = 5.0  # seconds a warm worker may take to compile the script it is prepared for
 FORK_BACKOFF = 1.0  # seconds without pre-forking after the zygote could not fork
 REFILL_DELAY = 0.003  # seconds
-MAX_ZYGOTE_RESTARTS = 5  # within ZYGOTE_RESTART_WINDOW seconds, else the pool gives up
-ZYGOTE_RESTART_WINDOW = 60.0
-
-
-class PoolClosed(Exception):
-    pass
-
-
-class Sandbox:
-    """A ready, locked-down child and its channel, handed to exactly one session."""
-
-    def __init__(self, child: ChildProcess, channel: FrameChannel) -> None:
-        self.child = child
-        self.channel = channel
-        self.prepared_for: ScriptKey | None = None  # compiled this script; waits for GO
-
-
-class QueueFull(Exception):
-    pass
-
 
 ScriptKey = tuple[int, str]  # a script's port and the sha256 of its bytes: one version of one script
 
@@ -61,177 +38,196 @@ def key_of(script: Script) -> ScriptKey:
     return script.port, script.sha256
 
 
-class SandboxPool:
-    def __init__(
-        self,
-        ceilings: Ceilings,
-        log: EventLog,
-        workers: int,
-        warm: int,
-        queue_size: int,
-        run_as: RunAs | None = None,
-        sessions_per_child: int = 1,
-    ) -> None:
-        self.ceilings = ceilings
-        self.log = log
-        self.workers = workers
-        self.warm_target = min(warm, workers)
-        self.queue_size = queue_size
-        self.alive = 0  # forked (or being forked) and not yet reported gone
-        self._warm: collections.deque[Sandbox] = collections.deque()
-        self._warming = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self._restarts: collections.deque[float] = collections.deque()
-        self._refill_pending = False
-        self._no_prefork_until = 0.0
-        self.started = 0  # children that reached "ready"
-        # Builds the start message a warm child is prepared with; None: warm children stay generic.
-        self.preparer: Callable[[Script], wire.Start] | None = None
-        self._demand: collections.deque[Script] = collections.deque(maxlen=max(1, self.warm_target))
-        self.zygote = Zygote(ceilings, log, self._on_child_exit, run_as, sessions_per_child)
-        self.failed: asyncio.Future[str] | None = None
+class Worker(Protocol):
+    """What a session needs of the process behind its sandbox (broker.zygote.WorkerProcess)."""
+
+    pid: int
+    exited: asyncio.Future[int | None]  # its wait status once reaped (None: lost with its zygote)
+
+    def kill(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One session's hold on a sandbox, from acquire to release."""
+
+    worker: Worker  # to kill it, and to learn how it exited
+    channel: FrameChannel
+    mode: wire.Mode  # the request-table mode the session's requests are checked in
+    release: Callable[[str], None]  # the session is over, for this reason; called exactly once
+    prepared_for: ScriptKey | None = None  # compiled this script already: waits for GO
+
+
+class Pool(Protocol):
+    """What the doorman, the session and the server need of a pool."""
+
+    name: str
+
+    @property
+    def capacity(self) -> int:
+        """Sessions it can hold at once."""
+        ...
+
+    @property
+    def busy(self) -> int:
+        """Sessions it holds now."""
+        ...
+
+    @property
+    def warm(self) -> int:
+        """Workers ready and idle."""
+        ...
+
+    def at_capacity(self, script: Script) -> bool:
+        """Would a session of `script` have to queue now?"""
+        ...
+
+    async def acquire(self, script: Script, deadline: float, *, beyond_workers: bool = False) -> Lease:
+        """A sandbox for one session of `script`; raises QueueFull, TimeoutError, PoolClosed, OSError (no
+        worker could be forked) or ZygoteLost. `beyond_workers`: never wait, fork one past --workers if
+        need be (compiling a script on reload must not wait for attackers to leave)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Warm:
+    channel: WorkerChannel
+    prepared_for: ScriptKey | None = None
+
+
+@dataclass
+class ProcessPool:
+    """One worker per session."""
+
+    supply: WorkerSupply
+    log: EventLog
+    request: wire.ForkRequest  # how its workers are forked (address space for the largest --memory)
+    warm_target: int
+    # Builds the start message a warm worker is prepared with; None: warm workers stay generic.
+    preparer: Callable[[Script], wire.Start] | None = None
+    name: str = "process"
+    _warm: collections.deque[_Warm] = field(default_factory=collections.deque)
+    _warming: int = 0
+    _busy: int = 0
+    _demand: collections.deque[Script] = field(default_factory=collections.deque)
+    _refill_pending: bool = False
+    _no_prefork_until: float = 0.0
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        self._demand = collections.deque(maxlen=max(1, self.warm_target))
+        self.supply.on_change.append(self._refill)
+        self.supply.shedders.append(self._shed)
 
     async def start(self) -> None:
-        self.failed = asyncio.get_running_loop().create_future()
-        await self.zygote.start()
-        self._watch_zygote()
         self._refill()
 
     @property
-    def queued(self) -> int:
-        return len(self._waiters)
+    def capacity(self) -> int:
+        return self.supply.workers
+
+    @property
+    def busy(self) -> int:
+        return self._busy
 
     @property
     def warm(self) -> int:
         return len(self._warm)
 
-    @property
-    def busy(self) -> int:
-        """Children given to a connection (or being forked for one)."""
-        return self.alive - len(self._warm) - self._warming
+    def at_capacity(self, script: Script) -> bool:
+        return not self._can_go(script.port)
 
-    def at_capacity(self) -> bool:
-        """True when the next acquire would have to wait in the queue."""
-        return not self._warm and self.alive >= self.workers
+    def _can_go(self, port: int) -> bool:
+        return self.supply.budget.may_assign(port) and bool(self._warm or self.supply.room())
 
     # --- acquiring -------------------------------------------------------------------------------
 
-    async def acquire(
-        self, timeout: float, *, beyond_workers: bool = False, script: Script | None = None
-    ) -> Sandbox:
-        """A ready sandbox; raises QueueFull, TimeoutError (waited too long) or PoolClosed.
-
-        `script`: the session's; a child prepared for it is taken first (its `prepared_for` is set).
-        `beyond_workers`: never wait, fork one past --workers if need be (compiling a script on reload
-        must not wait for attackers to leave; compiles run one at a time and last milliseconds).
-        """
-        if self._closed:
+    async def acquire(self, script: Script, deadline: float, *, beyond_workers: bool = False) -> Lease:
+        if self._closed or self.supply.closed:
             raise PoolClosed
-        if script is not None and self.preparer is not None:
-            self._want(script)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            sandbox = self._take_warm(None if script is None else key_of(script))
-            if sandbox is not None:
-                self._refill_soon()
-                return sandbox
-            if self.alive < self.workers or beyond_workers:
-                self.alive += 1
-                sandbox = await self._spawn()
-                self._refill()
-                return sandbox
-            await self._wait_for_room(deadline)
-
-    async def _wait_for_room(self, deadline: float) -> None:
-        """Queue until a child or a slot may be free (woken by `_wake_one`), at most until `deadline`."""
-        if len(self._waiters) >= self.queue_size:
-            raise QueueFull
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if beyond_workers:
+            return self._lease(await self.supply.spawn(self.request), None)
+        if self.preparer is not None:
+            self._demand.append(script)  # the next warm worker forked is prepared for it
+        port = script.port
+        waiter: Waiter | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                await waiter
+            while True:
+                if self.supply.budget.may_assign(port):
+                    warm = self._take_warm(key_of(script))
+                    if warm is not None:
+                        self._refill_soon()
+                        return self._lease(warm.channel, port, warm.prepared_for)
+                    if self.supply.room():
+                        self.supply.budget.assign(port)
+                        try:
+                            channel = await self.supply.spawn(self.request)
+                        except BaseException:
+                            self.supply.budget.unassign(port)
+                            raise
+                        self._refill()
+                        return self._lease(channel, port, None, assigned=True)
+                    self.supply.make_room()
+                if waiter is None:
+                    waiter = self.supply.enter(lambda: self._can_go(port))
+                await self.supply.wait(waiter, deadline)
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if self._closed:
-            raise PoolClosed
+            self.supply.leave(waiter)
 
-    def _take_warm(self, key: ScriptKey | None) -> Sandbox | None:
-        """A live warm child: prepared for `key`, else a plain one, else any (None: plain ones only)."""
-        if key is None:
-            choices = [s for s in self._warm if s.prepared_for is None]
-        else:
-            choices = sorted(self._warm, key=lambda s: (s.prepared_for != key, s.prepared_for is not None))
-        for sandbox in choices:
-            self._warm.remove(sandbox)
-            if not sandbox.child.exited.done():
-                return sandbox
-            self._discard(sandbox)
+    def _lease(
+        self,
+        channel: WorkerChannel,
+        port: int | None,
+        prepared_for: ScriptKey | None = None,
+        *,
+        assigned: bool = False,
+    ) -> Lease:
+        if port is not None and not assigned:
+            self.supply.budget.assign(port)
+        self._busy += 1
+        released = False
+
+        def release(_reason: str) -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._busy -= 1
+            if port is not None:
+                self.supply.budget.unassign(port)
+            self._discard(channel)
+            self.supply.wake()  # its port may take another worker now (the slot frees at its exit)
+
+        return Lease(channel.worker, channel, wire.Mode.RUN, release, prepared_for)
+
+    def _take_warm(self, key: ScriptKey) -> _Warm | None:
+        """A live warm worker: prepared for `key`, else a plain one, else any."""
+        for warm in sorted(self._warm, key=lambda w: (w.prepared_for != key, w.prepared_for is not None)):
+            self._warm.remove(warm)
+            if not warm.channel.worker.exited.done():
+                return warm
+            self._discard(warm.channel)
         return None
-
-    def _want(self, script: Script) -> None:
-        """A connection for `script`: the next warm child forked is prepared for it."""
-        self._demand.append(script)
-
-    async def _spawn(self) -> Sandbox:
-        """Fork one child (its slot already counted) and wait for its "ready"."""
-        try:
-            child = await self.zygote.fork()
-        except BaseException:
-            self._slot_freed()
-            raise
-        channel = self._channel_for(child)
-        try:
-            frame = await channel.frame(READY_TIMEOUT)
-            if frame != ["ready"]:
-                raise ChildGone
-            self._became_ready(channel)
-        except BaseException:
-            child.kill()
-            channel.close()
-            child.release()
-            raise
-        self.started += 1
-        return Sandbox(child, channel)
-
-    def _channel_for(self, child: ChildProcess) -> ChildChannel:
-        return ChildChannel(child)
-
-    def _became_ready(self, channel: ChildChannel) -> None:
-        pass  # dense mode switches the channel to slots here
 
     # --- releasing -------------------------------------------------------------------------------
 
-    def release(self, sandbox: Sandbox, reason: str = m.END_RETURNED) -> None:
-        """The session is over (for `reason`): kill the child. Its slot frees when the zygote reports it."""
-        self._discard(sandbox)
+    @staticmethod
+    def _discard(channel: WorkerChannel) -> None:
+        """Kill the worker; its slot frees when the zygote reports it gone."""
+        channel.worker.kill()
+        channel.close()
+        channel.worker.release()
 
-    def _discard(self, sandbox: Sandbox) -> None:
-        sandbox.child.kill()
-        sandbox.channel.close()
-        sandbox.child.release()
+    def _shed(self) -> bool:
+        """Another pool needs room: give back one warm worker."""
+        if not self._warm:
+            return False
+        self._discard(self._warm.popleft().channel)
+        return True
 
-    def _on_child_exit(self, _child: ChildProcess) -> None:
-        self._slot_freed()
-
-    def _slot_freed(self) -> None:
-        self.alive -= 1
-        if not self._wake_one():
-            self._refill()
-
-    def _wake_one(self) -> bool:
-        """Let the first queued acquirer retry (a slot freed or a warm child is ready)."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return True
-        return False
-
-    # --- warm children ---------------------------------------------------------------------------
+    # --- warm workers ----------------------------------------------------------------------------
 
     def _refill_soon(self) -> None:
         # Forking a replacement costs ~2 ms of CPU on a 2-core machine: do it just after the new session's
@@ -245,36 +241,34 @@ class SandboxPool:
         self._refill()
 
     def _refill(self) -> None:
-        if self._closed or self.zygote.lost is None or self.zygote.lost.done():
+        if self._closed or self.supply.closed or self.supply.zygote is None:
             return
         if asyncio.get_running_loop().time() < self._no_prefork_until:
             return
         while (
             len(self._warm) + self._warming < self.warm_target
-            and self.alive < self.workers
-            and not self._waiters
+            and self.supply.room()
+            and not self.supply.queued
         ):
-            self.alive += 1
             self._warming += 1
-            self._track(self._warm_one())
+            self.supply.background.spawn(self._warm_one(), "warm worker")
 
-    async def _prepare(self, sandbox: Sandbox, script: Script) -> None:
-        """Have a fresh warm child compile `script` and wait for its session (raises if it cannot)."""
+    async def _prepare(self, channel: WorkerChannel, script: Script) -> None:
+        """Have a fresh warm worker compile `script` and wait for its session (raises if it cannot)."""
         assert self.preparer is not None
-        sandbox.channel.send(self.preparer(script).to_frame())
-        if await sandbox.channel.frame(READY_TIMEOUT) != wire.PREPARED:
-            raise ProtocolViolation("a warm child did not prepare its script")
-        sandbox.prepared_for = key_of(script)
+        channel.send(self.preparer(script).to_frame())
+        if await channel.frame(READY_TIMEOUT) != wire.PREPARED:
+            raise wire.ProtocolViolation("a warm worker did not prepare its script")
 
     async def _warm_one(self) -> None:
         script = self._demand.popleft() if self._demand and self.preparer is not None else None
         try:
-            sandbox = await self._spawn()
+            channel = await self.supply.spawn(self.request)
             if script is not None:
                 try:
-                    await self._prepare(sandbox, script)
+                    await self._prepare(channel, script)
                 except BaseException:
-                    self._discard(sandbox)
+                    self._discard(channel)
                     raise
         except OSError as e:  # out of processes or memory: stop pre-forking for a while, say so once
             loop = asyncio.get_running_loop()
@@ -287,70 +281,19 @@ class SandboxPool:
             self._no_prefork_until = loop.time() + FORK_BACKOFF
             loop.call_later(FORK_BACKOFF, self._refill)  # try again then, even if nothing else happens
             return
-        except (ZygoteLost, ChildGone, Deadline, ProtocolViolation) as e:
-            if not self._closed:
+        except (ZygoteLost, WorkerGone, Deadline, wire.ProtocolViolation) as e:
+            if not self._closed and not self.supply.closed:
                 self.log.warn(BROKER, "broker.warning", f"a sandbox failed to start: {type(e).__name__}")
             return
         finally:
             self._warming -= 1
         if self._closed:
-            self._discard(sandbox)
-        else:
-            self._warm.append(sandbox)
-            self._wake_one()
-
-    def _track(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # --- zygote supervision ----------------------------------------------------------------------
-
-    def _watch_zygote(self) -> None:
-        self._track(self._supervise())
-
-    async def _supervise(self) -> None:
-        assert self.zygote.lost is not None
-        await self.zygote.lost
-        if self._closed:
+            self._discard(channel)
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._restarts.append(now)
-        while self._restarts and now - self._restarts[0] > ZYGOTE_RESTART_WINDOW:
-            self._restarts.popleft()
-        if len(self._restarts) > MAX_ZYGOTE_RESTARTS:
-            self.log.error(BROKER, "broker.error", "sandbox zygote keeps dying; giving up")
-            if self.failed is not None and not self.failed.done():
-                self.failed.set_result("sandbox zygote keeps dying")
-            return
-        self.log.error(BROKER, "broker.error", "sandbox zygote exited; restarting it")
-        while self._warm:  # their children died with the zygote (slots already freed): close their fds
-            self._discard(self._warm.popleft())
-        await self.zygote.stop()
-        try:
-            await self.zygote.start()
-        except ZygoteLost as e:
-            self.log.error(BROKER, "broker.error", sanitize(str(e)))
-            if self.failed is not None and not self.failed.done():
-                self.failed.set_result(str(e))
-            return
-        self._watch_zygote()
-        self._refill()
-
-    def stop_acquiring(self) -> None:
-        """Shutdown, first step: queued and future acquirers get PoolClosed; running sessions go on."""
-        self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._warm.append(_Warm(channel, None if script is None else key_of(script)))
+        self.supply.wake()
 
     async def close(self) -> None:
-        self.stop_acquiring()
+        self._closed = True
         while self._warm:
-            self._discard(self._warm.popleft())
-        for task in list(self._tasks):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.zygote.stop()
+            self._discard(self._warm.popleft().channel)

@@ -7,46 +7,49 @@ socket; the caller drives the other end (a terminal, or a transcript).
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+import dataclasses
 import socket
 import time
 from dataclasses import dataclass, field
 
-from broker.pool import SandboxPool
+from broker.sandboxes import Sandboxes, standalone
 from broker.session import Session, SessionSettings
 from deadend.config import Config
-from deadend.logs import EventLog, Where
+from deadend.logs import SCRIPT_LINE, EventLog, Where, unquote
 from deadend.scripts import Script
 from deadend.transcript import Step, Transcript
 
 END_WAIT = 5.0  # seconds a script may take to finish after the client is done with it
-_SCRIPT_LOG = re.compile(r"^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: (.*)$")
 
 
 class Rehearsal:
     """A small pool and a log for running scripts one at a time."""
 
     def __init__(self, config: Config, log: EventLog) -> None:
-        self.config = config
+        self.config = dataclasses.replace(config, workers=2, warm=1, queue_size=1)
         self.log = log
-        self.pool = SandboxPool(config.ceilings, log, workers=2, warm=1, queue_size=1)
+        self._sandboxes: contextlib.AbstractAsyncContextManager[Sandboxes] = standalone(self.config, log)
+        self.sandboxes: Sandboxes | None = None
 
     async def __aenter__(self) -> Rehearsal:
-        await self.pool.start()
+        self.sandboxes = await self._sandboxes.__aenter__()
         return self
 
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.pool.close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self._sandboxes.__aexit__(None, None, None)
 
     def start_session(
         self, script: Script, sock: socket.socket, peer_ip: str, allow_clock: bool
     ) -> asyncio.Task[None]:
         settings = SessionSettings(self.config.ceilings, allow_clock, self.config.shutdown_grace)
         where = Where(script.port, "rehearsal", peer_ip)
+        assert self.sandboxes is not None
+        pool = self.sandboxes.process
 
         async def run() -> None:
-            sandbox = await self.pool.acquire(10.0)
-            await Session(sock, where, script, settings, self.log).run(self.pool, sandbox)
+            lease = await pool.acquire(script, asyncio.get_running_loop().time() + 10.0)
+            await Session(sock, where, script, settings, self.log).run(lease)
 
         return asyncio.get_running_loop().create_task(run())
 
@@ -186,9 +189,9 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
     rehearsal.log.flush()
     script_lines = []
     for line in lines[first_log:]:
-        m = _SCRIPT_LOG.match(line)
+        m = SCRIPT_LINE.match(line)
         if m:
-            script_lines.append(f"{m.group(1).lower()} {m.group(2)}")
+            script_lines.append(f"{m.group(1).lower()} {unquote(m.group(2))}")
     if not failure:
         for expectation in transcript.logs:
             if not any(expectation.pattern.search(line) for line in script_lines):

@@ -1,15 +1,15 @@
-"""The Server owns the lifecycle: scripts, zygote and pool, listeners, privileges, reloads, shutdown.
+"""The Server owns the lifecycle: scripts, sandboxes, listeners, privileges, reloads, shutdown.
 
-Start-up order matters: systemd's sockets are taken first; the zygote is exec'd before any socket is
-opened (it must never inherit one) and as the --user from the start; scripts are compiled in sandbox
-children; every listener is bound before the first accept, so a port already in use fails the start
-rather than half of it; only then does the broker drop root. Connections are the Doorman's (doorman.py).
+Start-up order matters: systemd's sockets are taken first; the launcher (with --user) and the zygote are
+exec'd before any socket is opened (they must never inherit one), the zygote as the --user from the
+start; scripts are compiled in sandbox workers; every listener is bound before the first accept, so a
+port already in use fails the start rather than half of it; only then does the broker drop root.
+Connections are the Doorman's (doorman.py); the workers, the pools' (broker/sandboxes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import os
@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 
 from broker.activation import ActivationError, address_of, inherited_listeners
 from broker.compile import compile_error
-from broker.dense import DensePool
 from broker.doorman import Doorman
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
 from broker.metrics import BrokerMetrics, LiveState
 from broker.net import bind_addresses, ipv6_unavailable, open_listener
-from broker.pool import PoolClosed, SandboxPool
 from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
-from broker.session import Session
-from broker.zygote import ZygoteLost
+from broker.sandboxes import Sandboxes, SandboxSet
+from broker.session import Session, SessionSettings, start_message
+from broker.tasks import Background
+from broker.workers import PoolClosed
+from broker.zygote import DirectSpawner, LauncherSpawner, Spawner, ZygoteLost
+from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
@@ -48,19 +50,25 @@ class BindError(Exception):
     """A listener for one script could not be opened."""
 
 
+class Fatal(Exception):
+    """The broker stopped because it cannot serve (logged already, as one line); exit non-zero."""
+
+
 @dataclass(slots=True)
 class Server:
     config: Config
     log: EventLog
-    pool: SandboxPool | None = None
+    spawner: Spawner | None = None  # how zygotes are started; None: chosen from --user (broker/zygote.py)
     handle_signals: bool = True  # False when embedded in another program's loop (it stops us itself)
+    sandboxes: SandboxSet | None = None  # None: Sandboxes, made at start-up (the bench brings its own)
     listeners: list[Listener] = field(default_factory=list)
     scripts: dict[int, Script] = field(default_factory=dict)  # what is served, by script port
     spare: dict[int, list[socket.socket]] = field(default_factory=dict)  # systemd's sockets, by port
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
-    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: Background | None = None
+    fatal: str | None = None  # why the broker stopped on its own, if it did
     _stop: asyncio.Event | None = None
     _reload_wanted: asyncio.Event | None = None
     _last_fd_warning: float = float("-inf")
@@ -68,9 +76,11 @@ class Server:
     # --- start-up --------------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Run until SIGINT/SIGTERM; raise StartupError if the broker cannot start."""
+        """Run until SIGINT/SIGTERM; raise StartupError if the broker cannot start, Fatal if it stopped
+        because it could not go on serving."""
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
+        self.background = Background(self.log, self._stop_fatally)
         try:
             for sock in inherited_listeners():
                 self.spare.setdefault(address_of(sock).port, []).append(sock)
@@ -78,29 +88,55 @@ class Server:
         except (ActivationError, PrivilegeError) as e:
             raise StartupError(str(e)) from e
         scripts = self._discover()
-        if self.pool is None:
-            c = self.config
-            if c.sessions_per_worker > 1:
-                k = c.sessions_per_worker
-                self.pool = DensePool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as, k)
-            else:
-                self.pool = SandboxPool(c.ceilings, self.log, c.workers, c.warm, c.queue_size, run_as)
+        if self.sandboxes is None:
+            self.sandboxes = await self._make_sandboxes(run_as)
         try:
-            await self.pool.start()
+            await self.sandboxes.start()
         except ZygoteLost as e:
+            await self.sandboxes.close()
             raise StartupError(str(e)) from e
         except OSError as e:
+            await self.sandboxes.close()
             raise StartupError(f"cannot start the sandbox zygote: {e.strerror or e}") from e
         try:
             await self._start(scripts, run_as)
             await self._stop.wait()
         finally:
             await self._shutdown()
-        if self.pool.failed is not None and self.pool.failed.done():
-            raise StartupError(f"stopped: {self.pool.failed.result()}")  # a supervisor should restart us
+        if self.fatal is not None:
+            raise Fatal(self.fatal)
+
+    async def _make_sandboxes(self, run_as: RunAs | None) -> Sandboxes:
+        spawner = self.spawner
+        if spawner is None and run_as is not None:
+            # The broker is about to drop to --user: keep a launcher that may start fresh zygotes later.
+            launcher = LauncherSpawner()
+            try:
+                await launcher.start(run_as)
+            except (ZygoteLost, OSError) as e:
+                raise StartupError(f"cannot start the sandbox launcher: {e}") from e
+            spawner = launcher
+        assert self.background is not None
+        return Sandboxes(
+            self.config,
+            self.log,
+            self.background,
+            spawner or DirectSpawner(),
+            run_as,
+            preparer=lambda script: start_message(script, self._settings(script), wire.Mode.PREPARE),
+        )
+
+    def _settings(self, script: Script) -> SessionSettings:
+        c = self.config
+        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace)
+
+    def _stop_fatally(self, why: str) -> None:
+        if self.fatal is None:
+            self.fatal = why
+        self.request_stop()
 
     async def _start(self, scripts: list[Script], run_as: RunAs | None) -> None:
-        assert self.pool is not None
+        assert self.sandboxes is not None
         try:
             servable = await self._compile_all(scripts)
         except (OSError, ZygoteLost) as e:
@@ -113,6 +149,7 @@ class Server:
                 self._open_listeners(script)
             except BindError as e:
                 raise StartupError(str(e)) from e
+        self.sandboxes.serve(self.scripts.values())
         for port, socks in self.spare.items():
             self.log.warn(
                 BROKER,
@@ -125,15 +162,17 @@ class Server:
         self._prepare_record_folder(run_as)
         self._drop_privileges(run_as)
         self._start_recorder(run_as)
-        self.doorman = Doorman(self.config, self.log, self.pool, gate, self.recorder)
+        self.doorman = Doorman(self.config, self.log, self.sandboxes, gate, self.recorder)
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        self._track(self._reload_on_request())
+        assert self.background is not None
+        self.background.spawn(self._reload_on_request(), "reload")
         for listener in self.listeners:
             self._start_accepting(listener)
+        self._log_config()
         self.log.info(
             BROKER,
             "broker.ready",
@@ -141,8 +180,14 @@ class Server:
             scripts=len(servable),
             workers=self.config.workers,
         )
-        assert self.pool.failed is not None
-        self.pool.failed.add_done_callback(lambda _: self.request_stop())
+        failed = self.sandboxes.failed
+        assert failed is not None
+        failed.add_done_callback(lambda f: self._stop_fatally(f.result()))
+
+    def _log_config(self) -> None:
+        """The effective configuration, as endlessh prints it: at start-up and after every reload."""
+        text = self.config.effective()
+        self.log.info(BROKER, "broker.config", f"config: {text}", config=text)
 
     @property
     def sessions(self) -> set[Session]:
@@ -179,11 +224,13 @@ class Server:
         return scripts
 
     async def _compile_all(self, scripts: list[Script], *, reloading: bool = False) -> list[Script]:
-        assert self.pool is not None
+        assert self.sandboxes is not None
         servable = []
         for script in scripts:
             try:
-                error = await compile_error(self.pool, script, self.config.ceilings)
+                error = await compile_error(
+                    self.sandboxes.compiler, script, self.config.ceilings_for(script.port)
+                )
             except (ZygoteLost, PoolClosed, OSError) as e:
                 if not reloading:
                     raise
@@ -225,7 +272,7 @@ class Server:
 
     def _bind(self, script: Script, port: int) -> list[Listener]:
         try:
-            addresses = bind_addresses(self.config.hosts, port)
+            addresses = bind_addresses(self.config.host, port)
         except OSError as e:
             raise BindError(f"cannot resolve --host: {e.strerror or e}") from e
         bound: list[Listener] = []
@@ -243,14 +290,17 @@ class Server:
 
     def _make_gate(self) -> Gate:
         c = self.config
-        allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm, c.sessions_per_worker)
+        # Descriptors per session depend on the pool (dense sessions share their worker's): budget for
+        # the costliest served.
+        k = min(c.sessions_per_worker_for(port) for port in self.scripts)
+        allowed = connections_fd_allows(raise_fd_limit(), len(self.listeners), c.warm, k)
         if allowed < c.max_connections:
             self.log.warn(
                 BROKER,
                 "broker.warning",
                 f"the file descriptor limit allows {allowed} concurrent connections; capping there",
             )
-        return Gate(max_connections=min(c.max_connections, allowed), max_per_ip=c.max_per_ip)
+        return Gate(max_connections=min(c.max_connections, allowed))
 
     def _start_metrics(self) -> None:
         self.metrics = BrokerMetrics(self._live_state)
@@ -267,14 +317,14 @@ class Server:
 
     def _live_state(self) -> LiveState:
         # Called from the metrics thread: copy what it reads (a dict copy is atomic under the GIL).
-        pool, doorman = self.pool, self.doorman
+        sandboxes, doorman = self.sandboxes, self.doorman
         return LiveState(
             active_by_port=dict(doorman.active_by_port) if doorman else {},
-            sandboxes_busy=pool.busy if pool else 0,
-            sandboxes_warm=pool.warm if pool else 0,
+            sandboxes_busy=sandboxes.busy if sandboxes else 0,
+            sandboxes_warm=sandboxes.warm if sandboxes else 0,
             workers=self.config.workers,
-            queued=pool.queued if pool else 0,
-            sandbox_starts=pool.started if pool else 0,
+            queued=sandboxes.queued if sandboxes else 0,
+            sandbox_starts=sandboxes.started if sandboxes else 0,
             recording_bytes=self.recorder.total_bytes if self.recorder else 0,
             log_lines_dropped=self.log.dropped_total,
         )
@@ -425,7 +475,10 @@ class Server:
                     listener.script = script
         removed = [self.scripts[port].name for port in plan.removed]
         await self._close_removed(plan)
+        assert self.sandboxes is not None
+        self.sandboxes.serve(self.scripts.values())
         self._log_reload(added, removed, [s.name for s in changed], failed)
+        self._log_config()
 
     async def _close_removed(self, plan: ReloadPlan) -> None:
         for port in plan.removed:
@@ -479,21 +532,20 @@ class Server:
 
     # --- shutdown --------------------------------------------------------------------------------
 
-    def _track(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _shutdown(self) -> None:
+        # 1. Say so, and take no more signals: a second SIGTERM must not interrupt the shutdown.
         if self.listeners:
             self.log.info(BROKER, "broker.stopping", "shutting down")
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # 2. Stop accepting: listeners closed (systemd's kept by systemd), no new sandbox for anyone (queued
+        # connections are refused with reason shutdown), reloads and other tasks stopped.
+        if self.sandboxes is not None:
+            self.sandboxes.stop_acquiring()
+        if self.background is not None:
+            await self.background.cancel_all()
         for listener in self.listeners:
             await self._stop_listener(listener)
         self.listeners.clear()
@@ -501,12 +553,13 @@ class Server:
             for sock in socks:
                 sock.close()
         self.spare.clear()
-        if self.pool is not None:
-            self.pool.stop_acquiring()
+        # 3. Running sessions get their grace, then end.
         if self.doorman is not None:
             await self.doorman.finish(self.config.shutdown_grace + SHUTDOWN_EXTRA)
-        if self.pool is not None:
-            await self.pool.close()
+        # 4. Every worker killed and reaped, the zygotes and the launcher stopped.
+        if self.sandboxes is not None:
+            await self.sandboxes.close()
+        # 5. What is written off the event loop is flushed.
         if self.recorder is not None:
             self.recorder.close()
         if self.metrics is not None:

@@ -1,4 +1,12 @@
-"""Broker-side control of the zygote: start it, ask it for children, learn how they exited."""
+"""Broker-side control of a zygote: start it, ask it for workers, learn how they exited.
+
+How a zygote is started is a sibling choice (uvicorn style): `DirectSpawner` execs it from the broker,
+which works while the broker may still read the interpreter; `LauncherSpawner` asks the launcher, a small
+process the broker started before it dropped its privileges and the only one left that may start the
+interpreter (a virtual environment under /root, say) and switch a fresh zygote to --user. Either way the
+zygote and its workers start with an environment built from nothing: whatever the operator gave the
+broker (tokens, sink credentials) never reaches a sandbox.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +16,24 @@ import contextlib
 import ctypes.util
 import errno
 import functools
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 
 from broker.privileges import RunAs
-from deadend.config import Ceilings
+from deadend import wire
 from deadend.logs import BROKER, EventLog, sanitize
 
 MAX_CONTROL = 4096
 START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0  # a zygote exits as soon as its control socket closes; this only bounds a stuck one
 
 
 @functools.cache
@@ -35,16 +44,16 @@ def resolved_libraries() -> dict[str, str]:
 
 
 class ZygoteLost(Exception):
-    """The zygote died or could not start; no child can be forked until it is restarted."""
+    """The zygote died or could not start; no worker can be forked until it is restarted."""
 
 
-class ChildProcess:
-    """One forked sandbox child as the broker holds it: two pipe ends and a pidfd."""
+class WorkerProcess:
+    """One forked sandbox worker as the broker holds it: two pipe ends and a pidfd."""
 
-    def __init__(self, pid: int, to_child: int, from_child: int, pidfd: int) -> None:
+    def __init__(self, pid: int, to_worker: int, from_worker: int, pidfd: int) -> None:
         self.pid = pid
-        self.to_child = to_child
-        self.from_child = from_child
+        self.to_worker = to_worker
+        self.from_worker = from_worker
         self.pidfd = pidfd
         self.released = False
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -57,89 +66,276 @@ class ChildProcess:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def release(self) -> None:
-        """The broker is done with this child (its channel closed the pipes); free the pidfd once reaped."""
+        """The broker is done with this worker (its pipes are closed); free the pidfd once it is reaped."""
         self.released = True
-        self._close_pidfd_if_done()
+        self.close_pidfd_if_done()
 
-    def _close_pidfd_if_done(self) -> None:
+    def close_pidfd_if_done(self) -> None:
         if self.released and self.exited.done() and self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
 
 
+# --- starting a zygote -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Started:
+    """A zygote process just started: its pid, and how to wait for and reap it."""
+
+    pid: int
+    wait: Callable[[], asyncio.Future[None]]  # resolves once the process is gone (reaped)
+
+
+class Spawner(Protocol):
+    """Starts a zygote with one end of its control socket and a pipe for its stderr."""
+
+    async def spawn(self, control: socket.socket, stderr: int, run_as: RunAs | None) -> Started: ...
+
+    async def close(self) -> None: ...
+
+
+def command(module: str, config: wire.ZygoteConfig) -> list[str]:
+    return [sys.executable, "-I", "-m", module, config.encode()]
+
+
+class DirectSpawner:
+    """The broker execs the zygote itself (it is not going to drop privileges, or has not yet).
+
+    `program`: what to exec instead of sandbox/zygote.py, its configuration appended (the tests' fake
+    zygote, whose workers are an attacker's programs).
+    """
+
+    def __init__(self, program: Sequence[str] | None = None) -> None:
+        self.program = program
+
+    async def spawn(self, control: socket.socket, stderr: int, run_as: RunAs | None) -> Started:
+        config = wire.ZygoteConfig(
+            parent_pid=os.getpid(),
+            control_fd=control.fileno(),
+            libraries=resolved_libraries(),
+            run_as=(run_as.uid, run_as.gid) if run_as else None,
+        )
+        argv = (
+            command(wire.ZYGOTE_MODULE, config) if self.program is None else [*self.program, config.encode()]
+        )
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=[control.fileno()],
+            start_new_session=True,  # no controlling terminal for anything sandbox-side
+            close_fds=True,
+            env=wire.ZYGOTE_ENV,
+        )
+
+        def wait() -> asyncio.Future[None]:
+            return asyncio.ensure_future(_reap(proc))
+
+        return Started(proc.pid, wait)
+
+    async def close(self) -> None:
+        pass
+
+
+class LauncherGone(ZygoteLost):
+    """The launcher died: no zygote can be started any more (the broker cannot recover: it exits)."""
+
+
+class LauncherSpawner:
+    """Zygotes come from the launcher (sandbox/launcher.py), started while the broker was still root."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._replies: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._exits: dict[int, asyncio.Future[None]] = {}
+        self.gone: asyncio.Future[None] | None = None
+
+    async def start(self, run_as: RunAs) -> None:
+        """Start the launcher; must run before the broker drops to `run_as`."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = wire.ZygoteConfig(
+            parent_pid=os.getpid(),
+            control_fd=theirs.fileno(),
+            libraries=resolved_libraries(),
+            run_as=(run_as.uid, run_as.gid),
+        )
+        try:
+            self._proc = subprocess.Popen(
+                command(wire.LAUNCHER_MODULE, config),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,
+                close_fds=True,
+                env=wire.ZYGOTE_ENV,
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        self.gone = loop.create_future()
+        hello = loop.create_future()
+        self._replies.append(hello)
+        loop.add_reader(ours.fileno(), self._on_control)
+        try:
+            await asyncio.wait_for(asyncio.shield(hello), START_TIMEOUT)
+        except (TimeoutError, ZygoteLost) as e:
+            await self.close()
+            raise ZygoteLost("the sandbox launcher did not start") from e
+
+    def _on_control(self) -> None:
+        if self._control is None:
+            return
+        while True:
+            try:
+                data = self._control.recv(MAX_CONTROL)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lose()
+                return
+            msg = msgpack.unpackb(data)
+            if msg[0] in ("hello", "spawned") and self._replies:
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(int(msg[1]))
+            elif msg[0] == "spawn-failed" and self._replies:
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_exception(ZygoteLost(sanitize(str(msg[1]), 256)))
+            elif msg[0] == "exited":
+                done = self._exits.pop(int(msg[1]), None)
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    def _lose(self) -> None:
+        if self.gone is None or self.gone.done():
+            return
+        self.gone.set_result(None)
+        if self._control is not None:
+            asyncio.get_running_loop().remove_reader(self._control.fileno())
+        while self._replies:
+            fut = self._replies.popleft()
+            if not fut.done():
+                fut.set_exception(LauncherGone("the sandbox launcher is gone: no zygote can be started"))
+        for done in self._exits.values():  # its zygotes died with it
+            if not done.done():
+                done.set_result(None)
+        self._exits.clear()
+
+    async def spawn(self, control: socket.socket, stderr: int, run_as: RunAs | None) -> Started:
+        loop = asyncio.get_running_loop()
+        if self._control is None or self.gone is None or self.gone.done():
+            raise LauncherGone("the sandbox launcher is gone: no zygote can be started")
+        reply: asyncio.Future[int] = loop.create_future()
+        try:
+            socket.send_fds(self._control, [msgpack.packb(["spawn"])], [control.fileno(), stderr])
+        except OSError as e:
+            raise LauncherGone(f"the sandbox launcher is gone: {e.strerror or e}") from e
+        self._replies.append(reply)
+        pid = await asyncio.wait_for(reply, START_TIMEOUT)
+        exited = loop.create_future()
+        self._exits[pid] = exited
+
+        def wait() -> asyncio.Future[None]:
+            return exited
+
+        return Started(pid, wait)
+
+    async def close(self) -> None:
+        """Closing the socket makes the launcher kill its zygotes and exit; reap it."""
+        self._lose()
+        if self._control is not None:
+            asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+        if self._proc is not None:
+            await _reap(self._proc)
+            self._proc = None
+
+
+async def _reap(proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(100):
+        if proc.poll() is not None:
+            return
+        await asyncio.sleep(0.02)
+    proc.kill()
+    await asyncio.to_thread(proc.wait)
+
+
+# --- one zygote ------------------------------------------------------------------------------------
+
+
 class Zygote:
     def __init__(
         self,
-        ceilings: Ceilings,
+        spawner: Spawner,
         log: EventLog,
-        on_exit: Callable[[ChildProcess], None],
+        on_exit: Callable[[WorkerProcess], None],
         run_as: RunAs | None = None,
-        sessions_per_child: int = 1,
     ) -> None:
-        self.ceilings = ceilings
-        self.sessions_per_child = sessions_per_child
+        self.spawner = spawner
         self.run_as = run_as  # the zygote switches to it before its first fork
         self.log = log
-        self.on_exit = on_exit  # called once per child when the zygote reports (or loses) it
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.on_exit = on_exit  # called once per worker when the zygote reports (or loses) it
         self.control: socket.socket | None = None
         self.pid = 0
-        self._pending: collections.deque[asyncio.Future[ChildProcess]] = collections.deque()
-        self._children: dict[int, ChildProcess] = {}
+        self.forks = 0  # workers asked for so far
+        self.started_at = 0.0
+        self.layers: list[Any] = []  # the confinement layers the zygote reported in its hello
+        self._started: Started | None = None
+        self._stderr = -1
+        self._pending: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()
+        self.workers: dict[int, WorkerProcess] = {}
         self._hello: asyncio.Future[int] | None = None
         self.lost: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {
-            "broker_pid": os.getpid(),
-            "libraries": resolved_libraries(),
-            "control_fd": theirs.fileno(),
-            "address_space": dense_address_space(self.ceilings, self.sessions_per_child),
-            "cpu_seconds": self.ceilings.session_cpu * retire_after(self.sessions_per_child) + 10,
-            "dense": self.sessions_per_child > 1,
-            "session_cpu": self.ceilings.session_cpu,
-            "run_as": [self.run_as.uid, self.run_as.gid] if self.run_as else None,
-        }
+        err_r, err_w = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "sandbox.zygote", json.dumps(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=[theirs.fileno()],
-                start_new_session=True,  # no controlling terminal for anything sandbox-side
-                close_fds=True,
-            )
+            self._started = await self.spawner.spawn(theirs, err_w, self.run_as)
+        except BaseException:
+            ours.close()
+            os.close(err_r)
+            raise
         finally:
             theirs.close()
+            os.close(err_w)
+        self.started_at = loop.time()
         ours.setblocking(False)
         self.control = ours
         self._hello = loop.create_future()
         self.lost = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_control)
-        assert self.proc.stderr is not None
-        stderr_fd = self.proc.stderr.fileno()
-        os.set_blocking(stderr_fd, False)
-        loop.add_reader(stderr_fd, self._on_stderr, stderr_fd)
+        os.set_blocking(err_r, False)
+        self._stderr = err_r
+        loop.add_reader(err_r, self._on_stderr)
         try:
             self.pid = await asyncio.wait_for(asyncio.shield(self._hello), START_TIMEOUT)
         except (TimeoutError, ZygoteLost) as e:
             await self.stop()
             raise ZygoteLost("the sandbox zygote did not start (is libseccomp installed?)") from e
 
-    def fork(self) -> asyncio.Future[ChildProcess]:
-        """Ask for one child; the future resolves when the zygote hands over its fds."""
-        fut: asyncio.Future[ChildProcess] = asyncio.get_running_loop().create_future()
+    def fork(self, request: wire.ForkRequest) -> asyncio.Future[WorkerProcess]:
+        """Ask for one worker; the future resolves when the zygote hands over its fds."""
+        fut: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         if self.control is None or (self.lost is not None and self.lost.done()):
             fut.set_exception(ZygoteLost("zygote is not running"))
             return fut
         try:
-            self.control.send(msgpack.packb(["fork"]))
+            self.control.send(request.to_message())
         except OSError as e:
             fut.set_exception(ZygoteLost(f"zygote control failed: {e}"))
             return fut
+        self.forks += 1
         self._pending.append(fut)
         return fut
 
@@ -157,7 +353,7 @@ class Zygote:
                 self._lose("zygote exited")
                 return
             try:
-                if flags & socket.MSG_CTRUNC:  # out of descriptors: the child's fds never arrived
+                if flags & socket.MSG_CTRUNC:  # out of descriptors: the worker's fds never arrived
                     self._fds_lost(msgpack.unpackb(data), fds)
                     continue
                 self._dispatch(msgpack.unpackb(data), fds)
@@ -179,54 +375,61 @@ class Zygote:
             fut.set_exception(OSError(errno.EMFILE, "no descriptor free to receive a sandbox"))
         if self.control is not None:
             with contextlib.suppress(OSError):  # only its parent can kill it safely
-                self.control.send(msgpack.packb(["kill", int(msg[1])]))
+                self.control.send(wire.kill_message(int(msg[1])))
 
     def _dispatch(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]
         if kind == "hello" and self._hello is not None and not self._hello.done():
+            self.layers = list(msg[2]) if len(msg) > 2 else []
             self._hello.set_result(int(msg[1]))
         elif kind == "child":
-            to_child, from_child, pidfd = fds
-            child = ChildProcess(int(msg[1]), to_child, from_child, pidfd)
-            self._children[child.pid] = child
+            to_worker, from_worker, pidfd = fds
+            worker = WorkerProcess(int(msg[1]), to_worker, from_worker, pidfd)
+            self.workers[worker.pid] = worker
             fut = self._pending.popleft() if self._pending else None
             if fut is None or fut.done():  # nobody waits any more: discard it
-                child.kill()
-                os.close(to_child)
-                os.close(from_child)
-                child.release()
+                worker.kill()
+                os.close(to_worker)
+                os.close(from_worker)
+                worker.release()
             else:
-                fut.set_result(child)
+                fut.set_result(worker)
         elif kind == "fork-failed":
             fut = self._pending.popleft() if self._pending else None
             code = int(msg[1])
             if fut is not None and not fut.done():
                 fut.set_exception(OSError(code, f"the zygote could not fork: {os.strerror(code)}"))
         elif kind == "exit":
-            found = self._children.pop(int(msg[1]), None)
+            found = self.workers.pop(int(msg[1]), None)
             if found is not None:
                 self._exited(found, int(msg[2]))
 
-    def _exited(self, child: ChildProcess, status: int | None) -> None:
-        if not child.exited.done():
-            child.exited.set_result(status)
-        child._close_pidfd_if_done()
-        self.on_exit(child)
+    def _exited(self, worker: WorkerProcess, status: int | None) -> None:
+        if not worker.exited.done():
+            worker.exited.set_result(status)
+        worker.close_pidfd_if_done()
+        self.on_exit(worker)
 
-    def _on_stderr(self, fd: int) -> None:
+    def _on_stderr(self) -> None:
         # The zygote is trusted; its stderr (a crash traceback) is still logged escaped, a line at a time.
         try:
-            data = os.read(fd, 65536)
+            data = os.read(self._stderr, 65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            asyncio.get_running_loop().remove_reader(fd)
+            self._close_stderr()
             return
         for line in data.splitlines()[-20:]:
             if line.strip():
                 self.log.error(BROKER, "broker.error", f"zygote: {sanitize(line, 512)}")
+
+    def _close_stderr(self) -> None:
+        if self._stderr >= 0:
+            asyncio.get_running_loop().remove_reader(self._stderr)
+            os.close(self._stderr)
+            self._stderr = -1
 
     def _lose(self, why: str) -> None:
         if self.lost is None or self.lost.done():
@@ -241,14 +444,14 @@ class Zygote:
             fut = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(ZygoteLost(why))
-        # Its children die with it (parent-death signal); account for each exactly once.
-        for child in list(self._children.values()):
-            child.kill()
-            self._exited(child, None)
-        self._children.clear()
+        # Its workers die with it (parent-death signal); account for each exactly once.
+        for worker in list(self.workers.values()):
+            worker.kill()
+            self._exited(worker, None)
+        self.workers.clear()
 
     async def stop(self) -> None:
-        """Close the control socket (the zygote kills its children and exits) and reap the zygote."""
+        """Close the control socket (the zygote kills its workers and exits) and reap the zygote."""
         self._lose("zygote stopped")
         if self.control is not None:
             # _lose unregisters the reader only the first time the zygote is lost: a zygote that exited
@@ -256,28 +459,8 @@ class Zygote:
             asyncio.get_running_loop().remove_reader(self.control.fileno())
             self.control.close()
             self.control = None
-        if self.proc is not None:
-            proc = self.proc
-            if proc.stderr is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    asyncio.get_running_loop().remove_reader(proc.stderr.fileno())
-            for _ in range(100):
-                if proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-            if proc.stderr is not None:
-                proc.stderr.close()
-            self.proc = None
-
-
-def retire_after(sessions_per_child: int) -> int:
-    """Sessions a child serves in its life (dense mode): bounds its heap fragmentation and CPU total."""
-    return 1 if sessions_per_child == 1 else 4 * sessions_per_child
-
-
-def dense_address_space(ceilings: Ceilings, sessions_per_child: int) -> int:
-    """RLIMIT_AS of a child: room for every Lua heap it may hold at once, plus the interpreter."""
-    return ceilings.address_space + (sessions_per_child - 1) * ceilings.memory_bytes
+        started, self._started = self._started, None
+        if started is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started.wait(), STOP_TIMEOUT)
+        self._close_stderr()

@@ -1,66 +1,136 @@
-"""The broker's configuration: built once from the command line, then read-only."""
+"""The broker's configuration: built once from the command line and the config file, then read-only.
+
+Every default comes from the option table (deadend/options.py); these dataclasses give the values types.
+"""
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from deadend.options import BY_NAME, OPTIONS, PER_PORT, Network, effective
+
+
+def _default(name: str) -> Any:
+    return BY_NAME[name].default
+
+
+CEILING_FIELDS = frozenset(o.field for o in OPTIONS if o.ceiling)
 
 
 @dataclass(frozen=True, slots=True)
 class Ceilings:
     """Limits the broker enforces whatever a script does. Each ends only the session that hits it."""
 
-    memory_mib: int = 32  # Lua heap per session (lupa max_memory)
-    instructions: int = 50_000_000  # VM instructions between two API calls (sticky count hook)
-    cpu_slice: float = 3.0  # wall seconds a child may compute between two API calls, then SIGKILL
-    session_cpu: int = 30  # CPU seconds per session (RLIMIT_CPU backstop: SIGXCPU)
-    session_time: float = 3600.0  # wall seconds a session may last
-    linger: float = 10.0  # seconds a script may keep running after its connection closed
-    linger_calls: int = 100  # send/recv calls a script may make after its connection closed
-    log_rate: float = 20.0  # script log lines per second (token bucket), excess dropped and counted
-    log_burst: int = 100
-    call_rate: float = 1000.0  # API calls per second before replies are delayed (broker CPU is shared)
-    call_burst: int = 2000
+    memory: int = _default("memory")  # MiB of Lua heap per session (lupa max_memory)
+    instructions: int = _default("instructions")  # VM instructions between two API calls (sticky hook)
+    cpu_slice: float = _default("cpu-slice")  # wall seconds a worker may compute between two calls
+    session_cpu: int = _default("session-cpu")  # CPU seconds per session (RLIMIT_CPU backstop: SIGXCPU)
+    session_time: float = _default("session-time")  # wall seconds a session may last
+    idle_timeout: float = _default("idle-timeout")  # seconds a recv may wait for a byte (0: no limit)
+    linger: float = _default("linger")  # seconds a script may go on after its connection closed
+    linger_calls: int = _default("linger-calls")  # send/recv calls allowed after its connection closed
+    log_rate: float = _default("log-rate")  # script log lines per second (token bucket)
+    log_burst: int = _default("log-burst")
+    call_rate: float = _default("call-rate")  # API calls per second before replies are delayed
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Ceilings:
+        """From a parser's values (the broker's, or a tool's ceiling flags)."""
+        return cls(**{f: values[f] for f in CEILING_FIELDS})
+
+    @property
+    def call_burst(self) -> int:
+        return max(1, int(self.call_rate * 2))
 
     @property
     def memory_bytes(self) -> int:
-        return self.memory_mib << 20
+        return self.memory << 20
 
     @property
     def address_space(self) -> int:
-        # The Lua heap plus room for the interpreter, lupa and its shared libraries (a warm child maps
-        # ~21 MiB) and transient frame buffers. It bounds what a compromised child can map.
-        return (self.memory_mib + 96) << 20
+        # The Lua heap plus room for the interpreter, lupa and its shared libraries (a warm worker maps
+        # ~21 MiB) and transient frame buffers. It bounds what a compromised worker can map.
+        return (self.memory + 96) << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PortSettings:
+    """What the config file sets for one script (`[port.22]`): the options marked per_port."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)  # option name -> value, only those set
+
+    def ceilings(self, base: Ceilings) -> Ceilings:
+        own = {BY_NAME[name].field: v for name, v in self.values.items() if BY_NAME[name].ceiling}
+        return dataclasses.replace(base, **own) if own else base
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     scripts: Path
-    hosts: tuple[str, ...] = ()  # empty: every IPv4 and IPv6 address
-    port_offset: int = 0
-    workers: int = 64  # sandbox processes alive at once
-    sessions_per_worker: int = 1  # dense mode above 1: sessions sharing one sandbox child (SECURITY.md)
-    warm: int = 4  # pre-forked, locked-down children kept ready
-    queue_size: int = 128  # connections waiting for a sandbox
-    queue_timeout: float = 2.0  # seconds a connection may wait for one
-    max_connections: int = 4096  # accepted connections at once (queued ones included)
-    max_per_ip: int = 32  # accepted connections at once from one address
-    allow_clock: bool = False
-    log_level: str = "info"
-    log_format: str = "text"  # or "json": one object per line (deadend/events.py)
-    event_loop: str = "asyncio"  # or "uvloop" (an optional extra)
-    shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing
+    host: tuple[str, ...] = ()  # empty: every IPv4 and IPv6 address
+    port_offset: int = _default("port-offset")
+    allow_clock: bool = _default("allow-clock")
+    log_level: str = _default("log-level")
+    log_format: str = _default("log-format")  # or "json": one object per line (deadend/events.py)
+    event_loop: str = _default("event-loop")  # or "uvloop" (an optional extra)
+    workers: int = _default("workers")  # sandbox processes alive at once, all ports together
+    sessions_per_worker: int = _default("sessions-per-worker")  # dense mode above 1 (SECURITY.md)
+    warm: int = _default("warm")  # pre-forked, locked-down workers kept ready
+    queue_size: int = _default("queue-size")  # connections waiting for a sandbox
+    queue_timeout: float = _default("queue-timeout")  # seconds a connection may wait for one
+    max_connections: int = _default("max-connections")  # accepted connections at once (queued ones too)
+    max_per_ip: int | None = _default("max-per-ip")  # None: a quarter of its pool's capacity
+    zygote_forks: int = _default("zygote-forks")
+    call_rate_total: float = _default("call-rate-total")
     ceilings: Ceilings = field(default_factory=Ceilings)
-    # operations
     record: Path | None = None  # folder for session recordings (docs/recording.md)
-    record_max_bytes: int = 1 << 30  # all recordings in the folder together, old ones included
-    record_session_bytes: int = 1 << 20  # payload recorded per session
+    record_max_bytes: int = _default("record-max-bytes")  # all recordings in the folder, old ones too
+    record_session_bytes: int = _default("record-session-bytes")  # payload recorded per session
     metrics: tuple[str, int] | None = None  # where to serve Prometheus text
-    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header
+    proxy_protocol: bool = _default("proxy-protocol")  # every connection starts with a PROXY header
     ignore: tuple[Network, ...] = ()  # the operator's own networks
-    ignore_action: str = "serve"  # "serve" (unlogged, unrecorded) or "refuse"
-    user: str | None = None  # drop to this user after binding; children run as it from the start
-    allow_root: bool = False  # let sandbox children run as root (not recommended)
+    ignore_action: str = _default("ignore-action")  # "serve" (unlogged, unrecorded) or "refuse"
+    user: str | None = None  # drop to this user after binding; workers run as it from the start
+    allow_root: bool = _default("allow-root")  # let sandbox workers run as root (not recommended)
+    ports: Mapping[int, PortSettings] = field(default_factory=dict)  # per script port, from the file
+    shutdown_grace: float = 1.0  # seconds scripts get to finish after recv/send start failing
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], ports: Mapping[int, Mapping[str, Any]]) -> Config:
+        """From option fields to values (the parser's namespace), and each port's own settings."""
+        own = {o.field: values[o.field] for o in OPTIONS if not o.ceiling}
+        for name in ("host", "ignore"):
+            own[name] = tuple(own[name])
+        for value in ports.values():
+            if set(value) - set(PER_PORT):  # the config file checks its keys; this guards other callers
+                raise ValueError(f"not settable per port: {sorted(set(value) - set(PER_PORT))}")
+        return cls(
+            **own,
+            ceilings=Ceilings.from_values(values),
+            ports={p: PortSettings(dict(v)) for p, v in ports.items()},
+        )
+
+    def ceilings_for(self, port: int) -> Ceilings:
+        settings = self.ports.get(port)
+        return self.ceilings if settings is None else settings.ceilings(self.ceilings)
+
+    def sessions_per_worker_for(self, port: int) -> int:
+        settings = self.ports.get(port)
+        value = None if settings is None else settings.values.get("sessions-per-worker")
+        return self.sessions_per_worker if value is None else int(value)
+
+    def workers_cap(self, port: int) -> int | None:
+        """The port's own cap on workers (config file), or None."""
+        settings = self.ports.get(port)
+        value = None if settings is None else settings.values.get("workers")
+        return None if value is None else int(value)
+
+    def effective(self) -> str:
+        """The effective configuration, one line (logged at start-up and on every reload)."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update({f: getattr(self.ceilings, f) for f in CEILING_FIELDS})
+        return effective(values, {port: s.values for port, s in self.ports.items()})

@@ -12,10 +12,14 @@ import json
 import sys
 from typing import Any, Final
 
-SCHEMA_VERSION: Final = 1
+from deadend.reasons import ClosedBy, Reason
+
+SCHEMA_VERSION: Final = 2
 
 # JSON Schema type for each field kind used below.
 _TYPES: Final[dict[str, dict[str, Any]]] = {
+    "reason": {"enum": [r.value for r in Reason if r != Reason.IGNORED]},  # ignored peers: never written
+    "closed_by": {"enum": [c.value for c in ClosedBy]},
     "str": {"type": "string"},
     "int": {"type": "integer"},
     "num": {"type": "number"},
@@ -29,6 +33,10 @@ _TYPES: Final[dict[str, dict[str, Any]]] = {
 EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     # broker lifecycle
     "broker.ready": ("accepting connections", {"scripts": "int", "workers": "int"}),
+    "broker.config": (
+        "the effective configuration, at start-up and after every reload (`name=value` pairs)",
+        {"config": "str"},
+    ),
     "broker.stopping": ("shutdown began (SIGINT/SIGTERM or a fatal pool failure)", {}),
     "broker.privileges": ("privileges dropped to --user", {"user": "str", "uid": "int", "gid": "int"}),
     "broker.warning": ("a broker-wide condition the operator should know", {}),
@@ -55,21 +63,24 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "proxy.error": ("a PROXY protocol header was missing or malformed", {"error": "str"}),
     "queued": ("all sandboxes busy; the connection waits", {"waiting": "int"}),
     "dequeued": ("a queued connection got a sandbox", {"waited_ms": "int"}),
-    "refused": ("no sandbox for this connection", {"reason": "str"}),
-    "script.log": ("a line the script logged with deadend.log()", {"message": "str"}),
-    "script.log_dropped": ("script log lines dropped by --log-rate", {"dropped": "int"}),
+    "refused": ("no sandbox for this connection", {"reason": "reason"}),
+    "script.log": ("a line the script logged with deadend.log(): `msg` is its text, escaped", {}),
+    "script.log_dropped": (
+        "script log lines dropped: past --log-rate, or too much of this session's waiting for stdout",
+        {"dropped": "int"},
+    ),
     "session.problem": (
         "why a session ended abnormally (error text, limit detail)",
-        {"reason": "str", "detail": "str"},
+        {"reason": "reason", "detail": "str"},
     ),
     "session.end": (
         "exactly one per connection, refused ones included",
         {
-            "reason": "str",
+            "reason": "reason",
             "duration": "num",
             "bytes_in": "int",
             "bytes_out": "int",
-            "closed_by": "str",
+            "closed_by": "closed_by",
             "limit": "str?",
         },
     ),

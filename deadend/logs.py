@@ -1,22 +1,30 @@
-"""Log events: one line per event on stdout, in a form an attacker cannot break or forge.
+r"""Log events: one line per event on stdout, in a form an attacker cannot break or forge.
 
-Text line (the default): `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`.
-JSON line (`--log-format json`): one object with the event's name and fields (deadend/events.py), encoded
-ASCII-only so no raw control, bidi or line-separator character can reach the output.
-Whatever a script or a client controls is escaped: control characters, bidi overrides and line separators
-become `\\xNN`/`\\uNNNN`, backslashes are doubled, invalid UTF-8 bytes become `\\xNN`, and a message is
-cut at 4 KiB with a marker.
+Text line (the default): `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`; a
+script's own line reads `... script: "<its text>"`, quoted, so no script text can pass for the broker's
+fields. JSON line (`--log-format json`): one object with the event's name and fields (deadend/events.py),
+encoded ASCII-only so no raw control, bidi or line-separator character can reach the output.
+
+Whatever a script or a client controls is escaped by Unicode category, not by a list: control (Cc),
+format (Cf: bidi controls, zero-width characters, the tag block), surrogate (Cs: undecodable bytes),
+private-use (Co), unassigned (Cn), line and paragraph separators (Zl, Zp), spaces other than the ASCII
+space (Zs), and the few Default_Ignorable_Code_Point characters outside those categories (fillers and
+variation selectors that render as nothing) become `\xNN`, `\uNNNN` or `\UNNNNNNNN`; backslashes are
+doubled; invalid UTF-8 bytes become `\xNN`. Then the text is cut at 4 KiB (of escaped UTF-8), whole
+escapes only, with a marker: a line's size is bounded whatever the input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import queue
 import re
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TextIO
@@ -24,34 +32,103 @@ from typing import Final, TextIO
 from deadend.events import EVENTS, SCHEMA_VERSION
 from deadend.wire import LOG_LEVELS, LOG_MAX
 
-LOG_FORMATS: Final = ("text", "json")
 BATCH_DELAY: Final = 0.005  # seconds the writer waits after a first line for more to join it
 
 LEVEL_ORDER: Final = {name: i for i, name in enumerate(LOG_LEVELS)}
 CUT_MARKER: Final = "…[cut]"
 
-# C0 and C1 controls, DEL, bidi controls and overrides, zero-width and line/paragraph separators, the
-# surrogates that `surrogateescape` uses for undecodable bytes, and the backslash itself.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\udc80-\udcff\\]")
+UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) outside UNSAFE_CATEGORIES: characters
+# that render as nothing, so they could hide text (Hangul fillers, variation selectors, the combining
+# grapheme joiner, Khmer inherent vowels, Mongolian free variation selectors).
+IGNORABLE_RANGES: Final = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180D),
+    (0x180F, 0x180F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0000, 0xE0FFF),  # the tag block and its neighbours, whatever their category in this Python
+)
+_ASCII_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
+_ANY_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\U0010ffff\\]")
 
 
-def _escape_char(m: re.Match[str]) -> str:
-    c = m.group()
+@functools.lru_cache(maxsize=4096)
+def _escape_char(c: str) -> str:
+    """One character as it is shown: itself, or its escape."""
+    code = ord(c)
     if c == "\\":
         return "\\\\"
-    code = ord(c)
     if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if 0x20 <= code < 0x7F:
+        return c
+    unsafe = unicodedata.category(c) in UNSAFE_CATEGORIES or any(
+        lo <= code <= hi for lo, hi in IGNORABLE_RANGES
+    )
+    if not unsafe:
+        return c
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def sanitize(text: bytes | str, limit: int = LOG_MAX) -> str:
-    """Make untrusted text safe for a one-line log: escaped, and cut at `limit` bytes with a marker."""
+def _escape(match: re.Match[str]) -> str:
+    return _escape_char(match.group())
+
+
+# How many characters an escape sequence spans, by the character after its backslash.
+_ESCAPE_WIDTH: Final = {"\\": 2, '"': 2, "x": 4, "u": 6, "U": 10}
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest prefix of escaped `text` within `limit` UTF-8 bytes that splits no escape."""
+    size = i = 0
+    while i < len(text):
+        width = _ESCAPE_WIDTH[text[i + 1]] if text[i] == "\\" else 1
+        piece = text[i : i + width]
+        size += len(piece.encode("utf-8"))
+        if size > limit:
+            break
+        i += width
+    return text[:i]
+
+
+def sanitize(
+    text: bytes | str, limit: int | None = LOG_MAX, *, quote: bool = False, cut: bool = False
+) -> str:
+    """Make untrusted text safe for a one-line log: escaped, then cut at `limit` bytes with a marker.
+
+    `limit` None: never cut (the caller bounds the input). `quote`: the text goes between double quotes,
+    so `"` is escaped too (within the limit). `cut`: the text was cut before it got here (the marker is
+    added whatever happens here).
+    """
     raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-    cut = len(raw) > limit
-    s = raw[:limit].decode("utf-8", "surrogateescape")
-    s = _UNSAFE.sub(_escape_char, s)
+    if limit is not None:
+        # Every input byte yields at least one output byte: what lies past `limit` could never be shown.
+        cut = cut or len(raw) > limit
+        raw = raw[:limit]
+    s = raw.decode("utf-8", "surrogateescape")
+    s = (_ASCII_UNSAFE if s.isascii() else _ANY_UNSAFE).sub(_escape, s)
+    if quote:
+        s = s.replace('"', '\\"')
+    if limit is not None and (len(s) > limit or (not s.isascii() and len(s.encode("utf-8")) > limit)):
+        s, cut = _cut(s, limit), True
     return s + CUT_MARKER if cut else s
+
+
+# A script's line in the text format, and how its quoted text reads back (every backslash in it starts an
+# escape, so the quotes' escapes can be undone alone, left to right).
+SCRIPT_LINE: Final = re.compile(r'^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: "(.*)"$')
+_QUOTE_ESCAPE: Final = re.compile(r"\\(.)")
+
+
+def unquote(shown: str) -> str:
+    """A script's quoted text as `sanitize(..., quote=True)` showed it, less the quotes' escapes."""
+    return _QUOTE_ESCAPE.sub(lambda m: m.group(1) if m.group(1) == '"' else m.group(0), shown)
 
 
 def utc_timestamp(now: float | None = None) -> str:
@@ -106,17 +183,24 @@ class EventLog:
     Lines go through a bounded queue to a writer thread: a slow or stopped reader of stdout (a paused
     terminal, a stuck log shipper) must never stall the event loop, whose timers enforce the ceilings.
     When the queue is full, lines are dropped and their number is reported once the writer catches up.
+    Scripts' own lines may fill at most SCRIPT_SHARE of it, and one session's at most SESSION_SHARE: a
+    session logging in bursts cannot push out other sessions' lines, nor the broker's (session ends).
     """
 
-    QUEUE_BYTES = 2 << 20  # what may wait for a slow stdout; bounded in bytes, lines run up to 4 KiB
+    QUEUE_BYTES = 2 << 20  # what may wait for a slow stdout; bounded in bytes
+    SCRIPT_SHARE = QUEUE_BYTES * 3 // 4
+    SESSION_SHARE = QUEUE_BYTES // 16
 
     def __init__(self, stream: TextIO | None = None, level: str = "info", fmt: str = "text") -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
         self.format = FORMATTERS[fmt]
+        self.quoted = fmt == "text"  # a script's text is shown between quotes
         self.observers: list[Observer] = []  # e.g. the metrics: they see every event, quiet ones included
-        self._queue: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str | None] | threading.Event | None] = queue.SimpleQueue()
         self._queued_bytes = 0
+        self._script_bytes = 0
+        self._per_session: dict[str, int] = {}  # a session's script lines waiting in the queue, in bytes
         self._dropped = 0
         self.dropped_total = 0  # for the metrics
         self._lock = threading.Lock()
@@ -125,36 +209,60 @@ class EventLog:
 
     def emit(self, level: str, where: Where, event: str, message: str, /, **fields: object) -> None:
         """Log one event. `message` and string fields must already be safe (use `sanitize`)."""
+        self._emit(level, where, event, message, fields, None)
+
+    def script_line(self, level: str, where: Where, text: bytes, cut: bool) -> bool:
+        """A line a script logged (escaped and cut here); False if it was dropped: its session already
+        has SESSION_SHARE waiting, or scripts together have SCRIPT_SHARE."""
+        shown = sanitize(text, quote=self.quoted, cut=cut)
+        message = f'script: "{shown}"' if self.quoted else shown
+        return self._emit(level, where, "script.log", message, {}, where.conn)
+
+    def _emit(
+        self, level: str, where: Where, event: str, message: str, fields: Fields, session: str | None
+    ) -> bool:
         assert event in EVENTS and fields.keys() == EVENTS[event][1].keys(), (event, sorted(fields))
         for observe in self.observers:
             observe(event, where, fields)
         if where.quiet or LEVEL_ORDER[level] < self.threshold:
-            return
+            return True
         line = self.format(utc_timestamp(), level, where, event, message, fields)
+        size = len(line)
         with self._lock:
-            if self._queued_bytes + len(line) > self.QUEUE_BYTES:
-                self._dropped += 1
-                self.dropped_total += 1
-                return
-            self._queued_bytes += len(line)
-        self._queue.put(line)
+            if self._queued_bytes + size > self.QUEUE_BYTES or (
+                session is not None
+                and (
+                    self._script_bytes + size > self.SCRIPT_SHARE
+                    or self._per_session.get(session, 0) + size > self.SESSION_SHARE
+                )
+            ):
+                if session is None:  # a script's dropped lines are counted and reported by its session
+                    self._dropped += 1
+                    self.dropped_total += 1
+                return False
+            self._queued_bytes += size
+            if session is not None:
+                self._script_bytes += size
+                self._per_session[session] = self._per_session.get(session, 0) + size
+        self._queue.put((line, session))
+        return True
 
     def _drain(self) -> None:
         while True:
-            lines = [self._queue.get()]
-            if isinstance(lines[0], str):
+            items = [self._queue.get()]
+            if isinstance(items[0], tuple):
                 # Let a burst gather: one wake-up and one write per batch instead of a GIL hand-off per
                 # line (measured: ~14% of the broker's CPU under load went to those hand-offs).
                 time.sleep(BATCH_DELAY)
             with contextlib.suppress(queue.Empty):
-                while len(lines) < 128 and not isinstance(lines[-1], threading.Event):
-                    lines.append(self._queue.get_nowait())  # bounded batches: small transient buffers
-            done = lines[-1] is None
-            flushed = lines[-1] if isinstance(lines[-1], threading.Event) else None
-            text = "".join(line for line in lines if isinstance(line, str))
+                while len(items) < 128 and isinstance(items[-1], tuple):
+                    items.append(self._queue.get_nowait())  # bounded batches: small transient buffers
+            done = items[-1] is None
+            flushed = items[-1] if isinstance(items[-1], threading.Event) else None
+            lines = [item for item in items if isinstance(item, tuple)]
+            text = "".join(line for line, _ in lines)
             with self._lock:
                 dropped, self._dropped = self._dropped, 0
-                self._queued_bytes -= len(text)
             if dropped:
                 message = f"log output too slow: {dropped} lines dropped"
                 text += self.format(
@@ -165,10 +273,24 @@ class EventLog:
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken stdout must not take the broker down
+            self._written(lines)
             if flushed is not None:
                 flushed.set()
             if done:
                 return
+
+    def _written(self, lines: list[tuple[str, str | None]]) -> None:
+        """Lines are out: their bytes no longer count (only now, so a stuck write holds its batch's share)."""
+        with self._lock:
+            for line, session in lines:
+                self._queued_bytes -= len(line)
+                if session is not None:
+                    self._script_bytes -= len(line)
+                    left = self._per_session[session] - len(line)
+                    if left:
+                        self._per_session[session] = left
+                    else:
+                        del self._per_session[session]
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every line emitted so far has been written."""

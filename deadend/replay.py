@@ -119,7 +119,7 @@ def payload_lines(t: float, arrow: str, payload: bytes) -> list[str]:
             body, end = piece[:-2], "\\r\\n"
         elif piece.endswith(b"\n"):
             body, end = piece[:-1], "\\n"
-        out.append(f"+{t:.3f}s {arrow} {sanitize(body, len(body))}{end}")
+        out.append(f"+{t:.3f}s {arrow} {sanitize(body, None)}{end}")
     return out
 
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from deadend.config import Config
+from deadend.config import Ceilings, Config
 from deadend.logs import EventLog
 from deadend.scripts import Script, port_of
 from deadend.transcript import TranscriptError, load
@@ -55,23 +55,19 @@ class _Lines(io.TextIOBase):
 
 def run_check(args: argparse.Namespace) -> int:
     from broker.audit import Report, check, render, scripts_in
-    from broker.pool import SandboxPool
+    from broker.sandboxes import standalone
     from broker.zygote import ZygoteLost
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         return _fail(f"no such file or folder: {', '.join(missing)}")
     files = scripts_in(args.paths)
-    config = Config(scripts=Path())
+    config = Config(scripts=Path(), workers=2, warm=1, queue_size=4)
     log = EventLog(open(os.devnull, "w"))  # noqa: SIM115 (closed with the log)
 
     async def main() -> list[Report]:
-        pool = SandboxPool(config.ceilings, log, workers=2, warm=1, queue_size=4)
-        await pool.start()
-        try:
-            return [await check(pool, path, config.ceilings) for path in files]
-        finally:
-            await pool.close()
+        async with standalone(config, log) as sandboxes:
+            return [await check(sandboxes.process, path, config.ceilings) for path in files]
 
     try:
         reports = asyncio.run(main())
@@ -94,12 +90,11 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_try(args: argparse.Namespace) -> int:
     from broker.rehearsal import Rehearsal
-    from deadend.cli import ceilings_from_args
 
     script = _script(args.script)
     if isinstance(script, str):
         return _fail(script)
-    config = Config(scripts=Path(), ceilings=ceilings_from_args(args))
+    config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     log = EventLog(sys.stderr, level="debug")
     ours, theirs = socket.socketpair()
 
@@ -143,7 +138,6 @@ def run_try(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     from broker.rehearsal import Rehearsal, replay
-    from deadend.cli import ceilings_from_args
 
     script = _script(args.script)
     if isinstance(script, str):
@@ -154,7 +148,7 @@ def run_test(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"cannot read a transcript: {e}")
-    config = Config(scripts=Path(), ceilings=ceilings_from_args(args))
+    config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     lines = _Lines()
     log = EventLog(lines, level="debug")  # type: ignore[arg-type]
 

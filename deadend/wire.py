@@ -1,21 +1,40 @@
-"""The wire protocol between the broker and a sandbox child: the one home of the contract.
+"""The wire: every message between the broker, the zygote and the sandbox workers. The contract's one home.
 
-Every frame is one msgpack array on a pipe. The child (untrusted after lockdown) speaks first:
+Three channels, four dialects, all msgpack:
 
-    child -> broker   ["ready"]                       once, after lockdown
-    broker -> child   ["start", {START fields}]       once, per session
-    child -> broker   [op, arg...]                    one request, then it waits for the reply
-    broker -> child   value                           exactly one reply per request
-    child -> broker   ["done", kind, message]         last frame; the child then exits
+    broker ──control socket (SOCK_SEQPACKET, one message per datagram)──▶ zygote        [ZYGOTE CONTROL]
+      ["fork", {ForkRequest}]              ──▶  ◀── ["hello", pid, [layers]]     once, when ready
+      ["kill", pid]                        ──▶  ◀── ["child", pid] + fds (to_worker, from_worker, pidfd)
+                                                ◀── ["fork-failed", errno]
+                                                ◀── ["exit", pid, wait_status]
 
-Requests are the `deadend.*` calls of SPEC.md. Their argument ranges live here and nowhere else: the Lua
-bootstrap receives them from `lua_constants()` so that the argument errors a script sees and the checks
-the broker applies to a (possibly compromised) child are the same numbers.
+    broker ◀──pipe pair──▶ worker, one session per worker                                  [PLAIN]
+      ◀── ["ready"]                                  once, after lockdown
+      ──▶ ["start", {Start}]                          mode "run": the session begins at once
+      ──▶ ["start", {Start, mode "prepare"}]  ◀── ["prepared"]  ──▶ ["go", seed_hi, seed_lo]   [PREPARE/GO]
+      ◀── [op, arg...]  ──▶ reply                     one request, then the worker waits for its reply
+      ◀── ["done", kind, message]                    the last frame; the worker then exits
+
+    broker ◀──pipe pair──▶ dense worker, up to K sessions (--sessions-per-worker)            [DENSE]
+      ◀── ["ready"]                                  once, unprefixed
+      ──▶ slot, ["start", {Start}]                    every later frame both ways is preceded by its
+      ◀── slot, [op, arg...]  ──▶ slot, reply          session's slot number (a msgpack integer)
+      ──▶ slot, ["abort"]   ◀── slot, ["done", "aborted", b""]   the broker ends a session early
+
+The zygote itself is started with a ZygoteConfig (one JSON argument). Requests are the `deadend.*` calls
+of SPEC.md: REQUESTS below is the one table of them (name, arity, argument check, the modes that permit
+it, whether it is refused once the connection closed); the broker's monitor dispatches through it, the
+worker trims Lua's trailing nils with it, and the Lua bootstrap gets the argument ranges from
+`lua_constants()`, so the argument errors a script sees and the checks the broker applies to a (possibly
+compromised) worker are the same numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import msgpack
@@ -28,10 +47,11 @@ SLEEP_MAX_MS: Final = 3_600_000
 TARPIT_MAX_MS: Final = 60_000
 SEND_MAX: Final = 1 << 20  # bytes per send() call (decided)
 LIMIT_MAX: Final = (1 << 63) - 1  # set_limits takes any non-negative Lua integer
-LOG_MAX: Final = 4096  # a log message is cut here, with a marker
+LOG_MAX: Final = 4096  # a log message is cut here (after escaping), with a marker
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
-# Caps on C loops that never reach the Lua hook (research/sandbox.md, "hook-proof C loops").
+# Caps on C loops that never reach the Lua hook: string.rep with an empty result and table.move loop in C
+# without executing a VM instruction, so their size is checked before the call.
 REP_MAX: Final = 1 << 26  # string.rep: result bytes, or iterations when the result is empty
 MOVE_MAX: Final = 1 << 22  # table.move: elements per call
 
@@ -58,32 +78,24 @@ BASE_FUNCTIONS: Final = (
     "_VERSION",
 )
 LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend")
-API_FUNCTIONS: Final = ("send", "recv", "sleep", "get_ip", "log", "set_tarpit", "set_limits", "close")
 CLOCK_FUNCTIONS: Final = ("time", "date", "clock", "difftime")  # os.*, with the operator's clock option
 
-# --- framing ---------------------------------------------------------------------------------------
+# --- framing limits --------------------------------------------------------------------------------
 
-# The largest frame a child may send: a full send() plus envelope. Anything larger is a violation.
-MAX_CHILD_FRAME: Final = SEND_MAX + 1024
+# The largest frame a worker may send: a full send() plus envelope. Anything larger is a violation.
+MAX_WORKER_FRAME: Final = SEND_MAX + 1024
 # The start message carries the script; scripts larger than this are refused at discovery.
 MAX_SCRIPT_BYTES: Final = 256 * 1024
 MAX_BROKER_FRAME: Final = MAX_SCRIPT_BYTES + 4096
-
-# How a session ended, as the child reports it in its "done" frame.
-DONE_KINDS: Final = ("return", "error", "instructions", "memory", "compile", "crash", "cpu")
-
-# A child prepared for one script (mode "prepare") answers PREPARED and starts the session at GO.
-PREPARED: Final = ["prepared"]
-GO: Final = "go"  # ["go", seed_hi, seed_lo]
-
-# Dense mode (--sessions-per-worker): the broker's "end this session now" in place of a reply; the child
-# drops that session's Lua state and answers ABORTED.
-ABORT: Final = ["abort"]
-ABORTED: Final = ["done", "aborted", b""]
+# One read from a pipe. A decoder holds at most one incomplete frame plus one read, so its buffer is
+# sized for the largest frame PLUS a read: a read that completes one frame may carry the start of the
+# next (dense workers batch frames of several sessions into one write).
+READ_CHUNK: Final = 1 << 16
+SLOT_PREFIX_MAX: Final = 9  # a msgpack integer's largest encoding
 
 
 class ProtocolViolation(Exception):
-    """A frame from a child that breaks the contract. The broker ends that child; nothing else."""
+    """A frame from a worker that breaks the contract. The broker ends that worker; nothing else."""
 
 
 def pack(obj: Any) -> bytes:
@@ -99,12 +111,12 @@ def _flat_list(items: list[Any]) -> list[Any]:
     return items
 
 
-def child_unpacker() -> msgpack.Unpacker:
-    """The broker's bounded reader for frames from a child (hostile input)."""
+def worker_unpacker() -> msgpack.Unpacker:
+    """The broker's bounded reader for frames from a worker (hostile input)."""
     return msgpack.Unpacker(
         list_hook=_flat_list,
         raw=False,
-        max_buffer_size=MAX_CHILD_FRAME,
+        max_buffer_size=MAX_WORKER_FRAME + SLOT_PREFIX_MAX + READ_CHUNK,
         max_bin_len=SEND_MAX,
         max_str_len=64,
         max_array_len=4,
@@ -115,40 +127,51 @@ def child_unpacker() -> msgpack.Unpacker:
 
 
 def broker_unpacker() -> msgpack.Unpacker:
-    """The child's reader for frames from the broker (trusted, still bounded)."""
-    return msgpack.Unpacker(raw=False, max_buffer_size=MAX_BROKER_FRAME, strict_map_key=True)
+    """The worker's reader for frames from the broker (trusted, still bounded)."""
+    return msgpack.Unpacker(
+        raw=False, max_buffer_size=MAX_BROKER_FRAME + SLOT_PREFIX_MAX + READ_CHUNK, strict_map_key=True
+    )
 
 
-# --- start message --------------------------------------------------------------------------------
+# --- the plain dialect: start, prepare/GO, done -------------------------------------------------------
+
+READY: Final = ["ready"]
+PREPARED: Final = ["prepared"]  # a worker in mode "prepare" compiled its script and waits for GO
+GO: Final = "go"  # ["go", seed_hi, seed_lo]: the prepared worker's session begins
+
+# How a session ended, as the worker reports it in its "done" frame.
+DONE_KINDS: Final = ("return", "error", "instructions", "memory", "compile", "crash", "cpu")
+
+
+class Mode(enum.Enum):
+    """What a worker is doing with a Start message; which requests it may make depends on it."""
+
+    RUN = "run"  # a session, from the top
+    PREPARE = "prepare"  # compile, say PREPARED, run at GO: a warm worker ready for one script
+    DENSE = "dense"  # a session in a worker shared by up to K (its Start says "run")
+    COMPILE = "compile"  # compile only: does it compile?
+    CHECK = "check"  # compile and send the chunk's bytecode (`deadend check`), never run it
+
+
+START_MODES: Final = frozenset({Mode.RUN, Mode.PREPARE, Mode.COMPILE, Mode.CHECK})
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """What a child needs to run one session. It never opens anything itself."""
+    """What a worker needs to run one session. It never opens anything itself."""
 
-    # "run" a session; "compile" only; "check": compile and send the chunk's bytecode; "prepare": compile,
-    # say PREPARED, and run when GO arrives with the session's seed (a warm child ready for one script)
-    mode: str
+    mode: str  # a START_MODES value
     source: bytes
     chunkname: str  # e.g. "25.lua", used in Lua error messages
-    seed: tuple[int, int]  # for math.randomseed; forked children would otherwise share the PRNG
+    seed: tuple[int, int]  # for math.randomseed; forked workers would otherwise share the PRNG
     memory: int  # bytes of Lua heap
     instructions: int  # VM instructions allowed between two API calls
     clock: bool  # expose the read-only os clock subset
 
     def to_frame(self) -> list[Any]:
-        return [
-            "start",
-            {
-                "mode": self.mode,
-                "source": self.source,
-                "chunkname": self.chunkname,
-                "seed": list(self.seed),
-                "memory": self.memory,
-                "instructions": self.instructions,
-                "clock": self.clock,
-            },
-        ]
+        fields = asdict(self)
+        fields["seed"] = list(self.seed)
+        return ["start", fields]
 
     @classmethod
     def from_frame(cls, frame: Any) -> Start:
@@ -166,7 +189,7 @@ class Start:
             clock=f["clock"],
         )
         if (
-            start.mode not in ("run", "compile", "check", "prepare")
+            start.mode not in {m.value for m in START_MODES}
             or not isinstance(start.source, bytes)
             or not isinstance(start.chunkname, str)
             or not isinstance(start.memory, int)
@@ -177,7 +200,57 @@ class Start:
         return start
 
 
-# --- requests from the child ----------------------------------------------------------------------
+def go_frame(seed: tuple[int, int]) -> list[Any]:
+    return [GO, *seed]
+
+
+def is_go(frame: Any) -> bool:
+    return (
+        isinstance(frame, list)
+        and len(frame) == 3
+        and frame[0] == GO
+        and all(type(v) is int for v in frame[1:])
+    )
+
+
+# --- the dense dialect: slot-prefixed frames ---------------------------------------------------------
+
+ABORT: Final = ["abort"]  # the broker's "end this session now", in place of a reply
+ABORTED: Final = ["done", "aborted", b""]  # only as the answer to ABORT: not a DONE_KINDS kind
+
+
+def pack_slot(slot: int, obj: Any) -> bytes:
+    """One dense frame: its slot number, then the frame."""
+    return pack(slot) + pack(obj)
+
+
+class SlotReader:
+    """Both ends' reader of dense frames: yields (slot, frame) pairs from an unpacker fed with pipe bytes.
+
+    A slot number read before its frame has arrived is kept until the frame does. `pending_slot` is that
+    number: a decoding error while it is set happened inside that slot's frame (the broker blames it).
+    """
+
+    def __init__(self, unpacker: msgpack.Unpacker) -> None:
+        self.unpacker = unpacker
+        self.pending_slot: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.unpacker.feed(data)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for obj in self.unpacker:
+            if self.pending_slot is None:
+                if type(obj) is not int:
+                    raise ProtocolViolation("a dense frame without its slot number")
+                self.pending_slot = obj
+                continue
+            slot = self.pending_slot
+            yield slot, obj
+            self.pending_slot = None  # only now: an error while routing this frame still names the slot
+
+
+# --- requests from a worker: the one table ---------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,84 +269,171 @@ def _int_in(v: Any, lo: int, hi: int) -> bool:
 
 
 def _check_send(a: tuple[Any, ...]) -> bool:
-    return len(a) == 1 and type(a[0]) is bytes and len(a[0]) <= SEND_MAX
+    return type(a[0]) is bytes and len(a[0]) <= SEND_MAX
 
 
 def _check_recv(a: tuple[Any, ...]) -> bool:
-    return len(a) == 1 and _int_in(a[0], RECV_MIN, RECV_MAX)
+    return _int_in(a[0], RECV_MIN, RECV_MAX)
 
 
 def _check_sleep(a: tuple[Any, ...]) -> bool:
-    return len(a) == 1 and _int_in(a[0], 0, SLEEP_MAX_MS)
+    return _int_in(a[0], 0, SLEEP_MAX_MS)
 
 
 def _check_none(a: tuple[Any, ...]) -> bool:
-    return len(a) == 0
+    return True
 
 
 def _check_log(a: tuple[Any, ...]) -> bool:
-    # The child sends at most LOG_MAX + 1 bytes so the broker can tell a cut message from a full one.
-    return len(a) == 2 and type(a[0]) is bytes and len(a[0]) <= LOG_MAX + 1 and a[1] in LOG_LEVELS
+    # The worker sends at most LOG_MAX + 1 bytes so the broker can tell a cut message from a full one.
+    return type(a[0]) is bytes and len(a[0]) <= LOG_MAX + 1 and a[1] in LOG_LEVELS
 
 
 def _check_tarpit(a: tuple[Any, ...]) -> bool:
-    return len(a) == 2 and all(_int_in(v, 0, TARPIT_MAX_MS) for v in a)
+    return all(_int_in(v, 0, TARPIT_MAX_MS) for v in a)
 
 
 def _check_limits(a: tuple[Any, ...]) -> bool:
-    return len(a) == 2 and all(_int_in(v, 0, LIMIT_MAX) for v in a)
+    return all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
 def _check_dump(a: tuple[Any, ...]) -> bool:
-    return len(a) == 1 and type(a[0]) is bytes
+    return type(a[0]) is bytes
 
 
 def _check_done(a: tuple[Any, ...]) -> bool:
-    return len(a) == 2 and a[0] in DONE_KINDS and type(a[1]) is bytes and len(a[1]) <= LOG_MAX + 1
+    return a[0] in DONE_KINDS and type(a[1]) is bytes and len(a[1]) <= LOG_MAX + 1
 
 
-# The fixed table of requests a child may make (OpenSSH monitor style): name -> argument check.
-REQUESTS: Final = {
-    "send": _check_send,
-    "recv": _check_recv,
-    "sleep": _check_sleep,
-    "get_ip": _check_none,
-    "log": _check_log,
-    "set_tarpit": _check_tarpit,
-    "set_limits": _check_limits,
-    "close": _check_none,
-    "dump": _check_dump,  # only in a "check": the compiled chunk, for the static analysis of `deadend check`
-    "done": _check_done,
-}
+SESSION: Final = frozenset({Mode.RUN, Mode.PREPARE, Mode.DENSE})  # a script runs: its API
+EVERY_MODE: Final = frozenset(Mode)
 
 
-# How many arguments each request carries (the child trims Lua's trailing nils with it).
-ARITY: Final = {
-    "send": 1,
-    "recv": 1,
-    "sleep": 1,
-    "get_ip": 0,
-    "log": 2,
-    "set_tarpit": 2,
-    "set_limits": 2,
-    "close": 0,
-    "dump": 1,
-    "done": 2,
-}
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """One request a worker may make (OpenSSH's monitor table: type, where permitted, how checked)."""
+
+    name: str
+    arity: int  # arguments after the name; the worker trims Lua's trailing nils to this
+    check: Callable[[tuple[Any, ...]], bool]  # the arguments' types and ranges (the count is checked first)
+    modes: frozenset[Mode]  # where the request is permitted; anywhere else it is a violation
+    # Connection I/O: once the connection is closed (or, for recv, the peer finished sending) it is
+    # answered as failed and counted against --linger-calls. Every other request keeps working.
+    io: bool = False
 
 
-def parse_request(frame: Any) -> Request:
-    """Validate one frame from a child against the request table, or raise ProtocolViolation."""
+REQUESTS: Final = (
+    RequestRow("send", 1, _check_send, SESSION, io=True),
+    RequestRow("recv", 1, _check_recv, SESSION, io=True),
+    RequestRow("sleep", 1, _check_sleep, SESSION),
+    RequestRow("get_ip", 0, _check_none, SESSION),
+    RequestRow("log", 2, _check_log, SESSION),
+    RequestRow("set_tarpit", 2, _check_tarpit, SESSION),
+    RequestRow("set_limits", 2, _check_limits, SESSION),
+    RequestRow("close", 0, _check_none, SESSION),
+    RequestRow("dump", 1, _check_dump, frozenset({Mode.CHECK})),  # the compiled chunk, for `deadend check`
+    RequestRow("done", 2, _check_done, EVERY_MODE),
+)
+ROWS: Final = {row.name: row for row in REQUESTS}
+# The `deadend.*` functions of SPEC.md: the requests only a running script makes.
+API_FUNCTIONS: Final = tuple(row.name for row in REQUESTS if row.modes == SESSION)
+
+
+def parse_request(frame: Any, mode: Mode) -> Request:
+    """Validate one frame from a worker in `mode` against the request table, or raise ProtocolViolation."""
     if not isinstance(frame, list) or not frame:
         raise ProtocolViolation(f"frame is not a request array ({type(frame).__name__})")
     op = frame[0]
-    check = REQUESTS.get(op) if isinstance(op, str) else None
-    if check is None:
+    row = ROWS.get(op) if isinstance(op, str) else None
+    if row is None:
         raise ProtocolViolation(f"unknown request {str(op)[:32]!r}")
+    if mode not in row.modes:
+        raise ProtocolViolation(f"{op!r} is not permitted in {mode.value} mode")
     args = tuple(frame[1:])
-    if not check(args):
+    if len(args) != row.arity or not row.check(args):
         raise ProtocolViolation(f"bad arguments to {op!r}")
     return Request(op, args)
+
+
+# --- the zygote: its configuration and its control messages ------------------------------------------
+
+ZYGOTE_MODULE: Final = "sandbox.zygote"
+LAUNCHER_MODULE: Final = "sandbox.launcher"
+# A zygote's (and so every worker's) whole environment: nothing of the broker's, whose environment may hold
+# tokens and credentials. TZ is read by the C library (the clock option's dates are UTC); nothing in the
+# sandbox runs a program, so there is no PATH.
+ZYGOTE_ENV: Final = {"TZ": "UTC"}
+
+
+@dataclass(frozen=True, slots=True)
+class ZygoteConfig:
+    """What a zygote (or the launcher, which starts zygotes) is started with: its one argument, as JSON.
+
+    The launcher dialect, on a SOCK_SEQPACKET socketpair like the zygote's:
+        broker -> launcher   ["spawn"] + fds [zygote's control socket end, zygote's stderr]
+        launcher -> broker   ["spawned", pid] | ["spawn-failed", reason]
+        launcher -> broker   ["exited", pid, wait_status]
+    The launcher fills in parent_pid and control_fd itself and always uses its own run_as: the broker,
+    which handles attacker data, cannot ask it for a zygote with more privileges.
+    """
+
+    parent_pid: int  # who exec'd it: it dies with that process, and refuses to start if already orphaned
+    control_fd: int  # its end of the control socket
+    libraries: dict[str, str]  # shared libraries resolved by the broker (no ldconfig fork in the zygote)
+    run_as: tuple[int, int] | None  # switch to this uid, gid before the first fork
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, text: str) -> ZygoteConfig:
+        f = json.loads(text)
+        run_as = f["run_as"]
+        config = cls(
+            parent_pid=f["parent_pid"],
+            control_fd=f["control_fd"],
+            libraries=f["libraries"],
+            run_as=(int(run_as[0]), int(run_as[1])) if run_as else None,
+        )
+        if not (
+            _is_int(config.parent_pid)
+            and _is_int(config.control_fd)
+            and isinstance(config.libraries, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in config.libraries.items())
+        ):
+            raise ValueError("malformed zygote configuration")
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class ForkRequest:
+    """One worker to fork, and how it is confined (each pool forks its own kind from the one zygote)."""
+
+    address_space: int  # RLIMIT_AS, bytes
+    cpu_seconds: int  # RLIMIT_CPU, seconds (SIGXCPU at the soft limit)
+    dense_session_cpu: float | None = None  # a dense worker meters each session's CPU; None: plain worker
+
+    def to_message(self) -> bytes:
+        return pack(["fork", asdict(self)])
+
+    @classmethod
+    def from_fields(cls, f: Any) -> ForkRequest:
+        request = cls(f["address_space"], f["cpu_seconds"], f["dense_session_cpu"])
+        if not (
+            _is_int(request.address_space)
+            and _is_int(request.cpu_seconds)
+            and (request.dense_session_cpu is None or isinstance(request.dense_session_cpu, int | float))
+        ):
+            raise ValueError("malformed fork request")
+        return request
+
+
+def kill_message(pid: int) -> bytes:
+    """A worker whose descriptors the broker could not receive: only its parent can kill it safely."""
+    return pack(["kill", pid])
+
+
+# --- the Lua side ----------------------------------------------------------------------------------
 
 
 def lua_constants() -> dict[str, int | str]:

@@ -3,8 +3,9 @@
 -- RFC 4253 4.2 lets a server send other lines before its "SSH-" version line, and clients wait for
 -- it. This script never sends one: it trickles a random line every DELAY_MS (plus jitter), forever, so
 -- a scanner or brute-forcer sits waiting for a banner that never comes. The first line goes out at once,
--- so the client sees data immediately. The script never reads; the peer is noticed gone when a send
--- fails. It gives up on its own after MAX_HOLD_MS, before the broker's default one-hour session ceiling.
+-- so the client sees data immediately. The script never reads: when the peer leaves, the broker ends the
+-- sleep in progress, the next send fails, and the script says how long it held the peer. It gives up on
+-- its own after MAX_HOLD_MS, before the broker's default one-hour session ceiling.
 
 local DELAY_MS = 10000       -- between two lines (endlessh's default)
 local JITTER_MS = 1000       -- plus 0..JITTER_MS, so the rhythm is not perfectly regular
@@ -42,12 +43,11 @@ while held_ms < MAX_HOLD_MS do
     break
   end
   lines, bytes = lines + 1, bytes + #line
-  local pause = DELAY_MS + math.random(0, JITTER_MS)
-  deadend.sleep(pause)
-  held_ms = held_ms + pause
+  -- sleep returns the milliseconds slept: fewer when the peer left meanwhile
+  held_ms = held_ms + deadend.sleep(DELAY_MS + math.random(0, JITTER_MS))
 end
 
--- held_ms counts the sleeps, so it needs no clock; the peer left at most one pause before we noticed.
+-- held_ms counts the sleeps, so it needs no clock.
 deadend.log(string.format("tarpit end: %s, held %s, %d lines, %d bytes", outcome, seconds(held_ms), lines,
   bytes))
 deadend.close()

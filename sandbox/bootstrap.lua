@@ -189,7 +189,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
 
   function deadend.sleep(...)
     local ms = checkint("sleep", 1, (...), select("#", ...) > 0, 0, SLEEP_MAX)
-    call("sleep", ms)
+    return call("sleep", ms)  -- the milliseconds slept: fewer when the peer left meanwhile
   end
 
   function deadend.get_ip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -11,14 +12,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.zygote import DirectSpawner
+from deadend.logs import SCRIPT_LINE, unquote
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+DATA = Path(__file__).resolve().parent / "data"  # scripts and vectors the tests read
+FAKES = Path(__file__).resolve().parent / "fakes"  # the attacker's programs: compromised workers, a zygote
 HOST = "127.0.0.1"
 
 
@@ -77,6 +83,9 @@ class Broker:
         cmd += ["--port-offset", str(self.offset), *args]
         if "--user" not in args:
             cmd += AS_ROOT
+        self._launch(cmd, **popen)
+
+    def _launch(self, cmd: list[str], **popen: Any) -> None:
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -87,9 +96,12 @@ class Broker:
             **popen,
         )
         self.lines: list[str] = []
-        self.stderr = ""
+        self.sockets: list[socket.socket] = []  # every client socket `connect` made, closed at the end
+        self.err_lines: list[str] = []  # stderr as it comes, line by line (a check mid-run sees it)
+        self.expect_exit = 0  # what the fixture's teardown expects the broker to exit with
         self._cond = threading.Condition()
         self._cursor = 0
+        self._err_done = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=self._pump_err, daemon=True).start()
 
@@ -99,12 +111,28 @@ class Broker:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
+        self.proc.stdout.close()
         with self._cond:
             self._cond.notify_all()
 
     def _pump_err(self) -> None:
         assert self.proc.stderr is not None
-        self.stderr = self.proc.stderr.read()
+        for line in self.proc.stderr:
+            with self._cond:
+                self.err_lines.append(line.rstrip("\n"))
+        self.proc.stderr.close()
+        self._err_done.set()
+
+    @property
+    def stderr(self) -> str:
+        """What the broker wrote to stderr so far (all of it once it exited and `stderr_closed()`)."""
+        with self._cond:
+            return "".join(f"{line}\n" for line in self.err_lines)
+
+    def stderr_closed(self, timeout: float = 5.0) -> str:
+        """All of stderr: waits for the broker's end of it (it exited)."""
+        self._err_done.wait(timeout)
+        return self.stderr
 
     def wait_for(self, pattern: str, timeout: float = 10.0, since: int | None = None) -> re.Match[str]:
         """The first log line at or after `since` (default: anywhere) matching `pattern`."""
@@ -135,8 +163,12 @@ class Broker:
     def port(self, script_port: int) -> int:
         return script_port + self.offset
 
-    def connect(self, script_port: int, timeout: float = 5.0) -> socket.socket:
-        s = socket.create_connection((HOST, self.port(script_port)), timeout=timeout)
+    def connect(self, script_port: int, timeout: float = 5.0, source: str | None = None) -> socket.socket:
+        """A client socket; `source`: another loopback address (127.0.0.0/8) standing for another attacker.
+        The fixture closes what a test leaves open."""
+        address = None if source is None else (source, 0)
+        s = socket.create_connection((HOST, self.port(script_port)), timeout=timeout, source_address=address)
+        self.sockets.append(s)
         return s
 
     def session_end(self, conn: str, timeout: float = 10.0) -> re.Match[str]:
@@ -162,6 +194,47 @@ class Broker:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+# --- the in-process broker: the real Server in a thread of the test, its log kept ---------------------
+
+
+FAKE_ZYGOTE = FAKES / "fake_zygote.py"
+
+
+def rogue_spawner(program: Path, dense: Path | None = None) -> DirectSpawner:
+    """Zygotes whose workers are `program` (and `dense` for dense workers): the attacker's programs."""
+    return DirectSpawner(program=[sys.executable, str(FAKE_ZYGOTE), str(program), str(dense or program)])
+
+
+class Lines(io.TextIOBase):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.lock = threading.Lock()
+
+    def write(self, s: str) -> int:
+        with self.lock:
+            self.lines.extend(s.splitlines())
+        return len(s)
+
+    def text(self) -> str:
+        with self.lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 10) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.text())
+            if found:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r} in:\n{self.text()[-3000:]}")
+
+
+def script_text(line: str) -> str | None:
+    """A script's own log line's text (text format: `... script: "<text>"`), unquoted; None for others."""
+    found = SCRIPT_LINE.match(line)
+    return None if found is None else unquote(found.group(2))
 
 
 def read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20, timeout: float = 5.0) -> bytes:
@@ -192,7 +265,9 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """Start brokers on given scripts ({"25.lua": source} or a folder); each is stopped and checked after."""
     started: list[Broker] = []
 
-    def start(scripts: dict[str, str] | Path, *args: str, ready: bool = True, **popen: Any) -> Broker:
+    def start(
+        scripts: dict[str, str] | Path, *args: str, ready: bool = True, expect_exit: int = 0, **popen: Any
+    ) -> Broker:
         if isinstance(scripts, dict):
             folder = tmp_path / f"scripts{len(started)}"
             folder.mkdir()
@@ -203,17 +278,46 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         ports = [int(p.name[:-4]) for p in folder.iterdir() if re.fullmatch(r"[1-9][0-9]{0,4}\.lua", p.name)]
         ports = [p for p in ports if p <= 65535]
         broker = Broker(folder, list(args), ports, **popen)
+        broker.expect_exit = expect_exit
         started.append(broker)
         if ready:
             broker.wait_for(r"ready: \d+ script")
         return broker
 
     yield start
-    for broker in started:
+    finish(started)
+
+
+def finish(brokers: Sequence[Broker]) -> None:
+    """Stop each broker and check what it leaves: no process, the exit status it should have, no traceback
+    on stdout or stderr. Every fixture that starts brokers ends with this."""
+    problems = []
+    for broker in brokers:
+        for sock in broker.sockets:
+            sock.close()
         alive_before = descendants(broker.proc.pid)
-        broker.stop()
+        code = broker.stop()
         leftover = wait_gone(alive_before)
-        assert not leftover, f"processes left behind by the broker: {leftover}"
+        if leftover:
+            problems.append(f"processes left behind by the broker: {leftover}")
+        if code != broker.expect_exit:
+            problems.append(f"the broker exited {code}, not {broker.expect_exit}")
+        err = broker.stderr_closed()
+        if "Traceback" in err or "Traceback" in "\n".join(broker.lines):
+            problems.append(f"the broker wrote a traceback:\n{err[-3000:]}")
+    assert not problems, "\n".join(problems)
+
+
+TIERS = ("unit", "sandbox", "broker", "examples")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test carries its tier's marker, from its folder: `pytest -m unit` or `pytest tests/unit`."""
+    root = Path(__file__).resolve().parent
+    for item in items:
+        tier = Path(str(item.path)).resolve().relative_to(root).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 def alive(pid: int) -> bool:

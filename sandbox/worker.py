@@ -1,0 +1,294 @@
+"""A sandbox worker: build the Lua environment, lock down, then run a script as a chain of RPCs.
+
+Runs in a process forked by the zygote with fd 0 = pipe from the broker, fd 1 = pipe to the broker,
+fd 2 = /dev/null. It speaks the plain dialect of `deadend.wire` (one session), or the dense one.
+Everything after `lockdown()` is hostile territory: the script may have found a bug in
+Lua. This module therefore keeps no secret and trusts nothing it reads back from Lua beyond its type.
+Every path ends in `os._exit`: an interpreter shutdown would make syscalls the filter forbids.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, NoReturn
+
+import lupa.lua54 as lupa
+
+from deadend import wire
+from sandbox.lockdown import Rlimits, lockdown
+
+BOOTSTRAP = resources.files("sandbox").joinpath("bootstrap.lua").read_bytes()
+HOLD_LIMIT = 0.05  # seconds a dense worker may hold finished frames while it works through its input
+# The Lua heap cap until the start message says otherwise; set_max_memory needs one at construction.
+INITIAL_MEMORY = 64 << 20
+
+
+def _deny(*_args: Any) -> NoReturn:
+    # Defence in depth: no Python object is ever handed to Lua, but if one were, it has no attributes.
+    raise AttributeError("access denied")
+
+
+def new_runtime() -> Any:
+    """A Lua 5.4 state holding the bootstrap; returns the bootstrap's `start` function."""
+    lua = lupa.LuaRuntime(
+        encoding=None,  # Lua strings come back as bytes; no Python str is ever pushed into Lua
+        register_eval=False,
+        register_builtins=False,
+        attribute_handlers=(_deny, _deny),
+        max_memory=INITIAL_MEMORY,
+        unpack_returned_tuples=False,
+    )
+    constants = wire.lua_constants()
+    order = ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX", "REP_MAX", "MOVE_MAX")
+    args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
+    start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
+    return lua, start
+
+
+def _write_all(packed: bytes) -> None:
+    data = memoryview(packed)
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def _read_chunk() -> bytes:
+    chunk = os.read(0, wire.READ_CHUNK)
+    if not chunk:
+        raise EOFError
+    return chunk
+
+
+class Pipe:
+    """Blocking plain-dialect framing on fds 0 and 1."""
+
+    def __init__(self) -> None:
+        self._unpacker = wire.broker_unpacker()
+
+    def write(self, obj: Any) -> None:
+        _write_all(wire.pack(obj))
+
+    def read(self) -> Any:
+        while True:
+            for frame in self._unpacker:
+                return frame
+            self._unpacker.feed(_read_chunk())
+
+
+class DensePipe:
+    """Blocking dense-dialect framing on fds 0 and 1: (slot, frame) pairs both ways."""
+
+    def __init__(self) -> None:
+        self._reader = wire.SlotReader(wire.broker_unpacker())
+        self._frames = iter(self._reader)
+        self._queued = bytearray()  # frames written together before the next blocking read
+        self._queued_at = 0.0
+
+    def write(self, slot: int, obj: Any) -> None:
+        # Held until this worker would block reading: replies the broker sent together are answered with
+        # one write (one wake-up of the broker) instead of one each. Never held long, though: the broker's
+        # CPU watchdog counts from the last frame it saw.
+        if not self._queued:
+            self._queued_at = time.monotonic()
+        self._queued += wire.pack_slot(slot, obj)
+        if time.monotonic() - self._queued_at > HOLD_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        _write_all(bytes(self._queued))
+        self._queued.clear()
+
+    def read(self) -> tuple[int, Any]:
+        while True:
+            for pair in self._frames:
+                return pair
+            if self._queued:
+                self._flush()
+            self._reader.feed(_read_chunk())
+            self._frames = iter(self._reader)
+
+
+def _as_tuple(result: Any) -> tuple[Any, ...]:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _text(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else b""
+
+
+Done = tuple[str, bytes]  # the "done" kind and message to report
+Outcome = list[Any] | Done  # a request frame to send, or the end of the script
+
+
+class ScriptRun:
+    """One script in one Lua state: the start message in, then one request out per reply in."""
+
+    def __init__(self, lua: Any, start_fn: Any, start: wire.Start) -> None:
+        self.lua = lua
+        self.start_fn = start_fn
+        self.start = start
+        self.step: Any = None
+        self.go_fn: Any = None  # mode "prepare": compiled, waiting for the session's seed
+        self.dumped = False
+
+    def begin(self) -> Outcome:
+        return self._guarded(self._begin)
+
+    def resume(self, value: Any) -> Outcome:
+        if self.dumped:
+            return "return", b""
+        if value is not None and type(value) not in (bytes, bool, int):
+            return "crash", b"unexpected reply type from broker"
+        return self._guarded(lambda: self._advance((value,)))
+
+    def _begin(self) -> Outcome:
+        start = self.start
+        self.lua.set_max_memory(start.memory)
+        result = _as_tuple(
+            self.start_fn(
+                start.source,
+                start.chunkname.encode(),
+                start.mode.encode(),
+                start.seed[0],
+                start.seed[1],
+                start.instructions,
+                start.clock,
+            )
+        )
+        if result[0] == b"compile":
+            return "compile", _text(result[1])
+        if result[0] == b"dump":
+            self.dumped = True
+            return ["dump", result[1]]
+        if start.mode == "compile":
+            return "return", b""
+        if result[0] == b"prepared":
+            self.go_fn = result[1]
+            return list(wire.PREPARED)
+        self.step = result[1]
+        return self._advance(())
+
+    def go(self, frame: Any) -> Outcome:
+        """A prepared script's session starts: ["go", seed_hi, seed_lo]."""
+        if self.go_fn is None or not wire.is_go(frame):
+            return "crash", b"expected the session's go message"
+        go_fn, self.go_fn = self.go_fn, None
+        return self._guarded(lambda: self._started(go_fn(frame[1], frame[2])))
+
+    def _started(self, result: Any) -> Outcome:
+        self.step = _as_tuple(result)[1]
+        return self._advance(())
+
+    def _advance(self, reply: tuple[Any, ...]) -> Outcome:
+        out = _as_tuple(self.step(*reply))
+        kind = out[0]
+        if kind != b"call":
+            message = _text(out[1]) if len(out) > 1 else b""
+            return (kind.decode() if isinstance(kind, bytes) else "crash"), message
+        op = out[1].decode()
+        args = list(out[2 : 2 + wire.ROWS[op].arity])
+        if op == "log":
+            args[1] = args[1].decode()  # the level is a name; everything else stays bytes
+        return [op, *args]
+
+    @staticmethod
+    def _guarded(run: Callable[[], Outcome]) -> Outcome:
+        try:
+            return run()
+        except lupa.LuaMemoryError:
+            return "memory", b"not enough memory"
+        except Exception as exc:  # a bug here must still end as a report, not a traceback
+            return "crash", type(exc).__name__.encode()
+
+
+def _done_frame(done: Done) -> list[Any]:
+    kind, message = done
+    return ["done", kind, message[: wire.LOG_MAX + 1]]
+
+
+def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
+    """The worker's whole life: prepare, lock down, say ready, serve one session, exit."""
+    status = 1
+    try:
+        lua, start_fn = new_runtime()
+        lockdown(rlimits, parent_pid, seccomp_filter)
+        pipe = Pipe()
+        pipe.write(wire.READY)
+        try:
+            run = ScriptRun(lua, start_fn, wire.Start.from_frame(pipe.read()))
+            outcome = run.begin()
+            if outcome == wire.PREPARED:  # a warm worker for one script: compiled, now wait for a session
+                pipe.write(outcome)
+                frame = pipe.read()
+                if isinstance(frame, list) and frame[:1] == [wire.GO]:
+                    outcome = run.go(frame)
+                else:  # a session of another script: a fresh state (building one needs no syscall)
+                    lua, start_fn = new_runtime()
+                    run = ScriptRun(lua, start_fn, wire.Start.from_frame(frame))
+                    outcome = run.begin()
+            while isinstance(outcome, list):
+                pipe.write(outcome)
+                outcome = run.resume(pipe.read())
+        except (EOFError, BrokenPipeError):
+            os._exit(0)  # the broker ended the session; nothing to report to
+        except Exception as exc:  # a malformed start message: still a report, not a traceback
+            outcome = "crash", type(exc).__name__.encode()
+        pipe.write(_done_frame(outcome))
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def serve_dense(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any, session_cpu: float) -> NoReturn:
+    """Dense mode (--sessions-per-worker): many sessions, each in its own Lua state, over one pipe.
+
+    Every frame in either direction is preceded by its session's slot number. The broker starts a
+    session by sending a start message to a free slot, answers each request as in the default mode, and
+    may end a session with ABORT in place of a reply. This worker meters each session's CPU time itself
+    (RLIMIT_CPU is per process); the broker's watchdog bounds any single step.
+    """
+    status = 1
+    try:
+        spare: tuple[Any, Any] | None = new_runtime()  # the first state is built before lockdown
+        lockdown(rlimits, parent_pid, seccomp_filter)
+        _write_all(wire.pack(wire.READY))
+        pipe = DensePipe()
+        runs: dict[int, ScriptRun] = {}
+        spent: dict[int, float] = {}
+        while True:
+            try:
+                slot, value = pipe.read()
+            except EOFError:
+                os._exit(0)  # retired, or the broker is gone
+            run = runs.get(slot)
+            began = time.process_time()
+            if run is None:
+                lua, start_fn = spare if spare is not None else new_runtime()
+                spare = None
+                try:
+                    run = ScriptRun(lua, start_fn, wire.Start.from_frame(value))
+                except Exception as exc:
+                    pipe.write(slot, _done_frame(("crash", type(exc).__name__.encode())))
+                    continue
+                runs[slot], spent[slot] = run, 0.0
+                outcome = run.begin()
+                # The bootstrap and the compiler leave ~20 KiB of garbage that an idle tarpit session
+                # would keep for hours: collect it once (about 40% of a held session's memory).
+                lua.gccollect()
+            elif value == wire.ABORT:
+                outcome = "aborted", b""
+            else:
+                outcome = run.resume(value)
+            spent[slot] += time.process_time() - began
+            if isinstance(outcome, list) and spent[slot] > session_cpu:
+                outcome = "cpu", b"session CPU time exhausted"
+            if not isinstance(outcome, list):
+                del runs[slot], spent[slot]  # the state goes with its last reference
+                outcome = _done_frame(outcome)
+            pipe.write(slot, outcome)
+    except BrokenPipeError:
+        os._exit(0)
+    finally:
+        os._exit(status)

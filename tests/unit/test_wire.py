@@ -1,0 +1,257 @@
+"""deadend.wire, the contract: the request table, the three dialects, the zygote's configuration."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deadend import wire
+from deadend.wire import Mode
+
+# --- the request table --------------------------------------------------------------------------------
+
+VALID = [
+    ["send", b""],
+    ["send", b"x" * wire.SEND_MAX],
+    ["recv", 1],
+    ["recv", 65535],
+    ["sleep", 0],
+    ["sleep", 3_600_000],
+    ["get_ip"],
+    ["log", b"m", "debug"],
+    ["log", b"m" * (wire.LOG_MAX + 1), "error"],
+    ["set_tarpit", 0, 60000],
+    ["set_limits", 0, (1 << 63) - 1],
+    ["close"],
+    ["done", "error", b"boom"],
+]
+INVALID: list[object] = [
+    None,
+    5,
+    "send",
+    [],
+    {},
+    [b"send", b"x"],
+    ["SEND", b"x"],
+    ["send"],
+    ["send", "text"],
+    ["send", b"x" * (wire.SEND_MAX + 1)],
+    ["send", b"x", b"y"],
+    ["recv", 0],
+    ["recv", 65536],
+    ["recv", True],
+    ["recv", 1.0],
+    ["recv", "1"],
+    ["sleep", -1],
+    ["sleep", 3_600_001],
+    ["get_ip", 1],
+    ["log", b"m", "critical"],
+    ["log", "m", "info"],
+    ["log", b"m" * (wire.LOG_MAX + 2), "info"],
+    ["set_tarpit", 60001, 0],
+    ["set_tarpit", 0],
+    ["set_limits", -1, 0],
+    ["set_limits", 1 << 63, 0],
+    ["close", None],
+    ["done", "pwned", b""],
+    ["done", "aborted", b""],  # only the answer to ABORT, which the dense channel routes itself
+    ["done", "return", "text"],
+    ["exec", b"/bin/sh"],
+    ["dump", b"bytecode"],  # only in a check
+]
+
+
+@pytest.mark.parametrize("frame", VALID, ids=repr)
+def test_valid_requests_parse_in_a_session(frame: list[object]) -> None:
+    for mode in (Mode.RUN, Mode.PREPARE, Mode.DENSE):
+        req = wire.parse_request(frame, mode)
+        assert req.op == frame[0] and list(req.args) == frame[1:]
+
+
+@pytest.mark.parametrize("frame", INVALID, ids=lambda f: repr(f)[:40])
+def test_invalid_requests_are_violations(frame: object) -> None:
+    with pytest.raises(wire.ProtocolViolation):
+        wire.parse_request(frame, Mode.RUN)
+
+
+@pytest.mark.parametrize("row", wire.REQUESTS, ids=lambda r: r.name)
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_every_request_in_every_mode(row: wire.RequestRow, mode: Mode) -> None:
+    """The table decides, in one place, which request is permitted where (h11's table-driven style)."""
+    frame = [row.name, *SAMPLE_ARGS[row.name]]
+    if mode in row.modes:
+        assert wire.parse_request(frame, mode).op == row.name
+    else:
+        with pytest.raises(wire.ProtocolViolation, match="not permitted"):
+            wire.parse_request(frame, mode)
+
+
+SAMPLE_ARGS: dict[str, list[object]] = {
+    "send": [b"x"],
+    "recv": [10],
+    "sleep": [5],
+    "get_ip": [],
+    "log": [b"m", "info"],
+    "set_tarpit": [1, 2],
+    "set_limits": [3, 4],
+    "close": [],
+    "dump": [b"\x1bLua"],
+    "done": ["return", b""],
+}
+
+
+def test_the_table_is_complete_and_consistent() -> None:
+    assert set(SAMPLE_ARGS) == set(wire.ROWS), "a request without a sample here"
+    for row in wire.REQUESTS:
+        assert len(SAMPLE_ARGS[row.name]) == row.arity, row.name
+        assert row.modes, f"{row.name} is permitted nowhere"
+    # the script API (SPEC.md's table): the requests only a running script makes
+    assert wire.API_FUNCTIONS == (
+        "send",
+        "recv",
+        "sleep",
+        "get_ip",
+        "log",
+        "set_tarpit",
+        "set_limits",
+        "close",
+    )
+    assert wire.ROWS["done"].modes == frozenset(Mode)
+    assert {r.name for r in wire.REQUESTS if r.io} == {"send", "recv"}
+    assert wire.ROWS["dump"].modes == frozenset({Mode.CHECK})
+
+
+def test_wrong_arity_is_refused_for_every_row() -> None:
+    for row in wire.REQUESTS:
+        args = SAMPLE_ARGS[row.name]
+        mode = next(iter(row.modes))
+        with pytest.raises(wire.ProtocolViolation, match="bad arguments"):
+            wire.parse_request([row.name, *args, 1], mode)
+        if args:
+            with pytest.raises(wire.ProtocolViolation, match="bad arguments"):
+                wire.parse_request([row.name, *args[:-1]], mode)
+
+
+# --- decoding a worker's frames --------------------------------------------------------------------------
+
+
+def test_unpacker_refuses_odd_frames() -> None:
+    for data in (
+        b"\xdd\xff\xff\xff\xff",  # array of 4 billion
+        msgpack.packb({"a": 1}),  # maps are never sent by a worker
+        msgpack.packb(msgpack.ExtType(1, b"x")),
+        msgpack.packb(["send", b"x" * (wire.SEND_MAX + 1)]),  # a bin past SEND_MAX
+        msgpack.packb(["send", [b"nested"]]),
+    ):
+        unpacker = wire.worker_unpacker()
+        unpacker.feed(data)
+        with pytest.raises(ValueError):
+            list(unpacker)
+
+
+def test_largest_frame_with_the_next_read_behind_it_fits() -> None:
+    """A read that completes a 1 MiB send may carry the start of the next frame: the decoder takes it."""
+    big = wire.pack_slot(3, ["send", b"x" * wire.SEND_MAX])
+    follow = wire.pack_slot(4, ["send", b"y" * wire.SEND_MAX])
+    stream = big + follow
+    reader = wire.SlotReader(wire.worker_unpacker())
+    got = []
+    for i in range(0, len(stream), wire.READ_CHUNK):
+        reader.feed(stream[i : i + wire.READ_CHUNK])
+        got += list(reader)
+    assert [slot for slot, _ in got] == [3, 4]
+    assert got[1][1][1] == b"y" * wire.SEND_MAX
+
+
+def test_largest_start_messages_back_to_back_fit_the_worker() -> None:
+    """K start messages of the largest script queued at once: the worker reads them all."""
+    start = wire.Start("run", b"-" * wire.MAX_SCRIPT_BYTES, "25.lua", (1, 2), 1 << 20, 1000, False)
+    stream = b"".join(wire.pack_slot(slot, start.to_frame()) for slot in range(4))
+    reader = wire.SlotReader(wire.broker_unpacker())
+    got = []
+    for i in range(0, len(stream), wire.READ_CHUNK):
+        reader.feed(stream[i : i + wire.READ_CHUNK])
+        got += list(reader)
+    assert [slot for slot, _ in got] == [0, 1, 2, 3]
+    assert all(wire.Start.from_frame(frame) == start for _, frame in got)
+
+
+SMALL = [frame for frame in VALID if len(wire.pack(frame)) < 100]
+
+
+@given(
+    frames=st.lists(st.tuples(st.integers(0, 2**20), st.sampled_from(SMALL)), min_size=1, max_size=20),
+    cuts=st.lists(st.integers(1, 200), min_size=1, max_size=50),
+)
+def test_slot_reader_reassembles_any_split(frames: list[tuple[int, list[object]]], cuts: list[int]) -> None:
+    stream = b"".join(wire.pack_slot(slot, frame) for slot, frame in frames)
+    reader = wire.SlotReader(wire.worker_unpacker())
+    got, pos, i = [], 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        reader.feed(stream[pos : pos + step])
+        pos, i = pos + step, i + 1
+        got += list(reader)
+    assert got == frames
+
+
+def test_slot_reader_blames_the_slot_whose_frame_is_bad() -> None:
+    reader = wire.SlotReader(wire.worker_unpacker())
+    reader.feed(wire.pack(7) + b"\xc1")  # a slot number, then garbage
+    with pytest.raises(ValueError):
+        list(reader)
+    assert reader.pending_slot == 7
+    other = wire.SlotReader(wire.worker_unpacker())
+    other.feed(wire.pack("7") + wire.pack(["get_ip"]))
+    with pytest.raises(wire.ProtocolViolation, match="without its slot number"):
+        list(other)
+
+
+# --- the plain dialect and the zygote's ------------------------------------------------------------------
+
+
+def test_start_frame_roundtrip() -> None:
+    start = wire.Start("run", b"src", "25.lua", (1, 2), 1 << 20, 1000, True)
+    frame = msgpack.unpackb(wire.pack(start.to_frame()), raw=False)
+    assert wire.Start.from_frame(frame) == start
+
+
+@pytest.mark.parametrize("mode", ["dense", "exec", ""])
+def test_start_frame_refuses_unknown_modes(mode: str) -> None:
+    frame = wire.Start("run", b"src", "25.lua", (1, 2), 1, 1, False).to_frame()
+    frame[1]["mode"] = mode
+    with pytest.raises(ValueError):
+        wire.Start.from_frame(frame)
+
+
+def test_go_frames() -> None:
+    assert wire.is_go(wire.go_frame((1, 2)))
+    for frame in (["go", 1], ["go", 1, "2"], ["go", 1, True], ["start", 1, 2], "go"):
+        assert not wire.is_go(frame)
+
+
+def test_zygote_config_roundtrip_and_checks() -> None:
+    config = wire.ZygoteConfig(
+        parent_pid=10, control_fd=3, libraries={"c": "libc.so.6"}, run_as=(65534, 65534)
+    )
+    assert wire.ZygoteConfig.decode(config.encode()) == config
+    plain = wire.ZygoteConfig(parent_pid=10, control_fd=3, libraries={}, run_as=None)
+    assert wire.ZygoteConfig.decode(plain.encode()) == plain
+    with pytest.raises(ValueError):
+        wire.ZygoteConfig.decode('{"parent_pid": "10", "control_fd": 3, "libraries": {}, "run_as": null}')
+
+
+def test_fork_request_roundtrip() -> None:
+    for request in (wire.ForkRequest(1 << 27, 30), wire.ForkRequest(1 << 30, 4010, 30.0)):
+        kind, fields = msgpack.unpackb(request.to_message())
+        assert kind == "fork" and wire.ForkRequest.from_fields(fields) == request
+    with pytest.raises(ValueError):
+        wire.ForkRequest.from_fields({"address_space": "x", "cpu_seconds": 1, "dense_session_cpu": None})
+
+
+def test_lua_constants_are_plain_values() -> None:
+    constants = wire.lua_constants()
+    assert all(type(v) in (int, str) for v in constants.values())
+    assert "setmetatable" not in str(constants["BASE_NAMES"]).split(",")
