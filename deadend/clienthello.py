@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 MAX_HELLO: Final = 65536  # the largest ClientHello body we accept (its length field allows 16 MiB)
 # A 64 KiB hello needs 5 full records; real clients send one, and tools that split the hello to dodge
@@ -35,7 +35,12 @@ MAX_HELLO: Final = 65536  # the largest ClientHello body we accept (its length f
 MAX_RECORDS: Final = 64
 MAX_RECORD: Final = 16384  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
 MAX_SPAN: Final = MAX_RECORDS * 5 + 4 + MAX_HELLO  # the most bytes a ClientHello can take from the buffer
+# The most items in any one list (ciphers, extensions, ALPN protocols, ...). Real clients send a few
+# dozen, scanners that try every cipher a few hundred; beyond this a hello is asking for CPU, not
+# offering a fingerprint: the cap keeps the largest hello's cost near 100 times a browser's, not 1,000.
+MAX_ITEMS: Final = 1024
 
+_EXTENSION_HEADER: Final = struct.Struct("!HH")
 _HANDSHAKE: Final = 22
 _CLIENT_HELLO: Final = 1
 _MIN_BODY: Final = 2 + 32 + 1 + 2 + 1  # version, random and three empty lists
@@ -46,14 +51,25 @@ EXT_EC_POINT_FORMATS: Final = 0x000B
 EXT_SIGNATURE_ALGORITHMS: Final = 0x000D
 EXT_ALPN: Final = 0x0010
 EXT_SUPPORTED_VERSIONS: Final = 0x002B
+_READ: Final = frozenset(
+    {
+        EXT_SERVER_NAME,
+        EXT_SUPPORTED_GROUPS,
+        EXT_EC_POINT_FORMATS,
+        EXT_SIGNATURE_ALGORITHMS,
+        EXT_ALPN,
+        EXT_SUPPORTED_VERSIONS,
+    }
+)  # the extensions whose contents ClientHello has fields for
 
 
 class ClientHelloError(ValueError):
     """The bytes are not a TLS ClientHello; the message is one short sentence safe to log."""
 
 
-@dataclass(frozen=True, slots=True)
-class Extension:
+class Extension(NamedTuple):
+    # A NamedTuple, not a dataclass like the rest: a hello may carry MAX_ITEMS of them, and a frozen
+    # dataclass takes nearly twice as long to build.
     type: int
     data: bytes
 
@@ -185,13 +201,15 @@ class _Cursor:
 
     def vector(self, width: int, what: str) -> _Cursor:
         """The opaque vector with a `width`-byte length that starts here."""
-        n = self.number(width, f"{what} length")
-        if n > self.end - self.pos:
-            raise ClientHelloError(
-                f"{what} length {n} overruns its container ({self.end - self.pos} bytes left)"
-            )
-        self.pos += n
-        return _Cursor(self.data, self.pos - n, self.pos)
+        pos, end = self.pos, self.end
+        if width > end - pos:
+            raise ClientHelloError(f"{what} length needs {width} bytes, {end - pos} left")
+        n = int.from_bytes(self.data[pos : pos + width], "big")
+        pos += width
+        if n > end - pos:
+            raise ClientHelloError(f"{what} length {n} overruns its container ({end - pos} bytes left)")
+        self.pos = pos + n
+        return _Cursor(self.data, pos, pos + n)
 
     def rest(self) -> int:
         return self.end - self.pos
@@ -204,6 +222,8 @@ class _Cursor:
         n = self.rest()
         if n % 2:
             raise ClientHelloError(f"{what} length {n} is odd")
+        if n > 2 * MAX_ITEMS:
+            raise ClientHelloError(f"{what} holds more than {MAX_ITEMS} items")
         values = struct.unpack_from(f"!{n // 2}H", self.data, self.pos)
         self.pos = self.end
         return values
@@ -224,15 +244,25 @@ def parse_client_hello(body: bytes) -> ClientHello:
     ciphers = c.vector(2, "cipher_suites").u16s("cipher_suites")
     compression = tuple(c.vector(1, "compression_methods").remaining())
     extensions: list[Extension] = []
+    first: dict[int, _Cursor] = {}  # the first extension of each type this module reads
     if c.rest():  # an SSL 3.0 / TLS 1.0 hello may end here, with no extensions block at all
         block = c.vector(2, "extensions")
         c.finish("ClientHello")
-        while block.rest():
-            kind = block.number(2, "extension type")
-            extensions.append(Extension(kind, block.vector(2, f"extension 0x{kind:04x}").remaining()))
-    first: dict[int, _Cursor] = {}
-    for ext in extensions:
-        first.setdefault(ext.type, _Cursor(ext.data, 0, len(ext.data)))
+        # Inline rather than through the cursor: this loop runs once per extension.
+        pos, end = block.pos, block.end
+        while pos < end:
+            if end - pos < 4:
+                raise ClientHelloError(f"an extension header needs 4 bytes, {end - pos} left")
+            kind, size = _EXTENSION_HEADER.unpack_from(body, pos)
+            pos += 4
+            if size > end - pos:
+                raise ClientHelloError(f"extension 0x{kind:04x} length {size} overruns its container")
+            extensions.append(Extension(kind, body[pos : pos + size]))
+            if len(extensions) > MAX_ITEMS:
+                raise ClientHelloError(f"ClientHello holds more than {MAX_ITEMS} extensions")
+            if kind in _READ and kind not in first:
+                first[kind] = _Cursor(body, pos, pos + size)
+            pos += size
     return ClientHello(
         legacy_version=version,
         random=random,
@@ -253,8 +283,11 @@ def _server_name(c: _Cursor) -> bytes | None:
     # RFC 6066 3: a list of (name_type, opaque name<2-byte length>); host_name is type 0.
     names = c.vector(2, "server_name list")
     c.finish("server_name")
-    found = None
+    found, count = None, 0
     while names.rest():
+        count += 1
+        if count > MAX_ITEMS:
+            raise ClientHelloError(f"server_name holds more than {MAX_ITEMS} names")
         kind = names.number(1, "server_name type")
         name = names.vector(2, "server_name entry").remaining()
         if kind == 0 and found is None:
@@ -269,6 +302,8 @@ def _alpn(c: _Cursor) -> tuple[bytes, ...]:
     protocols = []
     while names.rest():
         protocols.append(names.vector(1, "ALPN protocol").remaining())
+        if len(protocols) > MAX_ITEMS:
+            raise ClientHelloError(f"ALPN holds more than {MAX_ITEMS} protocols")
     return tuple(protocols)
 
 
@@ -284,9 +319,12 @@ def _list(c: _Cursor | None, width: int, what: str, item: int = 2) -> tuple[int,
 # --- fingerprints ---------------------------------------------------------------------------------
 
 
+GREASE: Final = frozenset(0x0A0A + 0x1010 * i for i in range(16))  # RFC 8701: 0x0a0a, 0x1a1a, ... 0xfafa
+
+
 def is_grease(value: int) -> bool:
-    """RFC 8701's reserved values, 0x0a0a, 0x1a1a, ... 0xfafa, which JA4 and JA3 both leave out."""
-    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
+    """Whether `value` is one of RFC 8701's reserved values, which JA4 and JA3 both leave out."""
+    return value in GREASE
 
 
 _JA4_VERSIONS: Final = {
@@ -313,13 +351,13 @@ def ja4(hello: ClientHello, *, raw: bool = False, original: bool = False) -> str
     c: the same of the extensions without SNI (0000) and ALPN (0010), sorted, then "_" and the
        signature algorithms in their order (no "_" when there are none)
     GREASE values are left out everywhere; an empty list hashes to "000000000000"."""
-    ciphers = [f"{c:04x}" for c in hello.cipher_suites if not is_grease(c)]
-    types = [t for t in hello.extension_types if not is_grease(t)]
-    versions = [v for v in hello.supported_versions if not is_grease(v)]
+    ciphers = [f"{c:04x}" for c in hello.cipher_suites if c not in GREASE]
+    types = [t for t in hello.extension_types if t not in GREASE]
+    versions = [v for v in hello.supported_versions if v not in GREASE]
     # A supported_versions holding only GREASE names no version: fall back as if it were absent (decided).
     version = _JA4_VERSIONS.get(max(versions) if versions else hello.legacy_version, "00")
     sni = "d" if EXT_SERVER_NAME in types else "i"
-    protocols = [p for p in hello.alpn if len(p) != 2 or not is_grease(int.from_bytes(p, "big"))]
+    protocols = [p for p in hello.alpn if len(p) != 2 or int.from_bytes(p, "big") not in GREASE]
     a = f"t{version}{sni}{min(len(ciphers), 99):02d}{min(len(types), 99):02d}{_ja4_alpn(protocols)}"
     others = sorted(t for t in types if t not in (EXT_SERVER_NAME, EXT_ALPN))
     if not original:
@@ -327,7 +365,7 @@ def ja4(hello: ClientHello, *, raw: bool = False, original: bool = False) -> str
         types = others
     b = ",".join(ciphers)
     c = ",".join(f"{t:04x}" for t in types)
-    signatures = ",".join(f"{s:04x}" for s in hello.signature_algorithms if not is_grease(s))
+    signatures = ",".join(f"{s:04x}" for s in hello.signature_algorithms if s not in GREASE)
     if signatures:
         c += "_" + signatures
     if raw:
@@ -359,9 +397,9 @@ def ja3_string(hello: ClientHello) -> str:
     the client's order: `771,4865-4866-4867-49195,0-23-65281-10-11,29-23-24,0`."""
     fields = (
         [hello.legacy_version],
-        [c for c in hello.cipher_suites if not is_grease(c)],
-        [t for t in hello.extension_types if not is_grease(t)],
-        [g for g in hello.supported_groups if not is_grease(g)],
+        [c for c in hello.cipher_suites if c not in GREASE],
+        [t for t in hello.extension_types if t not in GREASE],
+        [g for g in hello.supported_groups if g not in GREASE],
         list(hello.ec_point_formats),
     )
     return ",".join("-".join(map(str, values)) for values in fields)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from deadend.clienthello import (
     MAX_HELLO,
+    MAX_ITEMS,
     MAX_RECORD,
     MAX_RECORDS,
     MAX_SPAN,
@@ -237,6 +238,7 @@ ALPN_CASES = [
     (b"\x61\x20", "60"),
     (b"\x30\x31\xab\xcd", "3d"),
     (b"\x30\xab\xcd\x31", "01"),
+    (b"HTTP/1.1", "H1"),  # capitals are alphanumeric too
     (b"a", "aa"),  # "only a single character: it is both the first and the last"
     (b"", "00"),  # "the first ALPN value is empty"
     (b"\xc3\xa9", "c9"),  # UTF-8 is not ASCII
@@ -598,6 +600,9 @@ def expected_hello(spec: Spec) -> ClientHello:
     )
 
 
+JA4_FORM = r"t(1[0-3]|s3|d[1-3]|00)[di]\d{4}[0-9A-Za-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}"
+
+
 @settings(max_examples=300, deadline=None)
 @given(specs, st.lists(st.integers(1, 300), max_size=8), st.binary(max_size=30))
 def test_any_valid_hello_round_trips(spec: Spec, sizes: list[int], suffix: bytes) -> None:
@@ -605,7 +610,7 @@ def test_any_valid_hello_round_trips(spec: Spec, sizes: list[int], suffix: bytes
     result = read_client_hello(wire + suffix)
     assert result == Complete(expected_hello(spec), len(wire))
     hello = result.hello
-    assert re.fullmatch(r"t(1[0-3]|s3|d[1-3]|00)[di]\d{4}[0-9a-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}", ja4(hello))
+    assert re.fullmatch(JA4_FORM, ja4(hello))
     assert re.fullmatch(r"[0-9a-f]{32}", ja3(hello))
 
 
@@ -727,18 +732,53 @@ def test_fuzzed_corpus_in_bounded_time() -> None:
     assert worst < 0.05
 
 
-def test_large_inputs_are_linear() -> None:
-    # A maximal hello of 16,000 empty extensions, and a maximal buffer of tiny records: both well under
-    # the time a quadratic walk would take (16,000^2 steps is minutes in Python).
-    spec = Spec(extensions=[(0x4000 + i % 100, b"") for i in range((MAX_HELLO - 60) // 4)])
+LISTS = {
+    "extensions": lambda n: Spec(extensions=[(0x4000 + i, b"") for i in range(n)]),
+    "cipher_suites": lambda n: Spec(ciphers=range(n)),
+    "signature_algorithms": lambda n: Spec(extensions=[ext_sigalgs(*range(n))]),
+    "supported_groups": lambda n: Spec(extensions=[ext_groups(*range(n))]),
+    "ALPN": lambda n: Spec(extensions=[ext_alpn(*[b"x"] * n)]),
+    "server_name": lambda n: Spec(extensions=[ext_sni(*[b"n"] * n)]),
+}
+
+
+@pytest.mark.parametrize("build", LISTS.values(), ids=LISTS.keys())
+def test_every_list_holds_at_most_max_items(build: Any) -> None:
+    parse(build(MAX_ITEMS).wire())
+    with pytest.raises(ClientHelloError, match=f"more than {MAX_ITEMS}") as e:
+        read_client_hello(build(MAX_ITEMS + 1).wire())
+    assert_safe(str(e.value))
+
+
+def test_the_costliest_hello_within_the_bounds_is_cheap() -> None:
+    # Every list at MAX_ITEMS and the rest padding, in 5 records: what an attacker can make us do per
+    # connection. About 3 ms here (bench/clienthello.py); a quadratic step anywhere would show.
+    n = MAX_ITEMS
+    spec = Spec(
+        ciphers=range(n),
+        extensions=[
+            ext_sni(*[b""] * n),
+            ext_alpn(*[b"a"] * n),
+            ext_sigalgs(*range(n)),
+            ext_groups(*range(n)),
+            ext_versions(*range(127)),
+            ext_formats(*range(255)),
+            *[(0x4000 + i, b"") for i in range(n - 7)],
+        ],
+    )
+    spec.extensions = [*(spec.extensions or ()), (0x0015, bytes(MAX_HELLO - len(spec.body()) - 4))]
     wire = spec.wire()
+    assert len(spec.body()) == MAX_HELLO
     start = time.perf_counter()
     hello = parse(wire)
     ja4(hello), ja3(hello)
-    assert len(hello.extensions) > 16_000
-    assert time.perf_counter() - start < 0.5
-    tiny = records(handshake(Spec().body()), [1] * (MAX_RECORDS - 1) + [100])
+    assert len(hello.extensions) == n
+    assert time.perf_counter() - start < 0.25
+
+
+def test_a_caller_that_calls_after_every_byte_costs_little() -> None:
+    tiny = records(handshake(Spec(extensions=[(0x0015, bytes(200))]).body()), [1] * (MAX_RECORDS - 1) + [300])
     start = time.perf_counter()
-    for i in range(len(tiny) + 1):  # a caller that calls after every byte
+    for i in range(len(tiny) + 1):
         outcome(tiny[:i])
     assert time.perf_counter() - start < 1.0
