@@ -2,8 +2,9 @@
 
 Before the broker hands a connection to its TLS handshake it reads the client's first bytes into a buffer
 and calls `read_client_hello` after every read, as it does for a PROXY header (deadend/proxy.py). The answer
-is `NeedMore(at_least)`: call again once the buffer holds at least that many bytes (nothing can be said
-before); `Complete(hello, length)`: the ClientHello, carried by the first `length` bytes; or a raised
+is `NeedMore(at_least)`: no ClientHello can be complete before the buffer holds that many bytes (calling
+sooner is allowed, and can only find an error sooner); `Complete(hello, length)`: the ClientHello, carried
+by the first `length` bytes, which the caller then hands on, all of them, to the handshake; or a raised
 `ClientHelloError` as soon as the bytes cannot be the start of one, so that a plaintext request on a TLS
 port is turned away at its first byte. Error texts carry numbers and fixed words, never the client's bytes.
 
@@ -14,8 +15,10 @@ port is turned away at its first byte. Error texts carry numbers and fixed words
 
 The parser is strict about structure (every length must fit its container exactly, record by record and
 field by field) and lenient about semantics that a fingerprint wants to see rather than refuse: empty
-cipher or compression lists, duplicate extensions, unknown versions and extension types are kept as
-sent. The handshake itself (OpenSSL) is where they get refused.
+lists, duplicate extensions, unknown versions and extension types are kept as sent, and the handshake
+itself (OpenSSL) is where they get refused. Its bounds (MAX_HELLO, MAX_RECORDS, MAX_ITEMS) keep the
+costliest hello it accepts at a few milliseconds. The SSL 2.0-compatible hello of some very old clients
+and scanners is refused, not read.
 
 JA4 follows FoxIO's specification ("JA4: TLS Client Fingerprinting", technical_details/JA4.md of
 github.com/FoxIO-LLC/ja4, BSD 3-Clause) and JA3 Salesforce's (github.com/salesforce/ja3), both
@@ -37,7 +40,7 @@ MAX_RECORD: Final = 16384  # RFC 8446 5.1: a plaintext record carries at most 2^
 MAX_SPAN: Final = MAX_RECORDS * 5 + 4 + MAX_HELLO  # the most bytes a ClientHello can take from the buffer
 # The most items in any one list (ciphers, extensions, ALPN protocols, ...). Real clients send a few
 # dozen, scanners that try every cipher a few hundred; beyond this a hello is asking for CPU, not
-# offering a fingerprint: the cap keeps the largest hello's cost near 100 times a browser's, not 1,000.
+# offering a fingerprint: the cap keeps the costliest hello under 100 times a browser's, not 1,000.
 MAX_ITEMS: Final = 1024
 
 _EXTENSION_HEADER: Final = struct.Struct("!HH")
@@ -151,8 +154,15 @@ def read_client_hello(data: bytes) -> NeedMore | Complete:
 def _check_record_header(header: bytes, records: int) -> int:
     """The record's length once all five bytes are there (0 before); raises at the first wrong byte."""
     if header[:1] and header[0] != _HANDSHAKE:
-        where = "not a TLS handshake record" if records == 0 else "a non-handshake record inside the hello"
-        raise ClientHelloError(f"{where} (content type 0x{header[0]:02x})")
+        if records:
+            raise ClientHelloError(
+                f"a non-handshake record inside the hello (content type 0x{header[0]:02x})"
+            )
+        if header[0] & 0x80:  # SSL 2.0's 2-byte record header, which TLS 1.0 clients could still send
+            raise ClientHelloError(
+                f"not a TLS record (first byte 0x{header[0]:02x}: SSL 2.0 style, not read)"
+            )
+        raise ClientHelloError(f"not a TLS handshake record (content type 0x{header[0]:02x})")
     if header[1:2] and header[1] != 3:
         raise ClientHelloError(f"TLS record major version {header[1]} is not 3")
     if header[2:3] and header[2] > 4:

@@ -468,6 +468,21 @@ def test_rejected_at_the_first_impossible_byte(data: bytes) -> None:
     assert_safe(str(e.value))
 
 
+def test_what_the_errors_say() -> None:
+    def error(data: bytes) -> str:
+        with pytest.raises(ClientHelloError) as e:
+            read_client_hello(data)
+        return str(e.value)
+
+    assert error(b"GET / HTTP/1.1\r\n") == "not a TLS handshake record (content type 0x47)"
+    assert error(b"\x80\x2e\x01\x00\x02") == "not a TLS record (first byte 0x80: SSL 2.0 style, not read)"
+    assert error(b"\x16\x03\x01\x00\x05\x02") == "handshake message type 2 is not a ClientHello (1)"
+    assert (
+        error(header(2) + b"\x01\x00" + b"\x17")
+        == "a non-handshake record inside the hello (content type 0x17)"
+    )
+
+
 def test_empty_buffer_waits_for_a_record_header() -> None:
     assert read_client_hello(b"") == NeedMore(5)
     assert read_client_hello(b"\x16\x03") == NeedMore(5)
