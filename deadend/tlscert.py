@@ -260,7 +260,8 @@ def _load_chain(context: ssl.SSLContext, cert: Certificate) -> None:
         view = memoryview(cert.cert_pem + cert.key_pem)
         while view:
             view = view[os.write(fd, view) :]
-        # A path under /proc opens the memory file afresh, from its start; only this process can.
+        # The path under /proc opens the memory file afresh, from its start. The file is on no filesystem
+        # and is gone when closed, a moment later; the key then lives only in this process's memory.
         context.load_cert_chain(f"/proc/self/fd/{fd}", password=_no_password)
     except (OSError, ssl.SSLError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or type(e).__name__
