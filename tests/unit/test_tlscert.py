@@ -144,9 +144,10 @@ def test_load_the_operators_pair(tmp_path: Path) -> None:
     cert, key = write_pair(tmp_path, material)
     loaded = load_certificate(cert, key)
     assert loaded.cert_pem == material.cert_pem
-    assert serialization.load_pem_private_key(loaded.key_pem, None).public_key().public_numbers() == (
-        serialization.load_pem_private_key(material.key_pem, None).public_key().public_numbers()
-    )
+    loaded_key = serialization.load_pem_private_key(loaded.key_pem, None)
+    original_key = serialization.load_pem_private_key(material.key_pem, None)
+    assert isinstance(loaded_key, rsa.RSAPrivateKey) and isinstance(original_key, rsa.RSAPrivateKey)
+    assert loaded_key.public_key().public_numbers() == original_key.public_key().public_numbers()
     assert str(cert) in loaded.description and "RSA 2048" in loaded.description
     server_context(loaded)
 
