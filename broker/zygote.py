@@ -15,13 +15,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import msgpack
 
-from broker.privileges import RunAs
-from deadend.config import Ceilings
+from broker.privileges import PrivilegeError, RunAs, resolve_user
+from deadend.config import Ceilings, Config
 from deadend.logs import BROKER, EventLog, sanitize
+from sandbox import layers
+from sandbox.environment import ENVIRONMENT
 
 MAX_CONTROL = 4096
 START_TIMEOUT = 10.0
@@ -32,6 +34,21 @@ def resolved_libraries() -> dict[str, str]:
     """Shared-library names the zygote needs, resolved once (find_library forks ldconfig)."""
     found = {name: ctypes.util.find_library(name) for name in ("c", "seccomp")}
     return {name: path for name, path in found.items() if path}
+
+
+def pid_in_our_namespace(pidfd: int, fallback: int) -> int:
+    """The broker's number for a child, for its log lines. The fork server counts in a PID namespace of
+    its own (2, 3, ...); the pidfd names the process itself, and its fdinfo shows the pid as the reader's
+    /proc numbers it."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else fallback
+    except (OSError, ValueError, IndexError):
+        pass
+    return fallback
 
 
 class ZygoteLost(Exception):
@@ -85,9 +102,11 @@ class Zygote:
         self.control: socket.socket | None = None
         self.pid = 0
         self._pending: collections.deque[asyncio.Future[ChildProcess]] = collections.deque()
-        self._children: dict[int, ChildProcess] = {}
+        self._children: dict[int, ChildProcess] = {}  # by the pid the zygote reports
         self._hello: asyncio.Future[int] | None = None
         self.lost: asyncio.Future[None] | None = None
+        self.layers: list[layers.Layer] = []  # the isolation the zygote reported in its hello
+        self.isolation_off: tuple[str, ...] = ()  # bench/isolation.py only: layers left out, to measure them
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,6 +120,7 @@ class Zygote:
             "dense": self.sessions_per_child > 1,
             "session_cpu": self.ceilings.session_cpu,
             "run_as": [self.run_as.uid, self.run_as.gid] if self.run_as else None,
+            "isolation_off": list(self.isolation_off),
         }
         try:
             self.proc = subprocess.Popen(
@@ -111,6 +131,7 @@ class Zygote:
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # no controlling terminal for anything sandbox-side
                 close_fds=True,
+                env=dict(ENVIRONMENT),  # built from nothing: no secret of the broker's reaches a sandbox
             )
         finally:
             theirs.close()
@@ -184,11 +205,13 @@ class Zygote:
     def _dispatch(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]
         if kind == "hello" and self._hello is not None and not self._hello.done():
+            self._report_isolation(msg[2] if len(msg) > 2 else [])
             self._hello.set_result(int(msg[1]))
         elif kind == "child":
             to_child, from_child, pidfd = fds
-            child = ChildProcess(int(msg[1]), to_child, from_child, pidfd)
-            self._children[child.pid] = child
+            zygote_pid = int(msg[1])  # the zygote's reports name the child by it
+            child = ChildProcess(pid_in_our_namespace(pidfd, zygote_pid), to_child, from_child, pidfd)
+            self._children[zygote_pid] = child
             fut = self._pending.popleft() if self._pending else None
             if fut is None or fut.done():  # nobody waits any more: discard it
                 child.kill()
@@ -206,6 +229,25 @@ class Zygote:
             found = self._children.pop(int(msg[1]), None)
             if found is not None:
                 self._exited(found, int(msg[2]))
+
+    def _report_isolation(self, report: Any) -> None:
+        try:
+            self.layers = layers.from_wire(report)
+        except ValueError as e:
+            self.layers = []
+            self.log.error(BROKER, "broker.error", f"zygote sent a bad isolation report: {sanitize(str(e))}")
+            return
+        skipped = [layer for layer in self.layers if not layer.applied]
+        self.log.info(
+            BROKER,
+            "sandbox.isolation",
+            sanitize(layers.summary(self.layers)),
+            active=layers.active(self.layers),
+            skipped=[layer.name for layer in skipped],
+        )
+        for layer in skipped:
+            message, reason = sanitize(layers.skipped_line(layer)), sanitize(layer.skipped)
+            self.log.warn(BROKER, "sandbox.layer_skipped", message, layer=layer.name, reason=reason)
 
     def _exited(self, child: ChildProcess, status: int | None) -> None:
         if not child.exited.done():
@@ -281,3 +323,32 @@ def retire_after(sessions_per_child: int) -> int:
 def dense_address_space(ceilings: Ceilings, sessions_per_child: int) -> int:
     """RLIMIT_AS of a child: room for every Lua heap it may hold at once, plus the interpreter."""
     return ceilings.address_space + (sessions_per_child - 1) * ceilings.memory_bytes
+
+
+def check_isolation(config: Config, out: TextIO) -> int:
+    """`deadend broker --check-isolation`: start a zygote as the broker would, print its isolation layers
+    (applied, or skipped and why), stop it. 0 when it started, whatever it could apply; 1 if it could not."""
+    try:
+        run_as = resolve_user(config.user, config.allow_root)
+    except PrivilegeError as e:
+        print(f"deadend: {e}", file=sys.stderr)
+        return 1
+
+    async def report() -> list[layers.Layer]:
+        with open(os.devnull, "w") as devnull:
+            log = EventLog(devnull)
+            zygote = Zygote(config.ceilings, log, lambda _child: None, run_as, config.sessions_per_worker)
+            try:
+                await zygote.start()
+                return zygote.layers
+            finally:
+                await zygote.stop()
+                log.close()
+
+    try:
+        found = asyncio.run(report())
+    except (ZygoteLost, OSError) as e:
+        print(f"deadend: cannot start the sandbox zygote: {e}", file=sys.stderr)
+        return 1
+    out.write(layers.table(found))
+    return 0

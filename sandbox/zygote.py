@@ -8,10 +8,13 @@ SOCK_SEQPACKET socketpair (SCM_RIGHTS), and reports how each child exited.
 Control messages (msgpack, one per datagram):
     broker -> zygote   ["fork"]
     broker -> zygote   ["kill", pid]      a child whose fds the broker could not receive
-    zygote -> broker   ["hello", pid]                                  once, when ready
+    zygote -> broker   ["hello", pid, layers]   once, when ready: its pid, the isolation report
     zygote -> broker   ["child", pid]   + fds [to_child, from_child, pidfd]
     zygote -> broker   ["fork-failed", errno]                          out of processes or memory
     zygote -> broker   ["exit", pid, wait_status]
+
+A child's pid is the one the fork server sees: in its own PID namespace (sandbox/namespaces.py) that is
+not the broker's number for the process; the pidfd is what the broker acts through.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from sandbox.lockdown import PR_SET_PDEATHSIG, Rlimits, _prctl, build_filter, switch_user
+from sandbox.environment import ENVIRONMENT
+from sandbox.isolation import die_with_broker, isolate
+from sandbox.layers import Layer, to_wire
+from sandbox.lockdown import Rlimits, build_filter
 
 MAX_CONTROL = 4096
 
@@ -119,7 +125,7 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # safe: unreaped children keep their pids
 
-    def serve(self) -> None:
+    def serve(self, pid: int, layers: list[Layer]) -> None:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
@@ -127,7 +133,7 @@ class Zygote:
         sel = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
-        self.send(["hello", os.getpid()])
+        self.send(["hello", pid, to_wire(layers)])
         gc.freeze()  # keep the GC from dirtying shared pages in every forked child
         try:
             while True:
@@ -158,34 +164,29 @@ def _use_resolved_libraries(paths: dict[str, str]) -> None:
     ctypes.util.find_library = lambda name: paths.get(name) or original(name)
 
 
-def _die_with_broker(broker_pid: int) -> None:
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed broker takes the zygote with it...
-    if os.getppid() != broker_pid:
-        os._exit(1)
-    # ...and the zygote's children with it (their own death signal points at the zygote).
-
-
 def main() -> NoReturn:
     config = json.loads(sys.argv[1])
     broker_pid = config["broker_pid"]
     _use_resolved_libraries(config.get("libraries", {}))
+    import array  # noqa: F401  (socket.send_fds imports it at first use; by then the root is empty)
+
     import sandbox.child  # noqa: F401  (lupa, msgpack and pyseccomp, loaded once for every child)
 
     try:
-        _die_with_broker(broker_pid)
+        die_with_broker(broker_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle
-        os.environ["TZ"] = "UTC"  # the zone is fixed before lockdown (SPEC.md, clock option)
+        os.environ.update(ENVIRONMENT)  # the zone is fixed before lockdown (SPEC.md, clock option)
         time.tzset()
         control = socket.socket(fileno=config["control_fd"])
         rlimits = Rlimits(address_space=config["address_space"], cpu_seconds=config["cpu_seconds"])
         dense_session_cpu = float(config["session_cpu"]) if config.get("dense") else None
         zygote = Zygote(control, rlimits, broker_pid, dense_session_cpu)
-        if config.get("run_as"):
-            # --user: everything is loaded (the interpreter may live where that user cannot read), and
-            # no child has been forked yet, so no sandbox ever runs with the broker's privileges.
-            switch_user(*config["run_as"])
-            _die_with_broker(broker_pid)  # the switch cleared the parent-death signal
-        zygote.serve()
+        started_as = os.getpid()  # the pid the broker knows, even if the fork server becomes another
+        run_as = config.get("run_as")
+        # Everything is loaded and no child forked yet: with --user the interpreter may live where that
+        # user cannot read, and no sandbox ever runs with the broker's privileges or outside the layers.
+        layers = isolate(tuple(run_as) if run_as else None, broker_pid, config.get("isolation_off", ()))
+        zygote.serve(started_as, layers)
     except BrokenPipeError:
         pass
     os._exit(0)

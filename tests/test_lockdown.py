@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO, descendants
+from conftest import REPO, descendants, sandboxes_below
 
 
 def _cmdline(pid: int) -> str:
@@ -40,7 +40,7 @@ def _sandbox_children(broker_pid: int) -> list[int]:
         p for p in descendants(broker_pid) if "sandbox.zygote" in _cmdline(p) and _ppid(p) == broker_pid
     ]
     assert len(zygote) == 1, "expected exactly one zygote"
-    return descendants(zygote[0])
+    return sandboxes_below(zygote[0])
 
 
 def test_pool_children_are_locked_down(make_broker) -> None:
