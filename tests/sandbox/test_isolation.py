@@ -1,0 +1,171 @@
+"""The zygote's isolation layers, proven on real workers from /proc, in each way the zygote can start:
+as root, as root with --user nobody, and as an ordinary user (tests/sandbox/zygote_client.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ns_pids, wait_gone
+from zygote_client import MODES, NOBODY, ZygoteUnderTest
+
+from broker.zygote import check_isolation
+from deadend.config import Config
+from sandbox.environment import ENVIRONMENT
+from sandbox.landlock import abi
+from sandbox.layers import ORDER, Skipped
+
+NAMESPACES = ("user", "pid", "net", "ipc", "mnt")
+CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def _absent() -> str:
+    """Why this kernel cannot give every layer, or "" (only a missing kernel feature may skip a test)."""
+    if Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
+        return "user namespaces are disabled here (user.max_user_namespaces = 0)"
+    try:
+        abi()
+    except Skipped as e:
+        return f"Landlock: {e}"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_absent()), reason=_absent() or "-")
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def namespace(pid: int | str, name: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{name}")
+
+
+def processes_in(pid_namespace: str) -> set[int]:
+    """Every process of this machine in that PID namespace: what its members can see of the system."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if namespace(entry, "pid") == pid_namespace:
+                    found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(params=MODES)
+def zygote(request: pytest.FixtureRequest) -> Iterator[ZygoteUnderTest]:
+    if os.geteuid() != 0:
+        pytest.skip("starting the zygote as root, as nobody and as --user nobody needs root")
+    z = ZygoteUnderTest(request.param)
+    try:
+        z.start()
+        yield z
+    finally:
+        z.stop()
+
+
+def test_every_layer_is_applied(zygote: ZygoteUnderTest) -> None:
+    assert [layer.name for layer in zygote.layers] == list(ORDER)
+    assert [layer for layer in zygote.layers if not layer.applied] == []
+
+
+def test_workers_hold_nothing_and_see_nothing(zygote: ZygoteUnderTest) -> None:
+    workers = [zygote.fork(), zygote.fork()]
+    server = zygote.fork_server()
+    uid = "0" if zygote.mode == "root" else str(NOBODY)
+    for pid in [server, *(w.pid for w in workers)]:
+        found = status(pid)
+        assert {name: found[name] for name in CAPABILITY_SETS} == dict.fromkeys(CAPABILITY_SETS, "0" * 16)
+        assert found["Uid"].split() == [uid] * 4, found["Uid"]
+        for name in NAMESPACES:
+            assert namespace(pid, name) != namespace("self", name), name
+        assert os.listdir(f"/proc/{pid}/root") == []  # an empty root...
+        assert os.statvfs(f"/proc/{pid}/root").f_flag & os.ST_RDONLY  # ...that stays empty
+    for w in workers:
+        assert status(w.pid)["Seccomp"] == "2"
+        with open(f"/proc/{w.pid}/environ", "rb") as f:
+            assert f.read() == b"".join(f"{k}={v}\0".encode() for k, v in ENVIRONMENT.items())
+    # The fork server is its PID namespace's init, and the namespace holds it and the workers: nothing else
+    # of this machine is there for a worker to see.
+    assert ns_pids(server) == [server, 1]
+    assert processes_in(namespace(workers[0].pid, "pid")) == {server, *(w.pid for w in workers)}
+
+
+NET_PROBE = """
+import ctypes, fcntl, json, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.setns(os.open(sys.argv[1], os.O_RDONLY), 0x40000000) == 0, os.strerror(ctypes.get_errno())
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+flags = {}
+for _, name in socket.if_nameindex():  # SIOCGIFFLAGS
+    request = struct.pack("16sH", name.encode(), 0)
+    flags[name] = struct.unpack("16sH", fcntl.ioctl(probe, 0x8913, request)[:18])[1]
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=2)
+    reached = "connected"
+except OSError as e:
+    reached = e.strerror
+print(json.dumps({"flags": flags, "loopback": reached}))
+"""
+
+
+def test_the_network_is_empty(zygote: ZygoteUnderTest) -> None:
+    worker = zygote.fork()
+    probe = subprocess.run(
+        [sys.executable, "-c", NET_PROBE, f"/proc/{worker.pid}/ns/net"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert list(seen["flags"]) == ["lo"]
+    assert not seen["flags"]["lo"] & 1  # IFF_UP: even loopback is down
+    assert seen["loopback"] == os.strerror(101)  # ENETUNREACH
+
+
+def test_nothing_outlives_the_zygote(zygote: ZygoteUnderTest) -> None:
+    workers = [zygote.fork(), zygote.fork()]
+    server = zygote.fork_server()
+    assert zygote.proc is not None
+    os.kill(zygote.proc.pid, signal.SIGKILL)  # what the broker's own death does to it (parent-death signal)
+    assert wait_gone([server, *(w.pid for w in workers)]) == []
+
+
+def test_an_inherited_environment_is_reported_never_shown() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the zygote is started as root here")
+    z = ZygoteUnderTest("root", env={**ENVIRONMENT, "DEADEND_CANARY": "hunter2"})
+    try:
+        z.start()
+    finally:
+        z.stop()
+    [environment] = [layer for layer in z.layers if layer.name == "environment"]
+    assert "DEADEND_CANARY" in environment.skipped and "hunter2" not in environment.skipped
+    assert [layer.name for layer in z.layers if not layer.applied] == ["environment"]
+
+
+def test_check_isolation_lists_every_layer() -> None:
+    out = io.StringIO()
+    assert check_isolation(Config(scripts=Path(), allow_root=os.geteuid() == 0), out) == 0
+    rows = out.getvalue().splitlines()
+    assert [row.split()[:2] for row in rows] == [[name, "active:"] for name in ORDER]
+
+
+def test_check_isolation_refuses_root_sandboxes_like_the_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the refusal is root's")
+    out = io.StringIO()
+    assert check_isolation(Config(scripts=Path()), out) == 1
+    assert out.getvalue() == ""
+    assert "refusing to run sandboxes as root" in capsys.readouterr().err
