@@ -169,3 +169,26 @@ def test_check_isolation_refuses_root_sandboxes_like_the_broker(capsys: pytest.C
     assert check_isolation(Config(scripts=Path()), out) == 1
     assert out.getvalue() == ""
     assert "refusing to run sandboxes as root" in capsys.readouterr().err
+
+
+def test_without_a_user_namespace_an_ordinary_user_still_serves() -> None:
+    """Where user namespaces are refused (a sysctl, AppArmor, systemd), an ordinary user can create no other
+    namespace and cannot drop the bounding set: each of those layers is skipped with its reason, and the
+    zygote still forks workers that lock themselves down."""
+    if os.geteuid() != 0:
+        pytest.skip("the ordinary user is made from root here")
+    z = ZygoteUnderTest("ordinary user", off=("user",))
+    try:
+        z.start()
+        skipped = {layer.name: layer.skipped for layer in z.layers if not layer.applied}
+        assert set(skipped) == {"user", "ipc", "net", "mnt", "pid", "capabilities"}, skipped
+        for name in ("ipc", "net", "mnt", "pid"):
+            assert skipped[name].endswith("Operation not permitted (no user namespace, not root)"), skipped
+        assert "bounding set" in skipped["capabilities"]
+        worker = z.fork()
+        found = status(worker.pid)
+        assert found["Seccomp"] == "2"
+        assert found["CapEff"] == found["CapPrm"] == found["CapInh"] == found["CapAmb"] == "0" * 16
+        assert namespace(worker.pid, "net") == namespace("self", "net")  # as said: no namespace
+    finally:
+        z.stop()

@@ -69,6 +69,7 @@ class Worker:
 class ZygoteUnderTest:
     mode: str
     env: dict[str, str] = field(default_factory=lambda: dict(ENVIRONMENT))
+    off: tuple[str, ...] = ()  # layers the zygote leaves out (as if the kernel refused them)
     proc: subprocess.Popen[bytes] | None = None
     control: socket.socket | None = None
     layers: list[Layer] = field(default_factory=list)
@@ -85,6 +86,7 @@ class ZygoteUnderTest:
             "dense": False,
             "session_cpu": 30,
             "run_as": [NOBODY, NOBODY] if self.mode == "root --user nobody" else None,
+            "isolation_off": list(self.off),
         }
         program = ["-c", AS_ORDINARY_USER] if self.mode == "ordinary user" else ["-m", "sandbox.zygote"]
         try:
