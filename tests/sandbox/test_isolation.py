@@ -192,3 +192,28 @@ def test_without_a_user_namespace_an_ordinary_user_still_serves() -> None:
         assert namespace(worker.pid, "net") == namespace("self", "net")  # as said: no namespace
     finally:
         z.stop()
+
+
+# What systemd does to the zygote with `RestrictNamespaces=yes` and a filter without its calls
+# (SystemCallErrorNumber=EPERM): every one of them fails with EPERM.
+REFUSING = """
+refuse = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+for name in ("unshare", "mount", "umount2", "pivot_root", "capset", "landlock_create_ruleset"):
+    refuse.add_rule(pyseccomp.ERRNO(1), name)
+refuse.load()
+"""
+
+
+def test_a_setup_that_refuses_every_layer_still_serves() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the zygote is started as root here")
+    z = ZygoteUnderTest("root", prelude=REFUSING)
+    try:
+        z.start()
+        skipped = {layer.name: layer.skipped for layer in z.layers if not layer.applied}
+        assert set(skipped) == set(ORDER) - {"environment"}, skipped
+        assert all("Operation not permitted" in why for why in skipped.values()), skipped
+        worker = z.fork()
+        assert status(worker.pid)["Seccomp"] == "2"
+    finally:
+        z.stop()

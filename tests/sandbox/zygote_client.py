@@ -32,15 +32,19 @@ from sandbox.layers import Layer, from_wire
 NOBODY = 65534
 MODES = ("root", "root --user nobody", "ordinary user")
 
-# Runs sandbox.zygote.main() as nobody, without dropping the bounding set first (see the module docstring).
-AS_ORDINARY_USER = """
-import array, ctypes.util, os, sys
+# sandbox.zygote.main() after `prelude`, everything imported first (the prelude may take the right to).
+LAUNCH = """
+import array, ctypes, ctypes.util, os, sys
 import pyseccomp, sandbox.child, sandbox.zygote
+{prelude}
+sandbox.zygote.main()
+"""
+# nobody, without dropping the bounding set first (see the module docstring)
+AS_ORDINARY_USER = """
 os.setgroups([])
 os.setresgid(65534, 65534, 65534)
 os.setresuid(65534, 65534, 65534)
 ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: as any process an ordinary user starts
-sandbox.zygote.main()
 """
 
 
@@ -70,6 +74,7 @@ class ZygoteUnderTest:
     mode: str
     env: dict[str, str] = field(default_factory=lambda: dict(ENVIRONMENT))
     off: tuple[str, ...] = ()  # layers the zygote leaves out (as if the kernel refused them)
+    prelude: str = ""  # Python run in the zygote's process before its main()
     proc: subprocess.Popen[bytes] | None = None
     control: socket.socket | None = None
     layers: list[Layer] = field(default_factory=list)
@@ -88,7 +93,8 @@ class ZygoteUnderTest:
             "run_as": [NOBODY, NOBODY] if self.mode == "root --user nobody" else None,
             "isolation_off": list(self.off),
         }
-        program = ["-c", AS_ORDINARY_USER] if self.mode == "ordinary user" else ["-m", "sandbox.zygote"]
+        prelude = self.prelude + (AS_ORDINARY_USER if self.mode == "ordinary user" else "")
+        program = ["-c", LAUNCH.format(prelude=prelude)] if prelude else ["-m", "sandbox.zygote"]
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", *program, json.dumps(config)],
