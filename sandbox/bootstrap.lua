@@ -133,13 +133,16 @@ end
 -- Walks the items as the C function does: "%%" is literal, every other "%" takes one argument, its
 -- flags, width and precision are the run of "-+ #0123456789." before the conversion letter.
 local function format(fmt, ...)
-  local args = table_pack(...)
-  local rewrite = type(fmt) == "string" and string_find(fmt, "%%[-+ #0-9.]*p") ~= nil
-  for i = 1, args.n do
-    if rewrite then break end
-    rewrite = REFERENCE[type(args[i])] == true
+  local n = select("#", ...)
+  local rewrite = n > 8 or (type(fmt) == "string" and string_find(fmt, "%%[-+ #0-9.]*p") ~= nil)
+  for i = 1, rewrite and 0 or n do  -- the usual few arguments: no table built for them
+    if REFERENCE[type((select(i, ...)))] then
+      rewrite = true
+      break
+    end
   end
   if not rewrite then return (reraise("format", pcall(c_format, fmt, ...))) end
+  local args = table_pack(...)
   local parts, from, at, item = {}, 1, 1, 0
   while true do
     local percent = string_find(fmt, "%", at, true)
