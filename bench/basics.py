@@ -185,7 +185,16 @@ def warm_children(broker_pid: int) -> list[int]:
                 continue
             kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
     zygotes = kids.get(broker_pid, [])
-    return [c for z in zygotes for c in kids.get(z, [])]
+    # In its own PID namespace the zygote's one child forks the sandboxes (sandbox/namespaces.py).
+    servers = [c for z in zygotes for c in kids.get(z, []) if _ns_pid(c) == 1] or zygotes
+    return [c for z in servers for c in kids.get(z, [])]
+
+
+def _ns_pid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return 0
 
 
 def memory_kib(pid: int) -> tuple[int, int, int]:

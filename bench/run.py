@@ -18,11 +18,12 @@ rounds, so that the noise of a shared machine hits both alike: read the ratio (d
    then 16 concurrent clients, each in a loop (connect, read the banner line, close). p50 and p99.
 2. Server CPU per short SMTP session (banner, EHLO, QUIT; 16 concurrent clients in a loop), on a copy of
    25.lua with its tarpit set to 0 (else the tarpit's 100-250 ms per read sets the pace, not the server).
-   deadend: utime+stime of the broker and the zygote, plus the zygote's cutime+cstime (children are reaped
-   by the zygote). Each measured window ends only once the broker has logged every session end and the
-   zygote has reaped every child but its warm ones, plus a short settle. The warm children alive at the end
-   of a window were forked in it and are not counted; those alive at its start were forked before it and
-   are: in steady state it evens out. Baseline: utime+stime of its one process. Divided by sessions.
+   deadend: utime+stime of the broker and the zygote (with its fork server, the init of the sandboxes'
+   PID namespace), plus the fork server's cutime+cstime (it reaps the children). Each measured window
+   ends only once the broker has logged every session end and the zygote has reaped every child but its
+   warm ones, plus a short settle. The warm children alive at the end of a window were forked in it and
+   are not counted; those alive at its start were forked before it and are: in steady state it evens out.
+   Baseline: utime+stime of its one process. Divided by sessions.
 3. Sessions per second: the same load, completed sessions over the clients' wall time.
 4. Memory per held idle session: N clients connect to a script that sends "x\\n" and sleeps 10 minutes;
    once every client has its line, (PSS total with N held - PSS total idle) / N, where the PSS total is the
@@ -188,6 +189,28 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def fork_server_of(zygote: int) -> int:
+    """The process that forks and reaps the children: in a PID namespace of its own (sandbox/namespaces.py)
+    the zygote's only child, that namespace's init, else the zygote itself."""
+    for _ in range(100):
+        kids = children_of(zygote)
+        if len(kids) == 1 and ns_pid(kids[0]) == 1:
+            return kids[0]
+        if kids:
+            return zygote
+        time.sleep(0.05)
+    return zygote
+
+
+def ns_pid(pid: int) -> int:
+    """The process's pid in its innermost PID namespace (NSpid's last number)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return 0
+
+
 def rollup_kib(pid: int) -> dict[str, int]:
     """Rss, Pss and USS (private clean + dirty) of `pid` in KiB; {} if it is gone."""
     try:
@@ -269,7 +292,8 @@ class Served:
         self.fd_cap: int | None = None  # the broker capped connections there (its descriptor limit)
         self.proc: subprocess.Popen[str] | None = None
         self.offset = 0
-        self.zygote = 0
+        self.zygote = 0  # the process the broker started
+        self.server = 0  # the one that forks and reaps the children: the zygote, or its PID namespace's init
         self.ends = 0  # session-end events seen
         self.reasons: collections.Counter[str] = collections.Counter()
         self.tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -313,6 +337,7 @@ class Served:
             raise ServerFailed(f"{self.name}: no free ports after 5 tries")
         if self.isolated:
             self.zygote = self._find_zygote()
+            self.server = fork_server_of(self.zygote)
             if not self.dense:
                 self.wait_warm()
 
@@ -353,7 +378,8 @@ class Served:
         assert self.proc is not None
         if not self.isolated:
             return [self.proc.pid]
-        return [self.proc.pid, self.zygote, *children_of(self.zygote)]
+        helpers = [self.zygote] if self.server == self.zygote else [self.zygote, self.server]
+        return [self.proc.pid, *helpers, *children_of(self.server)]
 
     def cpu_seconds(self) -> float:
         """What this server has spent so far: see the module docstring, figure 2."""
@@ -363,8 +389,9 @@ class Served:
             return own
         if children_of(self.proc.pid) != [self.zygote]:
             raise ServerFailed("the zygote was restarted: CPU readings would not add up")
-        zygote, reaped = cpu_times(self.zygote)
-        return own + zygote + reaped
+        zygote = cpu_times(self.zygote)[0] if self.server != self.zygote else 0.0
+        server, reaped = cpu_times(self.server)
+        return own + zygote + server + reaped
 
     def cpu_snapshot(self) -> CpuSnapshot:
         """utime+stime of each process of this server now, and what the zygote has reaped (dense rows)."""
@@ -375,7 +402,7 @@ class Served:
         for pid in self.processes():
             with contextlib.suppress(OSError):  # a child that was just reaped
                 own[pid] = cpu_times(pid)[0]
-        return CpuSnapshot(own, cpu_times(self.zygote)[1] if self.isolated else 0.0)
+        return CpuSnapshot(own, cpu_times(self.server)[1] if self.isolated else 0.0)
 
     def pss_by_role(self) -> dict[str, tuple[int, int]]:
         """{role: (Pss KiB, processes)}: broker, zygote, children; the baseline's one process. Needs root
@@ -383,10 +410,11 @@ class Served:
         assert self.proc is not None
         if not self.isolated:
             return {"process": (rollup_kib(self.proc.pid).get("pss", 0), 1)}
-        kids = children_of(self.zygote)
+        kids = children_of(self.server)
+        helpers = {self.zygote, self.server}
         return {
             "broker": (rollup_kib(self.proc.pid).get("pss", 0), 1),
-            "zygote": (rollup_kib(self.zygote).get("pss", 0), 1),
+            "zygote": (sum(rollup_kib(pid).get("pss", 0) for pid in helpers), len(helpers)),
             "children": (sum(rollup_kib(pid).get("pss", 0) for pid in kids), len(kids)),
         }
 
@@ -412,9 +440,9 @@ class Served:
     def wait_warm(self, deadline: float | None = None) -> None:
         """Until the zygote's children are exactly the warm ones (every used child reaped)."""
         deadline = deadline or time.monotonic() + 30
-        while len(children_of(self.zygote)) != self.warm:
+        while len(children_of(self.server)) != self.warm:
             if time.monotonic() > deadline:
-                raise ServerFailed(f"{self.name}: the zygote still has {children_of(self.zygote)}")
+                raise ServerFailed(f"{self.name}: the zygote still has {children_of(self.server)}")
             self.check_alive()
             time.sleep(0.02)
 
@@ -794,7 +822,7 @@ def measure_memory(srv: Served, n: int) -> Memory:
             return Memory(None, 0, 0, 0, 0, "smaps_rollup of non-dumpable processes needs root")
         warm = None
         if srv.isolated:
-            kids = [rollup_kib(pid) for pid in children_of(srv.zygote)]
+            kids = [rollup_kib(pid) for pid in children_of(srv.server)]
             kids = [k for k in kids if k]
             warm = {k: statistics.median(kid[k] for kid in kids) for k in ("rss", "pss", "uss")}
 

@@ -21,6 +21,7 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from broker import isolation
 from broker.capacity import Budget
 from broker.channel import WorkerChannel, WorkerGone
 from broker.privileges import RunAs
@@ -83,6 +84,7 @@ class WorkerSupply:
         self._restarts: collections.deque[float] = collections.deque()
         self._renewing = False
         self._age_timer: asyncio.TimerHandle | None = None
+        self._layers: list[wire.Layer] | None = None  # the isolation the last zygote reported
 
     # --- the zygote ------------------------------------------------------------------------------
 
@@ -93,6 +95,8 @@ class WorkerSupply:
     async def _start_zygote(self) -> Zygote:
         zygote = Zygote(self.spawner, self.log, lambda w: self._worker_exited(zygote, w), self.run_as)
         await zygote.start()
+        isolation.report(self.log, zygote.layers, again=zygote.layers == self._layers)
+        self._layers = zygote.layers
         self.background.spawn(self._supervise(zygote), "zygote supervision")
         loop = asyncio.get_running_loop()
         if self._age_timer is not None:

@@ -43,6 +43,21 @@ def resolved_libraries() -> dict[str, str]:
     return {name: path for name, path in found.items() if path}
 
 
+def pid_in_our_namespace(pidfd: int, fallback: int) -> int:
+    """The broker's number for a worker, for its log lines. The fork server counts in a PID namespace of
+    its own (2, 3, ...); the pidfd names the process itself, and its fdinfo shows the pid as the reader's
+    /proc numbers it."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else fallback
+    except (OSError, ValueError, IndexError):
+        pass
+    return fallback
+
+
 class ZygoteLost(Exception):
     """The zygote died or could not start; no worker can be forked until it is restarted."""
 
@@ -103,11 +118,13 @@ class DirectSpawner:
     """The broker execs the zygote itself (it is not going to drop privileges, or has not yet).
 
     `program`: what to exec instead of sandbox/zygote.py, its configuration appended (the tests' fake
-    zygote, whose workers are an attacker's programs).
+    zygote, whose workers are an attacker's programs). `isolation_off`: layers the zygote leaves out
+    (bench/isolation.py's measurements only; the broker never sets it).
     """
 
-    def __init__(self, program: Sequence[str] | None = None) -> None:
+    def __init__(self, program: Sequence[str] | None = None, isolation_off: tuple[str, ...] = ()) -> None:
         self.program = program
+        self.isolation_off = isolation_off
 
     async def spawn(self, control: socket.socket, stderr: int, run_as: RunAs | None) -> Started:
         config = wire.ZygoteConfig(
@@ -115,6 +132,7 @@ class DirectSpawner:
             control_fd=control.fileno(),
             libraries=resolved_libraries(),
             run_as=(run_as.uid, run_as.gid) if run_as else None,
+            isolation_off=self.isolation_off,
         )
         argv = (
             command(wire.ZYGOTE_MODULE, config) if self.program is None else [*self.program, config.encode()]
@@ -288,7 +306,7 @@ class Zygote:
         self.pid = 0
         self.forks = 0  # workers asked for so far
         self.started_at = 0.0
-        self.layers: list[Any] = []  # the confinement layers the zygote reported in its hello
+        self.layers: list[wire.Layer] = []  # the isolation the zygote reported in its hello
         self._started: Started | None = None
         self._stderr = -1
         self._pending: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()
@@ -380,12 +398,13 @@ class Zygote:
     def _dispatch(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]
         if kind == "hello" and self._hello is not None and not self._hello.done():
-            self.layers = list(msg[2]) if len(msg) > 2 else []
+            self._report_isolation(msg[2] if len(msg) > 2 else [])
             self._hello.set_result(int(msg[1]))
         elif kind == "child":
             to_worker, from_worker, pidfd = fds
-            worker = WorkerProcess(int(msg[1]), to_worker, from_worker, pidfd)
-            self.workers[worker.pid] = worker
+            zygote_pid = int(msg[1])  # the zygote's reports name the worker by it (in its PID namespace)
+            worker = WorkerProcess(pid_in_our_namespace(pidfd, zygote_pid), to_worker, from_worker, pidfd)
+            self.workers[zygote_pid] = worker
             fut = self._pending.popleft() if self._pending else None
             if fut is None or fut.done():  # nobody waits any more: discard it
                 worker.kill()
@@ -403,6 +422,14 @@ class Zygote:
             found = self.workers.pop(int(msg[1]), None)
             if found is not None:
                 self._exited(found, int(msg[2]))
+
+    def _report_isolation(self, report: Any) -> None:
+        """Keep the layers the zygote reports (whoever started it logs them: broker/isolation.py)."""
+        try:
+            self.layers = wire.layers_from_wire(report)
+        except ValueError as e:
+            self.layers = []
+            self.log.error(BROKER, "broker.error", f"zygote sent a bad isolation report: {sanitize(str(e))}")
 
     def _exited(self, worker: WorkerProcess, status: int | None) -> None:
         if not worker.exited.done():

@@ -42,6 +42,14 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "broker.warning": ("a broker-wide condition the operator should know", {}),
     "broker.error": ("a broker-wide failure; the broker goes on unless it says otherwise", {}),
     "metrics.listening": ("the Prometheus endpoint is up", {"address": "str"}),
+    "sandbox.isolation": (
+        "the sandbox zygote started; the isolation layers every sandbox lives in, and those skipped",
+        {"active": "strs", "skipped": "strs"},
+    ),
+    "sandbox.layer_skipped": (
+        "an isolation layer this kernel or setup refused (the sandboxes run without it), and why",
+        {"layer": "str", "reason": "str"},
+    ),
     # scripts and listeners
     "script.ignored": ("a file in the scripts folder is not a <port>.lua script", {"file": "str"}),
     "script.compile_error": (

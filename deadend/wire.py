@@ -3,7 +3,7 @@
 Three channels, four dialects, all msgpack:
 
     broker ──control socket (SOCK_SEQPACKET, one message per datagram)──▶ zygote        [ZYGOTE CONTROL]
-      ["fork", {ForkRequest}]              ──▶  ◀── ["hello", pid, [layers]]     once, when ready
+      ["fork", {ForkRequest}]              ──▶  ◀── ["hello", pid, [[layer, why skipped]...]]  once, ready
       ["kill", pid]                        ──▶  ◀── ["child", pid] + fds (to_worker, from_worker, pidfd)
                                                 ◀── ["fork-failed", errno]
                                                 ◀── ["exit", pid, wait_status]
@@ -381,6 +381,7 @@ class ZygoteConfig:
     control_fd: int  # its end of the control socket
     libraries: dict[str, str]  # shared libraries resolved by the broker (no ldconfig fork in the zygote)
     run_as: tuple[int, int] | None  # switch to this uid, gid before the first fork
+    isolation_off: tuple[str, ...] = ()  # layers left out: bench/isolation.py's measurements only
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -394,6 +395,7 @@ class ZygoteConfig:
             control_fd=f["control_fd"],
             libraries=f["libraries"],
             run_as=(int(run_as[0]), int(run_as[1])) if run_as else None,
+            isolation_off=tuple(str(name) for name in f.get("isolation_off", ())),
         )
         if not (
             _is_int(config.parent_pid)
@@ -403,6 +405,41 @@ class ZygoteConfig:
         ):
             raise ValueError("malformed zygote configuration")
         return config
+
+
+# The zygote's isolation report, in its "hello": every layer it applied before its first fork, in order
+# (sandbox/isolation.py), and why each one it skipped was refused. The names of the namespaces are the
+# kernel's own (/proc/PID/ns/NAME).
+LAYERS: Final = ("environment", "user", "ipc", "net", "mnt", "pid", "landlock", "capabilities")
+LAYER_REASON_MAX: Final = 200  # a reason is one short line; anything longer is cut
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    name: str
+    skipped: str = ""  # why it was not applied; empty when it was
+
+    @property
+    def applied(self) -> bool:
+        return not self.skipped
+
+
+def layers_to_wire(layers: list[Layer]) -> list[list[str]]:
+    return [[layer.name, layer.skipped] for layer in layers]
+
+
+def layers_from_wire(obj: Any) -> list[Layer]:
+    """The layers of a hello message; ValueError for anything that is not a list of [name, reason]."""
+    if not isinstance(obj, list) or len(obj) > len(LAYERS):
+        raise ValueError("layer report is not a short list")
+    layers = []
+    for item in obj:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+            raise ValueError("layer entry is not [name, reason]")
+        if item[0] not in LAYERS:
+            raise ValueError(f"unknown layer {item[0][:40]!r}")
+        layers.append(Layer(item[0], item[1][:LAYER_REASON_MAX]))
+    return layers
 
 
 @dataclass(frozen=True, slots=True)

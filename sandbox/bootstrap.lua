@@ -67,6 +67,128 @@ local function move(a1, f, e, t, a2)
   return (rethrow(pcall(c_move, a1, f, e, t, a2)))
 end
 
+-- ==== Address hiding =====================================================================================
+-- This section belongs to the sandbox isolation work (SECURITY.md); keep other edits outside it.
+-- Every sandbox is forked from one zygote, so an address one script prints is the layout of every other
+-- sandbox. Scripts see none: a reference value (table, function, userdata, thread) is shown by a number
+-- of its own session, `table: 0x0001`, in the order values are first shown, and `__tostring` and
+-- `__name` work as in Lua. This covers tostring, print, string.format's %s and %p (as a method too: the
+-- real string table is hardened) and math.randomseed(). Lua's error messages carry no address, and an
+-- error object that is not a string is described by its type (`describe` below). All of it runs as
+-- script code, under the instruction hook; the numbers are kept in the session's own, capped heap.
+local string_find, math_random, c_format = string.find, math.random, string.format
+local REFERENCE = { table = true, ["function"] = true, userdata = true, thread = true }
+local numbers, last_number = setmetatable({}, { __mode = "k" }), 0
+
+local function number_of(v)
+  local n = numbers[v]
+  if n == nil then
+    last_number = last_number + 1
+    n = last_number
+    numbers[v] = n
+  end
+  return n
+end
+
+-- luaL_tolstring without the address: __tostring; else __name or the type, and the value's number.
+local function show(v)
+  if not REFERENCE[type(v)] then return tostring(v) end
+  local mt = debug_getmetatable(v)
+  if mt ~= nil then
+    local meta = rawget(mt, "__tostring")
+    if meta ~= nil then
+      local s = meta(v)
+      if type(s) == "number" then return tostring(s) end
+      if type(s) ~= "string" then error("'__tostring' must return a string", 3) end
+      return s
+    end
+    local name = rawget(mt, "__name")
+    if type(name) == "string" then return string_format("%s: 0x%04x", name, number_of(v)) end
+  end
+  return string_format("%s: 0x%04x", type(v), number_of(v))
+end
+
+local function hidden_tostring(...)
+  if select("#", ...) == 0 then error("bad argument #1 to 'tostring' (value expected)", 2) end
+  return (show((...)))
+end
+
+-- What %p prints: Lua gives the address of any collectable value (strings too), "(null)" for the rest.
+local function pointer_text(v)
+  local t = type(v)
+  if REFERENCE[t] or t == "string" then return string_format("0x%04x", number_of(v)) end
+  return "(null)"
+end
+
+-- A C function's error under pcall has no position and, wrapped, no name: give it both, as Lua would.
+local function reraise(name, ok, ...)
+  if ok then return ... end
+  local e = ...
+  if type(e) == "string" and e ~= "not enough memory" then
+    error((string_gsub(e, "^bad argument (#%d+) to '%?'", "bad argument %1 to '" .. name .. "'")), 3)
+  end
+  error(e, 0)
+end
+
+-- Walks the items as the C function does: "%%" is literal, every other "%" takes one argument, its
+-- flags, width and precision are the run of "-+ #0123456789." before the conversion letter.
+local function format(fmt, ...)
+  local n = select("#", ...)
+  local rewrite = n > 8 or (type(fmt) == "string" and string_find(fmt, "%%[-+ #0-9.]*p") ~= nil)
+  for i = 1, rewrite and 0 or n do  -- the usual few arguments: no table built for them
+    if REFERENCE[type((select(i, ...)))] then
+      rewrite = true
+      break
+    end
+  end
+  if not rewrite then return (reraise("format", pcall(c_format, fmt, ...))) end
+  local args = table_pack(...)
+  local parts, from, at, item = {}, 1, 1, 0
+  while true do
+    local percent = string_find(fmt, "%", at, true)
+    if percent == nil then break end
+    if string_sub(fmt, percent + 1, percent + 1) == "%" then
+      at = percent + 2
+    else
+      local _, spec_end = string_find(fmt, "^[-+ #0-9.]*", percent + 1)
+      local conversion = string_sub(fmt, spec_end + 1, spec_end + 1)
+      item = item + 1
+      if item <= args.n and conversion == "p" then
+        local spec = string_sub(fmt, percent + 1, spec_end)  -- %p takes "-" flags and a width only
+        if not (string_find(spec, "^%-*$") or string_find(spec, "^%-*[1-9]%d?$")) then
+          error(string_format("invalid conversion specification: '%%%sp'", spec), 2)
+        end
+        parts[#parts + 1] = string_sub(fmt, from, spec_end) .. "s"
+        from = spec_end + 2
+        args[item] = pointer_text(args[item])
+      elseif item <= args.n and conversion == "s" and REFERENCE[type(args[item])] then
+        args[item] = show(args[item])
+      end
+      at = spec_end + 2
+    end
+  end
+  parts[#parts + 1] = string_sub(fmt, from)
+  return (reraise("format", pcall(c_format, table_concat(parts), table_unpack(args, 1, args.n))))
+end
+
+-- Lua would seed from the time and this state's address and return both. Seed from the session's own
+-- generator instead (the broker seeded it), which shows nothing.
+local function randomseed(...)
+  if select("#", ...) == 0 then
+    local hi, lo = math_random(0), math_random(0)
+    math_randomseed(hi, lo)
+    return hi, lo
+  end
+  local hi, lo = reraise("randomseed", pcall(math_randomseed, ...))
+  return hi, lo
+end
+
+string.format = format  -- the real table: ("%p"):format(t) resolves through the string metatable
+math.randomseed = randomseed
+_G.tostring = hidden_tostring  -- each script's environment copies its base functions from _G
+local tostring = hidden_tostring  -- and everything below that shows a value (print) uses it too
+-- ==== end of address hiding ==============================================================================
+
 -- Harden the REAL string table: `("").dump` and `("x"):rep(n)` resolve through the shared string
 -- metatable, never through the script's copy. [vector: string.dump]
 string.dump = nil

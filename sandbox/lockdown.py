@@ -4,7 +4,7 @@
     pipes -> rlimits -> seccomp allowlist with default kill and no executable mappings
 
 After `lockdown()` returns, the process can read fd 0, write fd 1, manage memory without PROT_EXEC, read
-the clock, and exit. Everything else kills it with SIGSYS.
+its own and the system's clocks, and exit. Everything else kills it with SIGSYS.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PROT_EXEC = 0x4
+MREMAP_MAYMOVE = 0x1
+# The clocks a child may read: realtime, monotonic, its own process and thread CPU clocks, and the other
+# fixed system clocks up to CLOCK_TAI. A negative id names another process's or thread's CPU clock (the
+# pid is encoded in it) or a dynamic clock: compared unsigned, every one of them is above this.
+CLOCK_TAI = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +77,12 @@ def build_filter() -> sc.SyscallFilter:
     f.add_rule(sc.ALLOW, "mmap", sc.Arg(2, sc.MASKED_EQ, PROT_EXEC, 0))  # large allocations, never exec
     f.add_rule(sc.ALLOW, "brk")  # the main malloc arena
     f.add_rule(sc.ALLOW, "munmap")  # freeing large allocations
-    f.add_rule(sc.ALLOW, "mremap")  # realloc of large blocks; keeps the mapping's (non-exec) protection
-    f.add_rule(sc.ALLOW, "clock_gettime")  # os.clock() (process CPU clock is not served by the vDSO)
+    # realloc of large blocks: glibc passes 0 or MREMAP_MAYMOVE. MREMAP_FIXED (place it at an address of
+    # the caller's choosing, over an existing mapping) and MREMAP_DONTUNMAP kill.
+    f.add_rule(sc.ALLOW, "mremap", sc.Arg(3, sc.EQ, 0))
+    f.add_rule(sc.ALLOW, "mremap", sc.Arg(3, sc.EQ, MREMAP_MAYMOVE))
+    # os.clock() (the process CPU clock is not served by the vDSO); never another process's clock
+    f.add_rule(sc.ALLOW, "clock_gettime", sc.Arg(0, sc.LE, CLOCK_TAI))
     f.add_rule(sc.ALLOW, "gettimeofday")  # vDSO fallback for time()
     f.add_rule(sc.ALLOW, "exit_group")  # os._exit
     f.add_rule(sc.ALLOW, "exit")

@@ -7,6 +7,10 @@ private memory, against about 40 ms and 7 MiB for a fresh interpreter. It never 
 only forks, hands the broker each worker's pipe ends and a pidfd over an anonymous SOCK_SEQPACKET
 socketpair (SCM_RIGHTS), and reports how each worker exited. Its control messages are the ZYGOTE CONTROL
 dialect of `deadend.wire`.
+
+Before its first fork it confines itself once (sandbox/isolation.py), so every worker inherits that: in
+its own PID namespace the fork server is the namespace's init, a child of the process the broker started,
+and the pids it reports are its namespace's numbers (the pidfds it hands over are what the broker acts on).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any, NoReturn
 import msgpack
 
 from deadend import wire
-from sandbox.lockdown import PR_SET_PDEATHSIG, Rlimits, _prctl, build_filter, switch_user
+from sandbox.isolation import die_with_broker, isolate
+from sandbox.lockdown import Rlimits, build_filter
 
 MAX_CONTROL = 4096
 
@@ -110,7 +115,9 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # safe: unreaped workers keep their pids
 
-    def serve(self) -> None:
+    def serve(self, pid: int, layers: list[wire.Layer]) -> None:
+        """Fork on request until the broker closes its end. `pid`: the one the broker started (the fork
+        server may be another process, the PID namespace's init); `layers`: what isolation applied."""
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
@@ -118,7 +125,7 @@ class Zygote:
         sel = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
-        self.send(["hello", os.getpid()])
+        self.send(["hello", pid, wire.layers_to_wire(layers)])
         gc.freeze()  # keep the GC from dirtying shared pages in every forked worker
         try:
             while True:
@@ -149,31 +156,25 @@ def _use_resolved_libraries(paths: dict[str, str]) -> None:
     ctypes.util.find_library = lambda name: paths.get(name) or original(name)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed broker (or launcher) takes the zygote with it...
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    # ...and the zygote's workers with it (their own death signal points at the zygote).
-
-
 def main() -> NoReturn:
     config = wire.ZygoteConfig.decode(sys.argv[1])
     _use_resolved_libraries(config.libraries)
+    import array  # noqa: F401  (socket.send_fds imports it at first use; by then the root is empty)
+
     import sandbox.worker  # noqa: F401  (lupa, msgpack and pyseccomp, loaded once for every worker)
 
     try:
-        _die_with_parent(config.parent_pid)
+        die_with_broker(config.parent_pid)  # a SIGKILLed broker (or launcher) takes the zygote with it
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle
-        os.environ["TZ"] = "UTC"  # the zone is fixed before lockdown (SPEC.md, clock option)
+        os.environ.update(wire.ZYGOTE_ENV)  # the zone is fixed before lockdown (SPEC.md, clock option)
         time.tzset()
         control = socket.socket(fileno=config.control_fd)
         zygote = Zygote(control)
-        if config.run_as:
-            # --user: everything is loaded (the interpreter may live where that user cannot read), and
-            # no worker has been forked yet, so no sandbox ever runs with the broker's privileges.
-            switch_user(*config.run_as)
-            _die_with_parent(config.parent_pid)  # the switch cleared the parent-death signal
-        zygote.serve()
+        started_as = os.getpid()  # the pid the broker knows, even if the fork server becomes another
+        # Everything is loaded and no worker forked yet: with --user the interpreter may live where that
+        # user cannot read, and no sandbox ever runs with the broker's privileges or outside the layers.
+        layers = isolate(config.run_as, config.parent_pid, config.isolation_off)
+        zygote.serve(started_as, layers)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the broker closed its end: it is done with us
     os._exit(0)

@@ -49,6 +49,33 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def ns_pids(pid: int) -> list[int]:
+    """The process's pid in each PID namespace it is in, outermost first (NSpid in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(v) for v in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def fork_server(zygote: int) -> int:
+    """The process that forks the sandboxes: in a PID namespace of its own (sandbox/namespaces.py) the
+    zygote's child that is that namespace's init, else the zygote itself."""
+    for pid in descendants(zygote):
+        found = ns_pids(pid)
+        if len(found) > 1 and found[-1] == 1:
+            return pid
+    return zygote
+
+
+def sandboxes_below(zygote: int) -> list[int]:
+    """Every sandbox process of a zygote: everything below its fork server."""
+    return descendants(fork_server(zygote))
+
+
 def free_offset(ports: list[int]) -> int:
     """An offset that puts every script port on a free loopback port."""
     for _ in range(200):

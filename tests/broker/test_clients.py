@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.conftest import HOST, Broker, descendants, read_all
+from tests.conftest import HOST, Broker, descendants, fork_server, read_all
 
 ECHO = 'local d = deadend.recv(100) if d then deadend.send("echo:" .. d) end'
 
@@ -108,16 +108,24 @@ def usage(pid: int) -> Usage:
     return Usage(len(os.listdir(f"/proc/{pid}/fd")), len(descendants(pid)), _rss_kib(pid))
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def idle_usage(b: Broker, warm: int = 4, timeout: float = SETTLE_TIMEOUT) -> Usage:
-    """The broker at rest: zygote plus a full warm pool, descriptors stable, after one good exchange
-    (so that first-use allocations are not mistaken for growth later)."""
+    """The broker at rest: zygote (and its fork server) plus a full warm pool, descriptors stable, after one
+    good exchange (so that first-use allocations are not mistaken for growth later)."""
     assert good(b) == b"echo:ping"
     pid = b.proc.pid
+    [zygote] = [p for p in descendants(pid) if _parent(p) == pid]
+    helpers = len({zygote, fork_server(zygote)})
     deadline = time.monotonic() + timeout
     samples: list[Usage] = []
     while time.monotonic() < deadline:
         samples = [*samples[-2:], usage(pid)]
-        if len(samples) == 3 and all(u.children == 1 + warm and u.fds == samples[0].fds for u in samples):
+        steady = all(u.children == helpers + warm and u.fds == samples[0].fds for u in samples)
+        if len(samples) == 3 and steady:
             return samples[-1]
         time.sleep(0.1)
     raise AssertionError(f"broker never settled: {usage(pid)}")

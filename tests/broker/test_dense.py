@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import Broker, alive, descendants, read_all, read_until, wait_gone
+from tests.conftest import Broker, alive, descendants, fork_server, read_all, read_until, wait_gone
 
 ECHO = "deadend.send('hi\\n') local line = deadend.recv(100) if line then deadend.send('echo:' .. line) end"
 TARPIT = (
@@ -60,9 +60,9 @@ def zygote_of(b: Broker) -> int:
 
 
 def sandboxes(b: Broker) -> set[int]:
-    """The live (not zombie) sandbox children: the zygote's children."""
-    zygote = zygote_of(b)
-    return {p for p in descendants(b.proc.pid) if (_stat(p) or ("", 0))[1] == zygote and alive(p)}
+    """The live (not zombie) sandbox children: the fork server's children."""
+    server = fork_server(zygote_of(b))
+    return {p for p in descendants(b.proc.pid) if (_stat(p) or ("", 0))[1] == server and alive(p)}
 
 
 def wait_sandboxes(b: Broker, count: int, timeout: float = 5.0) -> set[int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, REPO, Broker, descendants, free_offset, read_all, read_until
+from tests.conftest import HOST, REPO, Broker, descendants, free_offset, read_all, read_until, sandboxes_below
 
 IS_ROOT = os.geteuid() == 0
 
@@ -427,7 +427,7 @@ def test_socket_activation_serves_the_inherited_socket(make_broker) -> None:
         for pid in [zygote, *children]:
             assert ours not in socket_inodes(pid).values(), f"pid {pid} holds the inherited socket"
             assert not [v for v in environ_of(pid) if v.startswith("LISTEN_")], f"pid {pid}"
-        for pid in children:
+        for pid in sandboxes_below(zygote):
             assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2], f"pid {pid}"
         with held:
             held.sendall(b"over systemd")

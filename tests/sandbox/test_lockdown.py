@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, descendants
+from tests.conftest import REPO, descendants, sandboxes_below
 
 
 def _cmdline(pid: int) -> str:
@@ -41,7 +41,7 @@ def _sandbox_children(broker_pid: int) -> list[int]:
         p for p in descendants(broker_pid) if "sandbox.zygote" in _cmdline(p) and _ppid(p) == broker_pid
     ]
     assert len(zygote) == 1, "expected exactly one zygote"
-    return descendants(zygote[0])
+    return sandboxes_below(zygote[0])
 
 
 def test_pool_children_are_locked_down(make_broker) -> None:
