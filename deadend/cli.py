@@ -86,6 +86,12 @@ def build_parser() -> Parser:
         metavar="FILE",
         help="TOML file of broker options (keys are the flags without --); flags given here override it",
     )
+    b.add_argument(
+        "--check-isolation",
+        action="store_true",
+        help="start a sandbox zygote as the broker would, print the isolation layers this machine allows "
+        "(and why any is skipped), and exit",
+    )
     options.add_to_parser(b)
     parser.commands["broker"] = b
     _add_tools(commands)
@@ -108,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             broker.error(str(e))
         broker.set_defaults(**values)
         args = parser.parse_args(argv)
-    if args.scripts is None:
+    if args.scripts is None and not args.check_isolation:
         broker.error("--scripts DIR is required (on the command line or as `scripts` in --config)")
     args.ports = ports
     return args
@@ -150,6 +156,12 @@ def run_broker(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "broker" and args.check_isolation:
+        from broker.isolation import check_isolation
+
+        if args.scripts is None:
+            args.scripts = Path()  # not needed to check, only to build the configuration
+        return check_isolation(config_from_args(args), sys.stdout)
     if args.command == "broker":
         return run_broker(config_from_args(args))
     if args.command == "replay":
