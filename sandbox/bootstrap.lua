@@ -44,6 +44,38 @@ local function rethrow(ok, ...)
   error(e, 0)
 end
 
+-- ==== Metering: the instruction budget, and the work C functions do in its name =========================
+-- One Lua state serves one session, so the meter is this state's. The count hook adds STEP every STEP
+-- VM instructions; a library function that loops in C, where no instruction runs, first charges the
+-- iterations it is about to make (`charge`). Past the budget the meter is sticky: the hook then fires on
+-- every instruction and errors, so no pcall can catch its way past it. [vector: pcall swallowing the limit]
+local STEP = 1000
+local used, budget, exceeded = 0, 0, false
+local metered  -- the script's coroutine, its only thread
+local function over()
+  if not exceeded then
+    exceeded = true
+    debug_sethook(metered, over, "", 1)
+  end
+  error("instruction limit exceeded", 0)
+end
+local function hook()
+  used = used + STEP
+  if exceeded or used > budget then over() end
+end
+local function charge(n)
+  used = used + n
+  if exceeded or used > budget then over() end
+end
+-- The iterations of a C loop from `from` to `to`: past the whole budget (or past what an integer
+-- holds), the limit is reached at once.
+local function charge_range(from, to)
+  if from > to then return end
+  local n = to - from
+  if n < 0 or n >= budget then over() end
+  charge(n + 1)
+end
+
 -- [vector: hook-proof C loops] string.rep with an empty result loops n times inside C, unhooked.
 local function rep(s, n, sep)
   local ni = math_tointeger(n)
@@ -54,6 +86,7 @@ local function rep(s, n, sep)
       error(string_format("string.rep refused: %d repetitions exceed the sandbox cap of %d bytes",
         ni, REP_MAX), 2)
     end
+    charge(ni)
   end
   return (rethrow(pcall(c_rep, s, n, sep)))
 end
@@ -64,7 +97,141 @@ local function move(a1, f, e, t, a2)
   if fi and ei and ei >= fi and ((fi <= 0 and ei >= maxinteger + fi) or ei - fi >= MOVE_MAX) then
     error(string_format("table.move refused: more than %d elements", MOVE_MAX), 2)
   end
+  if fi and ei then charge_range(fi, ei) end
   return (rethrow(pcall(c_move, a1, f, e, t, a2)))
+end
+
+-- [vector: metamethod-driven C loops] table.insert, table.remove, table.unpack, table.concat and
+-- table.sort loop in C over a length that `#t` gives, and a __len metamethod may answer anything (2^40):
+-- insert(t, 1, v) would then move 2^40 nils in C, past every instruction count. So: insert and remove
+-- run here, in Lua, every step counted; unpack, concat and sort take their bounds in Lua (one `#t`, so a
+-- metamethod cannot answer the C loop otherwise) and charge their iterations before the C loop; sort,
+-- with a metatable that could answer its C reads and writes, sorts a plain copy. Each keeps its Lua 5.4
+-- behaviour and messages.
+local c_unpack, c_concat, c_sort, c_byte = table.unpack, table.concat, table.sort, string.byte
+local utf8_codepoint = utf8.codepoint
+
+-- As rethrow, for a wrapper that returns the C function's results by a tail call (unpack, byte: their
+-- results can be many): there the script is level 2.
+local function rethrow_tail(ok, ...)
+  if ok then return ... end
+  local e = ...
+  if type(e) == "string" and e ~= "not enough memory" and e ~= "instruction limit exceeded" then
+    error((string_gsub(e, "^bootstrap:%d+: ", "")), 2)
+  end
+  error(e, 0)
+end
+
+local function checkinteger(fname, i, v)
+  local n = math_tointeger(v)
+  if n ~= nil then return n end
+  if type(v) == "number" then argerror(i, fname, "number has no integer representation", 4) end
+  argerror(i, fname, "number expected, got " .. type(v), 4)
+end
+
+local function checktable(fname, t)
+  if type(t) == "table" then return end
+  local mt = debug_getmetatable(t)
+  if not (mt and rawget(mt, "__index") and rawget(mt, "__newindex") and rawget(mt, "__len")) then
+    error(string_format("bad argument #1 to '%s' (table expected, got %s)", fname, type(t)), 3)
+  end
+end
+
+local function length(fname, t)
+  local n = math_tointeger(#t)
+  if n == nil then error("object length is not an integer", 3) end
+  return n
+end
+
+local function insert(t, ...)
+  checktable("insert", t)
+  local e = length("insert", t) + 1  -- the first empty slot
+  local n = select("#", ...)
+  if n == 1 then
+    t[e] = (...)
+    return
+  elseif n ~= 2 then
+    error("wrong number of arguments to 'insert'", 2)
+  end
+  local pos, v = ...
+  local p = checkinteger("insert", 2, pos)
+  if p < 1 or p > e then error("bad argument #2 to 'insert' (position out of bounds)", 2) end
+  for i = e, p + 1, -1 do t[i] = t[i - 1] end
+  t[p] = v
+end
+
+local function remove(t, ...)
+  checktable("remove", t)
+  local size = length("remove", t)
+  local pos = size
+  if (...) ~= nil then pos = checkinteger("remove", 2, (...)) end
+  if pos ~= size and (pos < 1 or pos > size + 1) then
+    error("bad argument #2 to 'remove' (position out of bounds)", 2)
+  end
+  local v = t[pos]
+  while pos < size do
+    t[pos] = t[pos + 1]
+    pos = pos + 1
+  end
+  t[pos] = nil
+  return v
+end
+
+local function unpack(t, i, j)
+  local from = i == nil and 1 or checkinteger("unpack", 2, i)
+  local to = j == nil and length("unpack", t) or checkinteger("unpack", 3, j)
+  charge_range(from, to)
+  return rethrow_tail(pcall(c_unpack, t, from, to))
+end
+
+local function concat(t, sep, i, j)
+  checktable("concat", t)
+  local from = i == nil and 1 or checkinteger("concat", 3, i)
+  local to = j == nil and length("concat", t) or checkinteger("concat", 4, j)
+  charge_range(from, to)
+  return (rethrow(pcall(c_concat, t, sep, from, to)))
+end
+
+-- string.byte and utf8.codepoint return one value per byte or character of a range: charged, the range
+-- clipped to the string as the C function clips it.
+local function clipped(fname, s, i, j)
+  local text = type(s) == "number" and tostring(s) or s
+  if type(text) ~= "string" then argerror(1, fname, "string expected, got " .. type(s), 4) end
+  local from = i == nil and 1 or checkinteger(fname, 2, i)
+  local to = j == nil and from or checkinteger(fname, 3, j)
+  local len = #text
+  if from < 0 then from = from < -len and 1 or len + from + 1 elseif from == 0 then from = 1 end
+  if to < 0 then to = len + to + 1 elseif to > len then to = len end
+  charge_range(from, to)
+end
+
+local function byte(s, i, j)
+  clipped("byte", s, i, j)
+  return rethrow_tail(pcall(c_byte, s, i, j))
+end
+
+local function codepoint(s, i, j, lax)
+  clipped("codepoint", s, i, j)
+  return rethrow_tail(pcall(utf8_codepoint, s, i, j, lax))
+end
+
+local function sort(t, comp)
+  checktable("sort", t)
+  local n = length("sort", t)
+  if n > 1 then
+    if n >= 0x7fffffff then argerror(1, "sort", "array too big") end
+    local steps = 1
+    while (1 << steps) < n do steps = steps + 1 end
+    charge(n * steps)  -- comparisons, about n log2 n
+  end
+  if comp ~= nil and type(comp) ~= "function" then
+    error("bad argument #2 to 'sort' (function expected, got " .. type(comp) .. ")", 2)
+  end
+  if debug_getmetatable(t) == nil then return (rethrow(pcall(c_sort, t, comp))) end
+  local copy = {}
+  for k = 1, n do copy[k] = t[k] end  -- through the metamethods, counted
+  rethrow(pcall(c_sort, copy, comp))
+  for k = 1, n do t[k] = copy[k] end
 end
 
 -- ==== Address hiding =====================================================================================
@@ -193,6 +360,7 @@ local tostring = hidden_tostring  -- and everything below that shows a value (pr
 -- metatable, never through the script's copy. [vector: string.dump]
 string.dump = nil
 string.rep = rep
+string.byte = byte
 -- [vector: getmetatable("")] Lua refuses get/setmetatable on a metatable with a __metatable field.
 getmetatable("").__metatable = false
 
@@ -212,7 +380,9 @@ local function copy(t)
   return c
 end
 local string_lib, table_lib, math_lib, utf8_lib = copy(string), copy(table), copy(math), copy(utf8)
-table_lib.move = move
+table_lib.move, table_lib.insert, table_lib.remove = move, insert, remove
+table_lib.unpack, table_lib.concat, table_lib.sort = unpack, concat, sort
+utf8_lib.codepoint = codepoint
 
 -- [vector: __gc finalizers] a finalizer runs with hooks off; Lua marks an object for finalization only
 -- if __gc is present when setmetatable runs, so refusing it here is enough.
@@ -258,25 +428,11 @@ local function checkint(fname, i, v, present, lo, hi)
   return v
 end
 
-local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clock)
+local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, with_clock)
   local env = {}
   local TOKEN = {}
-  local used, exceeded = 0, false
   local co
-
-  -- [vector: pcall swallowing the limit] once the budget is gone the hook re-arms itself at every
-  -- instruction, so no pcall can catch its way past it.
-  local STEP = 1000
-  local function hook()
-    used = used + STEP
-    if exceeded or used > budget then
-      if not exceeded then
-        exceeded = true
-        debug_sethook(co, hook, "", 1)
-      end
-      error("instruction limit exceeded", 0)
-    end
-  end
+  budget = instructions
 
   local function call(op, a, b)
     if exceeded then error("instruction limit exceeded", 0) end
@@ -418,6 +574,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, budget, with_clo
     -- [Lua PRNG shared across forks] every session gets its own seed from the broker.
     math_randomseed(go_hi, go_lo)
     co = co_create(fn)
+    metered = co
     -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
     debug_sethook(co, hook, "", STEP)
     return "ready", step

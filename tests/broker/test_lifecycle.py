@@ -57,6 +57,7 @@ def test_sigkilled_broker_takes_its_children(make_broker) -> None:
         assert c.recv(3) == b"hi\n"
     tree = descendants(b.proc.pid)
     assert len(tree) >= 4  # the zygote + the 3 sessions' workers
+    b.expect_exit = -9
     b.proc.kill()
     b.proc.wait()
     assert wait_gone(tree) == [], "zygote or children outlived a SIGKILLed broker"

@@ -1,0 +1,2 @@
+-- expect: done ^ok$
+local t = {3, 1, 2} table.insert(t, 4) table.insert(t, 1, 0) assert(table.remove(t) == 4 and table.remove(t, 1) == 0) table.sort(t) assert(table.concat(t, ",") == "1,2,3" and select("#", table.unpack(t)) == 3 and ("abc"):byte(1, -1) == 97 and utf8.codepoint("é") == 233) local ok, e = pcall(table.insert, t, 9, 1) assert(not ok and e:find("position out of bounds")) local p = setmetatable({}, {__len = function() return 2 end, __index = function(_, i) return 10 - i end}) assert(table.concat(p, "") == "98") table.sort(p) deadend.send("ok")

@@ -1,0 +1,2 @@
+-- expect: instruction-limit
+local t = {} for i = 1, 100000 do t[i] = "a" end local n = 0 for i = 1, 1e9 do n = n + #table.concat(t) end deadend.send(n)
