@@ -551,8 +551,11 @@ _INT_DIGITS: Final = 20  # longer integers are refused before Python converts th
 
 
 class RecordingError(ValueError):
+    """Where a recording is malformed and why; its text is safe to print (values from the file are
+    escaped, and so is the path)."""
+
     def __init__(self, path: str, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{sanitize(path)}:{line}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
