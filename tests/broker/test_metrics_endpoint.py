@@ -11,6 +11,7 @@ import re
 import smtplib
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from conftest import EXAMPLES, HOST, Broker
@@ -78,13 +79,19 @@ def test_idle_connections_and_huge_heads_cost_no_threads_or_memory(make_broker) 
         threads, rss = proc_status(b.proc.pid)
         peak_threads, peak_rss = max(peak_threads, threads), max(peak_rss, rss)
 
+    def ten_big_heads_at_once() -> list[bytes]:
+        with ThreadPoolExecutor(10) as pool:
+            sending = [pool.submit(send_big, mport) for _ in range(10)]
+            while not all(f.done() for f in sending):
+                sample()
+                time.sleep(0.01)
+            return [f.result() for f in sending]
+
     idle = [socket.create_connection((HOST, mport), timeout=10) for _ in range(IDLE)]
     try:
         time.sleep(0.5)  # the broker has accepted them all by now
         sample()
-        for _ in range(10):
-            send_big(mport)
-            sample()
+        ten_big_heads_at_once()
         # The broker still serves attackers meanwhile.
         with smtplib.SMTP(HOST, b.port(25), timeout=10) as smtp:
             assert smtp.ehlo()[0] == 250
@@ -93,7 +100,7 @@ def test_idle_connections_and_huge_heads_cost_no_threads_or_memory(make_broker) 
         for s in idle:
             s.close()
     # With room again, the huge heads are read up to the head limit and refused: at most 8 KiB each.
-    answers = [send_big(mport) for _ in range(10)]
+    answers = ten_big_heads_at_once()
     sample()
     assert peak_threads <= 16, (threads0, peak_threads)
     assert peak_rss - rss0 <= 32 << 20, (rss0 >> 20, peak_rss >> 20)
