@@ -131,7 +131,7 @@ def summary(reader: RecordingReader) -> list[str]:
     meta = reader.meta
     return [
         f"# {sanitize(str(reader.path))}",
-        f"# port {meta.port} conn {meta.conn} peer {meta.peer} port {meta.peer_port}",
+        f"# port {meta.port} conn {sanitize(meta.conn)} peer {sanitize(meta.peer)} port {meta.peer_port}",
         f"# script {sanitize(meta.script)} sha256 {sanitize(meta.script_sha256)}",
         f"# started {utc_timestamp(meta.started)}",
     ]
@@ -269,7 +269,7 @@ def transcript_of(reader: RecordingReader) -> Iterator[str]:
     meta = reader.meta
     yield f"# from {sanitize(str(reader.path))} by deadend replay --transcript"
     yield (
-        f"# session {meta.conn} on port {meta.port} from {meta.peer}, "
+        f"# session {sanitize(meta.conn)} on port {meta.port} from {sanitize(meta.peer)}, "
         f"started {utc_timestamp(meta.started)}, script {sanitize(meta.script)}"
     )
     yield "# the server's bytes are expected exactly: edit to `<~ REGEX` where they vary"
