@@ -118,7 +118,7 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("deadend_sandbox_starts", "Sandbox children forked", value=s.sandbox_starts)
         yield GaugeMetricFamily(
             "deadend_recording_bytes",
-            "Bytes in the --record folder, old recordings included",
+            "The --record folder on disk as counted against --record-max-bytes, old recordings included",
             s.recording_bytes,
         )
         yield CounterMetricFamily(
