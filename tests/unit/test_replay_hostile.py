@@ -249,7 +249,7 @@ def recordings(draw: st.DrawFn) -> tuple[dict[str, object], list[dict[str, objec
     return header, lines
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(recordings())
 def test_random_recordings(
     tmp_path: Path, recording: tuple[dict[str, object], list[dict[str, object]]]

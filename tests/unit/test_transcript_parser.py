@@ -243,7 +243,7 @@ def transcript_lines(draw: st.DrawFn) -> str:
     return draw(st.sampled_from(["\n", "\r\n"])).join(lines)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.one_of(transcript_lines(), st.text(max_size=200)))
 def test_the_parser_only_ever_raises_transcript_error(text: str) -> None:
     try:
@@ -256,7 +256,7 @@ def test_the_parser_only_ever_raises_transcript_error(text: str) -> None:
         assert step.kind != "send" or len(step.data) * step.repeat <= MAX_SEND_BYTES
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_load_of_any_bytes_only_raises_transcript_error(
     tmp_path_factory: pytest.TempPathFactory, data: bytes
