@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from broker.metrics import (
     MAX_CONNECTIONS,
     MAX_HEAD,
     REASONS,
+    SCRAPE_INTERVAL,
     BrokerMetrics,
     LiveState,
     response,
@@ -105,6 +107,37 @@ def test_endpoint_caps_connections_refuses_big_heads_and_stop_closes_all() -> No
             writer.close()
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
+
+    asyncio.run(main())
+
+
+def test_the_text_is_made_at_most_once_per_interval_and_after_each_request() -> None:
+    async def main() -> None:
+        metrics = BrokerMetrics(LiveState)
+        made: list[float] = []
+        real = metrics.exposition
+
+        def counted() -> bytes:
+            made.append(asyncio.get_running_loop().time())
+            return real()
+
+        metrics.exposition = counted  # type: ignore[method-assign]
+        await metrics.serve("127.0.0.1", 0)
+        assert metrics._server is not None
+        port = metrics._server.sockets[0].getsockname()[1]
+        asked = asyncio.get_running_loop().time()
+        request = b"GET /metrics HTTP/1.1\r\n\r\n"
+        answers = await asyncio.gather(*(_exchange(port, request) for _ in range(MAX_CONNECTIONS)))
+        assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
+        assert len(made) == MAX_CONNECTIONS and made[0] >= asked
+        assert all(b - a >= SCRAPE_INTERVAL * 0.9 for a, b in itertools.pairwise(made)), made
+        # A request followed by the client's end of sending is still answered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        writer.write_eof()
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK\r\n")
+        writer.close()
+        await metrics.stop()
 
     asyncio.run(main())
 
