@@ -1,22 +1,31 @@
-"""Prometheus metrics (`--metrics HOST:PORT`), served by prometheus_client from its own thread.
+"""Prometheus metrics (`--metrics HOST:PORT`), served on the broker's event loop.
 
 Counters follow the log events (EventLog observers see every event, those of ignored peers included), so
-a metric and its log line can never disagree; gauges are read from the broker at scrape time. Labels are
-of bounded cardinality only: port (one per script), reason and limit (fixed word lists). Never a peer.
+a metric and its log line can never disagree; gauges are read from the broker at scrape time, on the loop.
+Labels are of bounded cardinality only: port (one per script), reason and limit (fixed word lists). Never
+a peer. The text is prometheus_client's `generate_latest`.
+
+Whoever can reach the endpoint's address can talk to it, so it is built to cost the broker little whatever
+they send: no thread per connection; at most MAX_CONNECTIONS at once, more are closed at once; a request
+head of at most MAX_HEAD bytes (431 past it) within HEAD_TIMEOUT; one response per connection, then close;
+only `GET /metrics`; no `Server:` header; the text made at most once per SCRAPE_INTERVAL however fast
+requests come. `route` and `response` are the protocol as pure functions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,6 +35,55 @@ from deadend.logs import Where
 from deadend.reasons import REFUSED, Reason
 
 DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0)
+
+MAX_CONNECTIONS: Final = 16  # at once; Prometheus uses one per scrape
+MAX_HEAD: Final = 8192  # bytes of request head; a scraper sends a few hundred
+HEAD_TIMEOUT: Final = 5.0  # seconds from connect to the end of the request head
+SEND_TIMEOUT: Final = 10.0  # seconds a client has to take its response
+# Making the text takes the loop ~3 ms with 20 ports. However fast requests come, it is made at most once
+# per SCRAPE_INTERVAL: a request that comes sooner waits for its turn (MAX_CONNECTIONS of them at most), and
+# its answer is still made after it arrived, so a scrape never shows less than the log already said.
+SCRAPE_INTERVAL: Final = 0.05
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+_REQUEST_LINE = re.compile(rb"([!-~]+) ([!-~]+) HTTP/1\.[01]\r?")
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def route(head: bytes) -> int | None:
+    """The status to answer a request whose first bytes are `head`; None while its head may still come."""
+    end = _HEAD_END.search(head)
+    if end is None or end.end() > MAX_HEAD:
+        return 431 if len(head) > MAX_HEAD else None
+    m = _REQUEST_LINE.fullmatch(head[: head.index(b"\n")])
+    if m is None:
+        return 400
+    method, target = m.groups()
+    if method != b"GET":
+        return 405
+    return 200 if target.partition(b"?")[0] == b"/metrics" else 404
+
+
+def response(status: int, body: bytes = b"") -> bytes:
+    """A whole HTTP response that closes the connection; a status other than 200 says only its name."""
+    reason = REASONS[status]
+    if status != 200:
+        body = f"{status} {reason}\n".encode()
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {CONTENT_TYPE if status == 200 else 'text/plain; charset=utf-8'}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(["Allow: GET"] if status == 405 else []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +119,7 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("deadend_sandbox_starts", "Sandbox children forked", value=s.sandbox_starts)
         yield GaugeMetricFamily(
             "deadend_recording_bytes",
-            "Bytes in the --record folder, old recordings included",
+            "The --record folder on disk as counted against --record-max-bytes, old recordings included",
             s.recording_bytes,
         )
         yield CounterMetricFamily(
@@ -112,17 +170,34 @@ class BrokerMetrics:
         )
         self.reloads = Counter("deadend_reloads", "SIGHUP reloads", ["result"], registry=r)
         r.register(_LiveCollector(state))
-        self._server: WSGIServer | None = None
+        self._server: asyncio.Server | None = None
+        self._open: set[_Exchange] = set()
+        self._next_scrape = 0.0  # loop time of the next free turn to make the text
 
-    def serve(self, host: str, port: int) -> None:
-        """Start the HTTP endpoint (a daemon thread); OSError if the address cannot be bound."""
-        self._server, _thread = start_http_server(port, host, registry=self.registry)
+    async def serve(self, host: str, port: int) -> None:
+        """Serve the endpoint on the running loop; OSError if the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Exchange(self), host, port)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is None:
+            return
+        self._server.close()
+        for exchange in list(self._open):
+            exchange.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _wait_for_turn(self) -> float:
+        """Seconds until this request's turn to have the text made (0: now); the turn is taken."""
+        now = asyncio.get_running_loop().time()
+        turn = max(now, self._next_scrape)
+        self._next_scrape = turn + SCRAPE_INTERVAL
+        return turn - now
 
     def observe(self, event: str, where: Where, fields: Mapping[str, object]) -> None:
         port = str(where.port)
@@ -156,3 +231,66 @@ class BrokerMetrics:
 def _int(value: object) -> int:
     assert isinstance(value, int)
     return value
+
+
+class _Exchange(asyncio.Protocol):
+    """One connection to the endpoint: a request head, one response, close. Nothing else is kept."""
+
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self._metrics = metrics
+        self._open = metrics._open
+        self._transport: asyncio.Transport | None = None
+        self._head: bytearray | None = bytearray()  # None once the head is read
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if len(self._open) >= MAX_CONNECTIONS:
+            transport.abort()
+            return
+        self._open.add(self)
+        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:
+            return  # the request is read: whatever else the client sends is not
+        self._head += data[: MAX_HEAD + 1 - len(self._head)]
+        status = route(bytes(self._head))
+        if status is None:
+            return
+        self._head = None
+        wait = self._metrics._wait_for_turn() if status == 200 else 0.0
+        self._set_timer(wait, lambda: self._answer(status))
+
+    def _answer(self, status: int) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        body = b""
+        if status == 200:
+            try:
+                body = self._metrics.exposition()
+            except Exception:  # a collector's bug costs this scrape, not the broker
+                status = 500
+        self._transport.write(response(status, body))
+        self._transport.close()  # once the response is out
+        self._set_timer(SEND_TIMEOUT, self._transport.abort)  # for a client that does not take it
+
+    def _set_timer(self, delay: float, action: Callable[[], object]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, action)
+
+    def eof_received(self) -> bool:
+        # A client that stops sending before its head is complete gets nothing; one that sent its request
+        # and then shut its side down still gets its answer (which may be waiting for its turn).
+        return self._head is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._open.discard(self)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field
 from broker.sandboxes import Sandboxes, standalone
 from broker.session import Session, SessionSettings
 from deadend.config import Config
-from deadend.logs import SCRIPT_LINE, EventLog, Where, unquote
+from deadend.logs import SCRIPT_LINE, EventLog, Where, sanitize, unquote
 from deadend.scripts import Script
-from deadend.transcript import Step, Transcript
+from deadend.transcript import LOOKAHEAD, Step, Transcript
 
 END_WAIT = 5.0  # seconds a script may take to finish after the client is done with it
+RECEIVED_KEPT = 4096  # the last bytes the script sent, kept for the report
+SEND_BLOCK = 65536  # a repeated send goes out in blocks of about this size
 
 
 class Rehearsal:
@@ -58,7 +61,7 @@ class Rehearsal:
 class Replay:
     ok: bool
     failure: str = ""
-    received: bytes = b""  # everything the script sent
+    received: bytes = b""  # the last bytes the script sent (RECEIVED_KEPT at most)
     log_lines: list[str] = field(default_factory=list)
 
 
@@ -67,7 +70,7 @@ class _Mismatch(Exception):
 
 
 class _Client:
-    """The client side of a transcript: buffered reads with deadlines."""
+    """The client side of a transcript: buffered reads with deadlines, bounded by LOOKAHEAD."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         self.sock = sock
@@ -93,10 +96,28 @@ class _Client:
             self.eof = True
             raise _Mismatch("the script closed the connection")
         self.buffer += chunk
-        self.received += chunk
+        self.received = (self.received + chunk)[-RECEIVED_KEPT:]
+
+    async def send(self, data: bytes, repeat: int, deadline: float) -> None:
+        """`data` `repeat` times, in blocks; the script must take it all before the deadline."""
+        total = len(data) * repeat
+        block = data * max(1, min(repeat, SEND_BLOCK // max(1, len(data))))
+        sent = 0
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                while sent < total:
+                    piece = block[: total - sent]  # whole repetitions: len(block) divides what is left
+                    await self.loop.sock_sendall(self.sock, piece)
+                    sent += len(piece)
+        except TimeoutError:
+            raise _Mismatch(
+                f"the script took {sent} of {total} bytes within {self.window_ms:.0f} ms"
+            ) from None
 
     async def line(self, deadline: float) -> bytes:
         while b"\n" not in self.buffer:
+            if len(self.buffer) >= LOOKAHEAD:
+                raise _Mismatch(f"no line end in the first {LOOKAHEAD} bytes: {self.buffer[:80]!r}...")
             await self._fill(deadline)
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line.removesuffix(b"\r")
@@ -106,6 +127,17 @@ class _Client:
             await self._fill(deadline)
         data, self.buffer = self.buffer[:n], self.buffer[n:]
         return data
+
+    async def prefix(self, pattern: re.Pattern[bytes], deadline: float) -> None:
+        """Consume the first match of `pattern` at the start of what arrives, as soon as there is one."""
+        while not (m := pattern.match(self.buffer[:LOOKAHEAD])):
+            if len(self.buffer) >= LOOKAHEAD:
+                raise _Mismatch(f"no match in the first {LOOKAHEAD} bytes: {self.buffer[:80]!r}...")
+            try:
+                await self._fill(deadline)
+            except _Mismatch as e:
+                raise _Mismatch(f"{e}; got {self.buffer[:300]!r}") from None
+        self.buffer = self.buffer[m.end() :]
 
     async def eof_next(self, deadline: float) -> None:
         if self.buffer:
@@ -124,7 +156,7 @@ async def _run_step(client: _Client, step: Step, previous: float) -> None:
     deadline = time.monotonic() + client.window_ms / 1000
     kind = step.kind
     if kind == "send":
-        await client.loop.sock_sendall(client.sock, step.data)
+        await client.send(step.data, step.repeat, deadline)
         return
     if kind == "close":
         client.sock.shutdown(socket.SHUT_RDWR)
@@ -141,6 +173,9 @@ async def _run_step(client: _Client, step: Step, previous: float) -> None:
         got = await client.line(deadline)
         if not step.pattern.fullmatch(got):
             raise _Mismatch(f"expected a line matching {step.pattern.pattern!r}, got {got!r}")
+    elif kind == "expect_prefix":
+        assert step.pattern is not None
+        await client.prefix(step.pattern, deadline)
     elif kind == "expect_bytes":
         got = await client.exactly(len(step.data), deadline)
         if got != step.data:
@@ -175,7 +210,7 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
             try:
                 await _run_step(client, step, previous)
             except (_Mismatch, OSError) as e:
-                failure = f"{transcript.path}:{step.line}: {step.source}\n    {e}"
+                failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
                 break
             previous = time.monotonic()
     finally:
@@ -195,7 +230,7 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
     if not failure:
         for expectation in transcript.logs:
             if not any(expectation.pattern.search(line) for line in script_lines):
-                where = f"{transcript.path}:{expectation.line}: {expectation.source}"
+                where = f"{sanitize(transcript.path)}:{expectation.line}: {expectation.source}"
                 failure = f"{where}\n    no script log line matches"
                 break
     return Replay(not failure, failure, client.received, lines[first_log:])

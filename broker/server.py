@@ -158,7 +158,7 @@ class Server:
                 "with no script for them; not served",
             )
         gate = self._make_gate()
-        self._start_metrics()
+        await self._start_metrics()
         self._prepare_record_folder(run_as)
         self._drop_privileges(run_as)
         self._start_recorder(run_as)
@@ -302,24 +302,24 @@ class Server:
             )
         return Gate(max_connections=min(c.max_connections, allowed))
 
-    def _start_metrics(self) -> None:
+    async def _start_metrics(self) -> None:
         self.metrics = BrokerMetrics(self._live_state)
         self.log.observers.append(self.metrics.observe)
         if self.config.metrics is None:
             return
         host, port = self.config.metrics
         try:
-            self.metrics.serve(host, port)
+            await self.metrics.serve(host, port)
         except OSError as e:
             raise StartupError(f"cannot serve --metrics on {host}:{port}: {e.strerror or e}") from e
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.log.info(BROKER, "metrics.listening", f"metrics on http://{address}/metrics", address=address)
 
     def _live_state(self) -> LiveState:
-        # Called from the metrics thread: copy what it reads (a dict copy is atomic under the GIL).
+        # Called on the loop at each scrape: the broker's own state, read as it is.
         sandboxes, doorman = self.sandboxes, self.doorman
         return LiveState(
-            active_by_port=dict(doorman.active_by_port) if doorman else {},
+            active_by_port=doorman.active_by_port if doorman else {},
             sandboxes_busy=sandboxes.busy if sandboxes else 0,
             sandboxes_warm=sandboxes.warm if sandboxes else 0,
             workers=self.config.workers,
@@ -365,7 +365,9 @@ class Server:
             self.log.emit(level, BROKER, "record.warning", sanitize(message))
 
         try:
-            self.recorder = Recorder(c.record, c.record_max_bytes, c.record_session_bytes, report)
+            self.recorder = Recorder(
+                c.record, c.record_max_bytes, c.record_session_bytes, report, max_files=c.record_max_files
+            )
         except OSError as e:
             hint = f" (it must be writable by user {run_as.name})" if run_as else ""
             raise StartupError(f"cannot record sessions to {c.record}: {e.strerror or e}{hint}") from e
@@ -563,4 +565,4 @@ class Server:
         if self.recorder is not None:
             self.recorder.close()
         if self.metrics is not None:
-            self.metrics.stop()
+            await self.metrics.stop()

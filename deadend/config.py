@@ -88,8 +88,9 @@ class Config:
     call_rate_total: float = _default("call-rate-total")
     ceilings: Ceilings = field(default_factory=Ceilings)
     record: Path | None = None  # folder for session recordings (docs/recording.md)
-    record_max_bytes: int = _default("record-max-bytes")  # all recordings in the folder, old ones too
-    record_session_bytes: int = _default("record-session-bytes")  # payload recorded per session
+    record_max_bytes: int = _default("record-max-bytes")  # the folder on disk (st_blocks), old files too
+    record_session_bytes: int = _default("record-session-bytes")  # one session's file as written
+    record_max_files: int = _default("record-max-files")  # files in the folder, old ones too
     metrics: tuple[str, int] | None = None  # where to serve Prometheus text
     proxy_protocol: bool = _default("proxy-protocol")  # every connection starts with a PROXY header
     ignore: tuple[Network, ...] = ()  # the operator's own networks

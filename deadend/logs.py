@@ -76,6 +76,16 @@ def _escape_char(c: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+def first_hidden(text: str, allowed: str = "") -> int | None:
+    """Where the first character is that a terminal would not show as written (sanitize escapes it; the
+    backslash, which sanitize doubles, aside), or None. `allowed`: characters to let through (a tab)."""
+    for m in _ANY_UNSAFE.finditer(text):
+        c = m.group()
+        if c != "\\" and c not in allowed and (0xD800 <= ord(c) <= 0xDFFF or _escape_char(c) != c):
+            return m.start()
+    return None
+
+
 def _escape(match: re.Match[str]) -> str:
     return _escape_char(match.group())
 

@@ -70,6 +70,14 @@ def peer_text(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return addr.compressed
 
 
+def peer_address(text: str) -> str:
+    """`text` (from a recording or a transcript) as peer_text shows it; ValueError if it is not an IP
+    address. A scope id (`fe80::1%eth0`) is refused: no client has one, and it is free text."""
+    if "%" in text:
+        raise ValueError(f"{text!r} has a scope id")
+    return peer_text(ipaddress.ip_address(text))
+
+
 # --- version 2 ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,11 @@ One file per session, `<YYYYmmddTHHMMSSZ>-<port>-<conn>.jsonl`; docs/recording.m
 broker calls `Recorder.open` at accept, `SessionRecording.data` for each chunk and `SessionRecording.end`
 once. None of them touch the disk: one writer thread does, fed by a queue bounded in bytes, so a slow or
 full disk costs recorded data (marked by a `gap` line), never the event loop's time.
+
+The caps bound the disk, not the payload: a file counts as its size rounded up to whole blocks of the
+folder's filesystem, plus what its name adds to the folder; a session's cap counts its file's bytes as
+written (JSON and base64 included); the number of files is capped too. Reading is streamed, one line at a
+time, because a recording is an attacker's bytes in a file anyone could have edited.
 """
 
 from __future__ import annotations
@@ -12,34 +17,47 @@ import base64
 import binascii
 import collections
 import contextlib
+import errno
 import json
 import math
 import os
 import queue
 import re
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from types import TracebackType
+from typing import BinaryIO, Final
 
 from deadend.logs import sanitize, utc_timestamp
+from deadend.proxy import peer_address
 
 FORMAT: Final = "deadend-recording"
 VERSION: Final = 1
 
 DEFAULT_MAX_TOTAL_BYTES: Final = 1 << 30
 DEFAULT_MAX_SESSION_BYTES: Final = 1 << 20
+DEFAULT_MAX_FILES: Final = 100_000
 QUEUE_BYTES: Final = 8 << 20  # payload that may wait for a slow disk
 REPORT_INTERVAL: Final = 10.0  # seconds between two reports of the same condition
 # Recording files held open at once. The broker's descriptor budget counts 4 per session and none for
 # recordings, so a busy session's file is reopened (O_APPEND) rather than held for its whole life.
 MAX_OPEN_FILES: Final = 32
+# Room each file keeps, in both caps, for its last lines (a gap, `truncated`, `end`: under 300 bytes with
+# the broker's words and 64-bit counts), so that they never need a check they could fail.
+TAIL_RESERVE: Final = 512
+# What one file's name adds to the folder itself: ext4 took 78 bytes per entry for 1,000 of these names.
+NAME_COST: Final = 128
 _BATCH: Final = 256  # queue items per write batch
+_WORD_MAX: Final = 64  # an end line's reason and closed_by: the broker's own words, cut to bound the line
 
-_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_REOPEN: Final = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted under a file's name must not hang the writer (it opens with ENXIO instead);
+# fstat then checks that what was opened is the regular file the recorder created.
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_REOPEN: Final = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CONN: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -57,6 +75,11 @@ class SessionMeta:
 def file_name(meta: SessionMeta) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(meta.started))
     return f"{stamp}-{meta.port}-{meta.conn}.jsonl"
+
+
+def on_disk(size: int, block: int) -> int:
+    """`size` bytes of a file as the filesystem allocates them: whole blocks."""
+    return -(-size // block) * block
 
 
 def _line(t: float, **fields: object) -> bytes:
@@ -106,7 +129,7 @@ class SessionRecording:
         self.name = file_name(meta)
         self._recorder = recorder
         # the caller's side (the event loop)
-        self._payload = 0  # payload bytes queued for writing, against the session cap
+        self._payload = 0  # payload bytes queued for writing: no more can fit once it reaches the cap
         self._truncated = False
         self._ended = False
         self._dropped = 0  # bytes the full queue refused since the last gap line
@@ -114,6 +137,9 @@ class SessionRecording:
         # the writer's side
         self._dead = False  # no file, or it failed: nothing more is written
         self._cut = False  # a truncated line is written: no more data
+        self._size = 0  # bytes in the file (written or about to be, in this batch)
+        self._charge = 0  # what the file counts for in Recorder._total
+        self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the file created
 
     def data(self, direction: str, payload: bytes, t: float) -> None:
         """Record `payload` going `direction` ("in": client to us, "out"), `t` s after the session began."""
@@ -121,6 +147,8 @@ class SessionRecording:
             raise ValueError(f"direction must be 'in' or 'out', not {direction!r}")
         if self._ended or self._truncated or not payload:
             return
+        # A line is never shorter than its payload, so payload past the cap could never be written: it is
+        # not queued. The writer holds each line to the cap exactly, as encoded.
         room = self._recorder.max_session_bytes - self._payload
         chunk = payload if len(payload) <= room else payload[: max(room, 0)]
         if chunk:
@@ -145,9 +173,13 @@ class SessionRecording:
             return
         self._ended = True
         self._put_gap()
-        fields: dict[str, object] = {"reason": reason, "bytes_in": bytes_in, "bytes_out": bytes_out}
+        fields: dict[str, object] = {
+            "reason": reason[:_WORD_MAX],
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+        }
         if closed_by is not None:
-            fields["closed_by"] = closed_by
+            fields["closed_by"] = closed_by[:_WORD_MAX]
         self._recorder._put(_Item(self, "end", payload=_line(t, event="end", **fields)))
 
     def _put_gap(self) -> None:
@@ -158,11 +190,15 @@ class SessionRecording:
 
 
 class Recorder:
-    """Writes every session's recording into `folder`, within a total and a per-session cap.
+    """Writes every session's recording into `folder`, within caps on the disk it takes.
+
+    `max_total_bytes` bounds the folder on disk, files found there at start included; `max_session_bytes`
+    one session's file, as written; `max_files` the entries in the folder, old ones included. An existing
+    folder must belong to this process's user and be writable by nobody else.
 
     `on_event(level, message)` hears what the operator must know (cap reached, write errors, drops), from
     any thread, at most once per condition per REPORT_INTERVAL; the message is one plain ASCII line.
-    A folder that cannot be made or written to raises OSError (errno, strerror, filename=folder).
+    A folder that cannot be made or used raises OSError (errno, strerror, filename=folder).
     """
 
     def __init__(
@@ -172,11 +208,13 @@ class Recorder:
         max_session_bytes: int,
         on_event: Callable[[str, str], None] | None = None,
         *,
+        max_files: int = DEFAULT_MAX_FILES,
         queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         self.folder = folder
         self.max_total_bytes = max_total_bytes
         self.max_session_bytes = max_session_bytes
+        self.max_files = max_files
         self.queue_bytes = queue_bytes
         self._on_event = on_event
         try:
@@ -187,8 +225,12 @@ class Recorder:
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(folder)) from None
         try:
+            self._check_folder()
             self._check_writable()
-            self._total = self._existing_bytes()  # old recordings count: no filling the disk by restarts
+            fs = os.fstatvfs(self._dir_fd)
+            self.block_size = fs.f_frsize or fs.f_bsize or 4096
+            # Old recordings count: no filling the disk by restarts.
+            self._total, self._count = self._existing()
         except OSError as e:
             os.close(self._dir_fd)
             raise OSError(e.errno, e.strerror, str(folder)) from None  # the folder, not the probe file
@@ -204,16 +246,25 @@ class Recorder:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes written so far, the recordings found in the folder at start included."""
+        """The folder's size on disk as counted against the cap: old recordings included."""
         return self._total
 
+    @property
+    def files(self) -> int:
+        """Entries in the folder, old ones included."""
+        return self._count
+
     def open(self, meta: SessionMeta) -> SessionRecording | None:
-        """Begin a session's recording; None (and no file) once the total cap is reached."""
+        """Begin a session's recording; None (and no file) once a cap on the folder is reached."""
         if not _CONN.fullmatch(meta.conn):
             raise ValueError(f"connection id {meta.conn!r} is not safe in a file name")
         if self._closed:
             return None
-        if self._total >= self.max_total_bytes:
+        # The writer decides for good (it alone changes the counts); this spares a doomed queue item.
+        if self._count >= self.max_files:
+            self._report("files-cap", "warn", self._files_cap_message())
+            return None
+        if self._total + self.block_size > self.max_total_bytes:
             self._report("total-cap", "warn", self._cap_message())
             return None
         rec = SessionRecording(self, meta)
@@ -258,6 +309,9 @@ class Recorder:
     def _cap_message(self) -> str:
         return f"recording stopped: the --record-max-bytes cap of {self.max_total_bytes} bytes is reached"
 
+    def _files_cap_message(self) -> str:
+        return f"recording stopped: the --record-max-files cap of {self.max_files} files is reached"
+
     def _report(self, key: str, level: str, message: str) -> None:
         if self._on_event is None:
             return
@@ -271,20 +325,48 @@ class Recorder:
         with contextlib.suppress(Exception):  # a failing sink must not stop the writer or the caller
             self._on_event(level, text)
 
-    # --- the writer's side ------------------------------------------------------------------------
+    # --- start-up ---------------------------------------------------------------------------------
+
+    def _check_folder(self) -> None:
+        """Refuse a folder another user could write to or take over (planted files, removed recordings).
+
+        Refused rather than warned about: the broker would otherwise run for months on a folder whose
+        contents someone else decides, and the fix is one chown or chmod.
+        """
+        st = os.fstat(self._dir_fd)
+        uid = os.geteuid()
+        if st.st_uid != uid:
+            why = f"the folder belongs to uid {st.st_uid}, not to the recording user (uid {uid}); chown it"
+            raise OSError(errno.EPERM, why)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            mode = stat.S_IMODE(st.st_mode)
+            raise OSError(
+                errno.EPERM, f"the folder is writable by its group or others (mode {mode:04o}); chmod go-w it"
+            )
 
     def _check_writable(self) -> None:
         probe = f".deadend-probe-{os.getpid()}-{threading.get_ident()}"
         os.close(os.open(probe, _CREATE, 0o600, dir_fd=self._dir_fd))
         os.unlink(probe, dir_fd=self._dir_fd)
 
-    def _existing_bytes(self) -> int:
-        total = 0
+    def _existing(self) -> tuple[int, int]:
+        """The folder's size on disk (its own blocks and every entry's) and its number of entries.
+
+        Every entry counts, not only `*.jsonl` files: the cap is on the disk the folder takes. A regular
+        file counts as the larger of its allocated blocks and its size rounded up to blocks (a sparse file
+        could grow into the latter).
+        """
+        total = os.fstat(self._dir_fd).st_blocks * 512
+        count = 0
         with os.scandir(self._dir_fd) as entries:
             for entry in entries:
-                if entry.name.endswith(".jsonl") and entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-        return total
+                st = entry.stat(follow_symlinks=False)
+                size = on_disk(st.st_size, self.block_size) if stat.S_ISREG(st.st_mode) else 0
+                total += max(st.st_blocks * 512, size)
+                count += 1
+        return total, count
+
+    # --- the writer's side ------------------------------------------------------------------------
 
     def _drain(self) -> None:
         try:
@@ -312,61 +394,139 @@ class Recorder:
         pending: dict[SessionRecording, list[bytes]] = {}
         ended: list[SessionRecording] = []
         for item in items:
-            rec, line = item.rec, item.payload
+            rec = item.rec
             if item.kind == "open":
-                self._create(rec, line)
-            elif rec._dead or (rec._cut and item.kind in ("data", "gap", "truncated")):
+                if self._create(rec, len(item.payload)):
+                    self._admit(rec, item.payload, pending)
                 continue
-            elif item.kind == "data":
-                line = _data_line(item.t, item.direction, item.payload)
-                if self._total + len(line) > self.max_total_bytes:
-                    # The short truncated and end lines still go out: they bound the overshoot.
-                    rec._cut = True
-                    line = _line(item.t, event="truncated", reason="total-cap")
-                    self._report("total-cap", "warn", self._cap_message())
+            if rec._dead:
+                continue
+            if item.kind == "end":
+                ended.append(rec)
+                self._admit(rec, item.payload, pending, reserve=0)
+            elif rec._cut:
+                continue
             elif item.kind == "truncated":
                 rec._cut = True
-            elif item.kind == "end":
-                ended.append(rec)
-            if not rec._dead:
-                pending.setdefault(rec, []).append(line)
-                self._total += len(line)
+                self._admit(rec, item.payload, pending, reserve=TAIL_RESERVE - len(item.payload))
+            else:
+                line = (
+                    item.payload if item.kind == "gap" else _data_line(item.t, item.direction, item.payload)
+                )
+                cap = self._room(rec, len(line))
+                if cap:
+                    self._cut(rec, item, cap, pending)
+                else:
+                    self._admit(rec, line, pending)
         for rec, lines in pending.items():
             self._write(rec, b"".join(lines))
         for rec in ended:
             self._forget(rec)
 
-    def _create(self, rec: SessionRecording, header: bytes) -> None:
-        if self._total + len(header) > self.max_total_bytes:
+    def _room(self, rec: SessionRecording, size: int) -> str:
+        """ "" if `size` more bytes of data fit in both caps (the tail reserve kept), else the cap's name."""
+        after = rec._size + size + TAIL_RESERVE
+        if after > self.max_session_bytes:
+            return "session-cap"
+        if self._total - rec._charge + self._charge_of(after) > self.max_total_bytes:
+            return "total-cap"
+        return ""
+
+    def _cut(
+        self, rec: SessionRecording, item: _Item, cap: str, pending: dict[SessionRecording, list[bytes]]
+    ) -> None:
+        """A line past `cap`: what fits of its payload, then the file's one `truncated` line."""
+        if item.kind == "data":
+            # The longest prefix whose line fits (a line grows with its payload nearly always; where it
+            # does not, less is recorded, never more). Once per file, so the encodings are affordable.
+            lo, hi, best = 1, len(item.payload) - 1, b""
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                line = _data_line(item.t, item.direction, item.payload[:mid])
+                if self._room(rec, len(line)):
+                    hi = mid - 1
+                else:
+                    best, lo = line, mid + 1
+            if best:
+                self._admit(rec, best, pending)
+        if cap == "total-cap":
+            self._report("total-cap", "warn", self._cap_message())
+        rec._cut = True
+        line = _line(item.t, event="truncated", reason=cap)
+        self._admit(rec, line, pending, reserve=TAIL_RESERVE - len(line))
+
+    def _charge_of(self, size: int) -> int:
+        return on_disk(size, self.block_size) + NAME_COST
+
+    def _admit(
+        self,
+        rec: SessionRecording,
+        line: bytes,
+        pending: dict[SessionRecording, list[bytes]],
+        reserve: int = TAIL_RESERVE,
+    ) -> None:
+        """Count `line` into the file's size and the folder's total, and queue it for this batch's write.
+
+        The file keeps `reserve` bytes counted for the lines still to come: TAIL_RESERVE while data may
+        follow, what the reserve still holds after a `truncated` line, nothing after the `end` line.
+        """
+        rec._size += len(line)
+        charge = self._charge_of(rec._size + reserve)
+        self._total += charge - rec._charge
+        rec._charge = charge
+        pending.setdefault(rec, []).append(line)
+
+    def _create(self, rec: SessionRecording, header: int) -> bool:
+        if self._count >= self.max_files:
+            rec._dead = True
+            self._report("files-cap", "warn", self._files_cap_message())
+            return False
+        if self._total + self._charge_of(header + TAIL_RESERVE) > self.max_total_bytes:
             rec._dead = True
             self._report("total-cap", "warn", self._cap_message())
-            return
+            return False
         try:
             fd = os.open(rec.name, _CREATE, 0o600, dir_fd=self._dir_fd)
-        except OSError as e:  # EEXIST also for a planted symlink: O_EXCL never follows one
+        except OSError as e:  # EEXIST also for a planted symlink or FIFO: O_EXCL never opens one
             rec._dead = True
             message = f"recording: cannot create {rec.name} in {self.folder}: {e.strerror}"
             self._report("create", "error", message)
-            return
+            return False
+        st = os.fstat(fd)
+        rec._inode = (st.st_dev, st.st_ino)
+        self._count += 1
         self._keep(rec, fd)
+        return True
 
     def _write(self, rec: SessionRecording, data: bytes) -> None:
         done = 0
         try:
             fd = self._files.get(rec)
             if fd is None:
-                fd = os.open(rec.name, _REOPEN, dir_fd=self._dir_fd)
-                self._keep(rec, fd)
+                fd = self._reopen(rec)
             else:
                 self._files.move_to_end(rec)
             while done < len(data):
                 done += os.write(fd, data[done:])
         except OSError as e:
-            self._total -= len(data) - done
+            rec._size -= len(data) - done
+            charge = self._charge_of(rec._size)
+            self._total += charge - rec._charge
+            rec._charge = charge
             rec._dead = True
             self._forget(rec)
             message = f"recording: cannot write {rec.name}: {e.strerror}; the rest of that session is lost"
             self._report("write", "error", message)
+
+    def _reopen(self, rec: SessionRecording) -> int:
+        """The session's file again, only if it is still the regular file created for it."""
+        fd = os.open(rec.name, _REOPEN, dir_fd=self._dir_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != rec._inode:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the file was replaced")
+        self._keep(rec, fd)
+        return fd
 
     def _keep(self, rec: SessionRecording, fd: int) -> None:
         self._files[rec] = fd
@@ -381,10 +541,21 @@ class Recorder:
 
 # --- reading ---------------------------------------------------------------------------------------
 
+# A line longer than this is not one the broker writes: the longest is a 1 MiB send of control bytes,
+# about 6 MiB as JSON text. Reading holds one line at a time, so this also bounds a reader's memory.
+MAX_LINE: Final = 8 << 20
+MAX_OFFSET: Final = 1e8  # seconds since the session's start (~3 years; a session lasts at most 30 days)
+MAX_UNIX: Final = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a timestamp can show
+MAX_COUNT: Final = (1 << 63) - 1  # byte counts
+_INT_DIGITS: Final = 20  # longer integers are refused before Python converts them
+
 
 class RecordingError(ValueError):
+    """Where a recording is malformed and why; its text is safe to print (values from the file are
+    escaped, and so is the path)."""
+
     def __init__(self, path: str, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{sanitize(path)}:{line}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,67 +597,152 @@ class Recording:
     end: End | None  # None: the recording was cut short (broker killed, disk full)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number here")
+class RecordingReader:
+    """A recording read as a stream: `meta` once opened, then the entries as they are iterated.
+
+    Memory stays about one line (at most MAX_LINE) whatever the file's size. Every value is checked: text
+    is valid Unicode, numbers finite and in range, the peer an IP address. The strings still came from
+    whoever wrote the file: escape them (deadend.logs.sanitize) before showing them. Raises OSError when
+    the file cannot be read or is not a regular file, RecordingError ("path:line: message") for a
+    malformed line, at open for the header, while iterating for the rest. `end` is set once the end
+    line has been read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.end: End | None = None
+        self._number = 0
+        # O_NONBLOCK: a FIFO given as the file must not hang the reader; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            self._file: BinaryIO = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            header = self._next_object()
+            if header is None:
+                raise RecordingError(str(path), 1, "empty file, no header")
+            self.meta = _read_header(str(path), header)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> RecordingReader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __iter__(self) -> Iterator[Entry]:
+        while (obj := self._next_object()) is not None:
+            if self.end is not None:
+                raise self._error("a line after the end line")
+            try:
+                entry = _read_entry(obj)
+            except ValueError as e:
+                raise self._error(str(e)) from None
+            if isinstance(entry, End):
+                self.end = entry
+            yield entry
+
+    def _error(self, message: str) -> RecordingError:
+        return RecordingError(str(self.path), self._number, message)
+
+    def _next_object(self) -> dict[str, object] | None:
+        """The next line's object; None at the end (where a last line cut off mid-write also ends it)."""
+        line = self._file.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        self._number += 1
+        terminated = line.endswith(b"\n")
+        if len(line) > MAX_LINE and not terminated:
+            raise self._error(f"a line longer than {MAX_LINE} bytes, more than any recording holds")
+        try:
+            obj = _json(line)
+        except ValueError as e:
+            if not terminated and self._number > 1:
+                return None  # a last line cut off mid-write: the recording simply ends before it
+            raise self._error(f"not a JSON line ({e})") from None
+        if not isinstance(obj, dict):
+            raise self._error("not a JSON object")
+        return obj
+
+
+def open_recording(path: Path) -> RecordingReader:
+    """Open a recording for streaming (use it in a `with`); see RecordingReader."""
+    return RecordingReader(path)
 
 
 def read_recording(path: Path) -> Recording:
-    """Parse a recording; RecordingError ("path:line: message") if it is malformed. OSError if unreadable."""
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    unterminated = lines.pop()  # b"" when the file ends with a newline
-    objects: list[tuple[int, dict[str, object]]] = []
-    for number, line in enumerate([*lines, unterminated] if unterminated else lines, 1):
-        try:
-            obj = json.loads(line, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
-            if line is unterminated and number > 1:
-                break  # a last line cut off mid-write: the recording simply ends before it
-            raise RecordingError(str(path), number, f"not a JSON line ({e})") from None
-        if not isinstance(obj, dict):
-            raise RecordingError(str(path), number, "not a JSON object")
-        objects.append((number, obj))
-    if not objects:
-        raise RecordingError(str(path), 1, "empty file, no header")
-    meta = _read_header(str(path), objects[0][1])
-    entries: list[Entry] = []
-    end: End | None = None
-    for number, obj in objects[1:]:
-        if end is not None:
-            raise RecordingError(str(path), number, "a line after the end line")
-        try:
-            entry = _read_entry(obj)
-        except ValueError as e:
-            raise RecordingError(str(path), number, str(e)) from None
-        entries.append(entry)
-        if isinstance(entry, End):
-            end = entry
-    return Recording(path, meta, entries, end)
+    """A whole recording in memory (for tests and small files; `open_recording` streams)."""
+    with open_recording(path) as reader:
+        entries = list(reader)
+        return Recording(path, reader.meta, entries, reader.end)
 
 
-def _get(obj: dict[str, object], key: str, kind: type[object]) -> object:
-    value = obj.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
+def _json(line: bytes) -> object:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"byte 0x{line[e.start]:02x} is not UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_int=_short_int, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number here")
+
+
+def _short_int(text: str) -> int:
+    if len(text.lstrip("-")) > _INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number too large to be finite")
     return value
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A value from the file, for an error message: escaped and short."""
+    return sanitize(str(value).encode("utf-8", "backslashreplace"), limit)
 
 
 def _text(obj: dict[str, object], key: str) -> str:
-    return str(_get(obj, key, str))
-
-
-def _int(obj: dict[str, object], key: str) -> int:
-    value = _get(obj, key, int)
-    assert isinstance(value, int)
-    if value < 0:
-        raise ValueError(f"{key!r} is negative")
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} is missing or not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{key!r} holds a lone surrogate") from None
     return value
 
 
-def _number(obj: dict[str, object], key: str) -> float:
+def _int(obj: dict[str, object], key: str, hi: int) -> int:
     value = obj.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{key!r} is missing or not a number >= 0")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise ValueError(f"{key!r} is missing or not an integer in 0..{hi}")
+    return value
+
+
+def _number(obj: dict[str, object], key: str, hi: float) -> float:
+    value = obj.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise ValueError(f"{key!r} is missing or not a number in 0..{hi:g}")
     return float(value)
 
 
@@ -494,23 +750,32 @@ def _read_header(path: str, obj: dict[str, object]) -> SessionMeta:
     if obj.get("format") != FORMAT:
         raise RecordingError(path, 1, f"not a {FORMAT} header")
     if type(obj.get("version")) is not int or obj.get("version") != VERSION:
-        raise RecordingError(path, 1, f"version {obj.get('version')!r} is not {VERSION}, the one this reads")
+        version = _shown(obj.get("version"), 20)
+        raise RecordingError(path, 1, f"version {version} is not {VERSION}, the one this reads")
     try:
+        conn = _text(obj, "conn")
+        if not _CONN.fullmatch(conn):
+            raise ValueError(f"'conn' {_shown(conn)} is not a connection id")
+        peer = _text(obj, "peer")
+        try:
+            peer = peer_address(peer)
+        except ValueError:
+            raise ValueError(f"'peer' {_shown(peer)} is not an IP address (without a scope)") from None
         return SessionMeta(
-            conn=_text(obj, "conn"),
-            port=_int(obj, "port"),
-            peer=_text(obj, "peer"),
-            peer_port=_int(obj, "peer_port"),
+            conn=conn,
+            port=_int(obj, "port", 65535),
+            peer=peer,
+            peer_port=_int(obj, "peer_port", 65535),
             script=_text(obj, "script"),
             script_sha256=_text(obj, "script_sha256"),
-            started=_number(obj, "started_unix"),
+            started=_number(obj, "started_unix", MAX_UNIX),
         )
     except ValueError as e:
         raise RecordingError(path, 1, str(e)) from None
 
 
 def _read_entry(obj: dict[str, object]) -> Entry:
-    t = _number(obj, "t")
+    t = _number(obj, "t", MAX_OFFSET)
     if "dir" in obj:
         direction = obj["dir"]
         if direction not in ("in", "out"):
@@ -518,10 +783,7 @@ def _read_entry(obj: dict[str, object]) -> Entry:
         if ("data" in obj) == ("b64" in obj):
             raise ValueError("a data line needs exactly one of 'data' and 'b64'")
         if "data" in obj:
-            try:
-                payload = _text(obj, "data").encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("'data' holds a lone surrogate") from None
+            payload = _text(obj, "data").encode("utf-8")
         else:
             try:
                 payload = base64.b64decode(_text(obj, "b64"), validate=True)
@@ -530,10 +792,11 @@ def _read_entry(obj: dict[str, object]) -> Entry:
         return Data(t, str(direction), payload)
     event = obj.get("event")
     if event == "gap":
-        return Gap(t, _int(obj, "dropped_bytes"))
+        return Gap(t, _int(obj, "dropped_bytes", MAX_COUNT))
     if event == "truncated":
         return Truncated(t, _text(obj, "reason"))
     if event == "end":
         closed_by = _text(obj, "closed_by") if "closed_by" in obj else None
-        return End(t, _text(obj, "reason"), _int(obj, "bytes_in"), _int(obj, "bytes_out"), closed_by)
-    raise ValueError(f"neither a data line nor a known event ({sanitize(str(event), 80)})")
+        bytes_in, bytes_out = _int(obj, "bytes_in", MAX_COUNT), _int(obj, "bytes_out", MAX_COUNT)
+        return End(t, _text(obj, "reason"), bytes_in, bytes_out, closed_by)
+    raise ValueError(f"neither a data line nor a known event ({_shown(event)})")

@@ -1,6 +1,9 @@
 """`deadend replay`: a session recording read back as a conversation, against a server, or as a transcript.
 
-Everything in a recording came from an attacker, so it is escaped before it reaches a terminal.
+A recording is hostile input: it holds an attacker's bytes, and anyone who could write the file could have
+edited it. It is streamed (memory stays about one line whatever its size), every value is checked as it
+is read (deadend.recording), everything from it is escaped before it reaches a terminal, and a transcript
+made from it can hold no directive its bytes did not mean: their bytes only ever become escaped data.
 """
 
 from __future__ import annotations
@@ -9,23 +12,31 @@ import argparse
 import asyncio
 import contextlib
 import io
-import ipaddress
 import math
 import os
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
 from deadend.logs import sanitize, utc_timestamp
-from deadend.recording import Data, End, Gap, Recording, RecordingError, Truncated, read_recording
-from deadend.transcript import DEFAULT_TIMEOUT_MS
+from deadend.recording import (
+    MAX_OFFSET,
+    Data,
+    End,
+    Gap,
+    RecordingError,
+    RecordingReader,
+    Truncated,
+    open_recording,
+)
+from deadend.transcript import DEFAULT_TIMEOUT_MS, MAX_MS
 
 QUIET: Final = 1.0  # --to: seconds of silence from the server, after the last client bytes, that end it
 CONNECT_TIMEOUT: Final = 10.0
-TIMEOUT_MARGIN_MS: Final = 2000.0  # --transcript: slack over the longest recorded wait for the server
+TIMEOUT_MARGIN_MS: Final = 2000.0  # --transcript: slack over a recorded wait for the server
 SERVER_CLOSED: Final = ("script", "limit")  # closed_by values that mean the server ended the connection
 _PIECE = re.compile(rb"[^\n]*\n|[^\n]+")
 
@@ -56,35 +67,51 @@ def add_replay_parser(commands: argparse._SubParsersAction[Any]) -> None:
 def run_replay(args: argparse.Namespace) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")  # never lose a line to the locale's encoding
-    try:
-        recording = read_recording(args.file)
-    except OSError as e:
-        return _fail(f"cannot read {args.file}: {e.strerror or e}")
-    except RecordingError as e:
-        return _fail(str(e))
+    target: tuple[str, int] | None = None
     if args.to is not None:
-        target = parse_target(args.to)
-        if isinstance(target, str):
-            return _fail(target)
+        parsed = parse_target(args.to)
+        if isinstance(parsed, str):
+            return _fail(parsed)
+        target = parsed
         if not math.isfinite(args.speed) or args.speed < 0:
             return _fail(f"--speed must be a number >= 0, not {args.speed}")
-        try:
-            problem = asyncio.run(replay_to(recording, *target, args.speed, _print))
-        except KeyboardInterrupt:
-            return 130
-        return _fail(problem) if problem else 0
-    lines = transcript_of(recording) if args.transcript else conversation(recording)
-    for line in lines:
-        _print(line)
+    try:
+        if target is not None or args.transcript:
+            check(args.file)  # a malformed file sends nothing and writes no half transcript
+        with open_recording(args.file) as reader:
+            if target is not None:
+                problem = asyncio.run(replay_to(reader, *target, args.speed, _print_now))
+                return _fail(problem) if problem else 0
+            for line in transcript_of(reader) if args.transcript else conversation(reader):
+                print(line)
+            sys.stdout.flush()
+    except BrokenPipeError:  # `deadend replay FILE | head`: the reader left; nothing to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        return _fail(sanitize(f"cannot read {args.file}: {e.strerror or e}"))
+    except RecordingError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
+def check(path: Path) -> None:
+    """Read the whole recording once (streamed): RecordingError or OSError if any of it is bad."""
+    with open_recording(path) as reader:
+        for _entry in reader:
+            pass
+
+
 def _fail(message: str) -> int:
-    print(f"deadend: error: {sanitize(message)}", file=sys.stderr)
+    """Print one error line; `message` is already escaped (RecordingError's text is)."""
+    print(f"deadend: error: {message}", file=sys.stderr)
     return 2
 
 
-def _print(line: str) -> None:
+def _print_now(line: str) -> None:
     print(line, flush=True)
 
 
@@ -93,17 +120,17 @@ def parse_target(text: str) -> tuple[str, int] | str:
     host, _, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return f"--to {text!r} is not HOST:PORT (port 1..65535)"
+        return f"--to '{sanitize(text, 200)}' is not HOST:PORT (port 1..65535)"
     return host, int(port)
 
 
 # --- the conversation, for a human -----------------------------------------------------------------
 
 
-def summary(recording: Recording) -> list[str]:
-    meta = recording.meta
+def summary(reader: RecordingReader) -> list[str]:
+    meta = reader.meta
     return [
-        f"# {sanitize(str(recording.path))}",
+        f"# {sanitize(str(reader.path))}",
         f"# port {meta.port} conn {sanitize(meta.conn)} peer {sanitize(meta.peer)} port {meta.peer_port}",
         f"# script {sanitize(meta.script)} sha256 {sanitize(meta.script_sha256)}",
         f"# started {utc_timestamp(meta.started)}",
@@ -123,20 +150,19 @@ def payload_lines(t: float, arrow: str, payload: bytes) -> list[str]:
     return out
 
 
-def conversation(recording: Recording) -> list[str]:
-    lines = summary(recording)
-    for entry in recording.entries:
+def conversation(reader: RecordingReader) -> Iterator[str]:
+    yield from summary(reader)
+    for entry in reader:
         if isinstance(entry, Data):
-            lines += payload_lines(entry.t, "<" if entry.dir == "out" else ">", entry.payload)
+            yield from payload_lines(entry.t, "<" if entry.dir == "out" else ">", entry.payload)
         elif isinstance(entry, Gap):
-            lines.append(f"+{entry.t:.3f}s ! gap: {entry.dropped_bytes} bytes not recorded (disk too slow)")
+            yield f"+{entry.t:.3f}s ! gap: {entry.dropped_bytes} bytes not recorded (disk too slow)"
         elif isinstance(entry, Truncated):
-            lines.append(f"+{entry.t:.3f}s ! truncated ({sanitize(entry.reason)}): the rest is not recorded")
+            yield f"+{entry.t:.3f}s ! truncated ({sanitize(entry.reason)}): the rest is not recorded"
         else:
-            lines.append(f"+{entry.t:.3f}s ! {_end_text(entry)}")
-    if recording.end is None:
-        lines.append("! no end line: the recording was cut short")
-    return lines
+            yield f"+{entry.t:.3f}s ! {_end_text(entry)}"
+    if reader.end is None:
+        yield "! no end line: the recording was cut short"
 
 
 def _end_text(end: End) -> str:
@@ -148,14 +174,14 @@ def _end_text(end: End) -> str:
 
 
 async def replay_to(
-    recording: Recording, host: str, port: int, speed: float, show: Callable[[str], None]
+    reader: RecordingReader, host: str, port: int, speed: float, show: Callable[[str], None]
 ) -> str:
     """Send the client's bytes with the recorded timing and show both sides; return an error or ""."""
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port)
+            stream, writer = await asyncio.open_connection(host, port)
     except OSError as e:  # TimeoutError included
-        return f"cannot connect to {host}:{port}: {_why(e)}"
+        return f"cannot connect to {sanitize(host)}:{port}: {_why(e)}"
     loop = asyncio.get_running_loop()
     start = loop.time()
     last = [start]  # when bytes last went either way
@@ -163,7 +189,7 @@ async def replay_to(
     async def receive() -> None:
         while True:
             try:
-                chunk = await reader.read(65536)
+                chunk = await stream.read(65536)
             except OSError:
                 return
             if not chunk:
@@ -172,13 +198,13 @@ async def replay_to(
             for line in payload_lines(last[0] - start, "<", chunk):
                 show(line)
 
-    show(f"# replaying {sanitize(str(recording.path))} to {sanitize(host)}:{port} at speed {speed:g}")
+    show(f"# replaying {sanitize(str(reader.path))} to {sanitize(host)}:{port} at speed {speed:g}")
     receiving = asyncio.create_task(receive())
     try:
-        for entry in recording.entries:
+        for entry in reader:
             if not isinstance(entry, Data) or entry.dir != "in":
                 continue
-            delay = start + entry.t / speed - loop.time() if speed > 0 else 0.0
+            delay = min(start + entry.t / speed - loop.time(), MAX_OFFSET) if speed > 0 else 0.0
             if delay > 0:
                 await asyncio.wait({receiving}, timeout=delay)
             if receiving.done():
@@ -207,65 +233,77 @@ async def replay_to(
 
 def _why(e: OSError) -> str:
     if isinstance(e, socket.gaierror) or not e.errno:  # asyncio's own messages carry no errno
-        return e.strerror or str(e) or "timed out"
+        return sanitize(e.strerror or str(e) or "timed out")
     return os.strerror(e.errno)  # not asyncio's "Connect call failed (...)"
 
 
 # --- as a transcript -------------------------------------------------------------------------------
 
 
+def _text_escape(byte: int) -> str:
+    if byte == 0x5C:
+        return "\\\\"
+    if byte in (0x0D, 0x0A, 0x09):
+        return {0x0D: "\\r", 0x0A: "\\n", 0x09: "\\t"}[byte]
+    return chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+
+
+_TEXT_ESCAPES: Final = {byte: _text_escape(byte) for byte in range(256)}
+
+
 def transcript_text(data: bytes) -> str:
     """Bytes in the transcript's TEXT escapes: printable ASCII as is, everything else escaped."""
-    out = []
-    for byte in data:
-        if byte == 0x5C:
-            out.append("\\\\")
-        elif byte in (0x0D, 0x0A, 0x09):
-            out.append({0x0D: "\\r", 0x0A: "\\n", 0x09: "\\t"}[byte])
-        elif 0x20 <= byte < 0x7F:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    text = "".join(out)
+    text = data.decode("latin-1").translate(_TEXT_ESCAPES)  # one character per byte, then its escape
     kept = text.rstrip(" ")  # an editor trimming trailing blanks must not change the bytes
     return kept + "\\s" * (len(text) - len(kept))
 
 
-def transcript_of(recording: Recording) -> list[str]:
-    """Client bytes as `>|`, server bytes as `<|`, and how it ended; stops at a gap or a truncation."""
-    meta = recording.meta
-    head = [
-        f"# from {sanitize(str(recording.path))} by deadend replay --transcript",
+def transcript_of(reader: RecordingReader) -> Iterator[str]:
+    """Client bytes as `>|`, server bytes as `<|`, and how it ended; stops at a gap or a truncation.
+
+    Every line is a comment escaped as in the log, a `%` option from checked values, a step whose TEXT is
+    `transcript_text` (printable ASCII only), or `@ within` from a checked number: whatever the file says,
+    the transcript holds no other directive. A wait for the server longer than the default allows gets an
+    `@ within` of its own.
+    """
+    meta = reader.meta
+    yield f"# from {sanitize(str(reader.path))} by deadend replay --transcript"
+    yield (
         f"# session {sanitize(meta.conn)} on port {meta.port} from {sanitize(meta.peer)}, "
-        f"started {utc_timestamp(meta.started)}, script {sanitize(meta.script)}",
-        "# the server's bytes are expected exactly: edit to `<~ REGEX` where they vary",
-    ]
-    with contextlib.suppress(ValueError):
-        head.append(f"% peer-ip {ipaddress.ip_address(meta.peer)}")
-    steps: list[str] = []
-    previous = longest = 0.0  # the longest wait for the server, for `% timeout`
-    for entry in recording.entries:
+        f"started {utc_timestamp(meta.started)}, script {sanitize(meta.script)}"
+    )
+    yield "# the server's bytes are expected exactly: edit to `<~ REGEX` where they vary"
+    yield f"% peer-ip {meta.peer}"
+    previous = 0.0  # when the last step happened, for the waits
+    for entry in reader:
         if isinstance(entry, Data):
+            pieces = _PIECE.findall(entry.payload)
+            if not pieces:
+                continue  # the broker writes no empty chunk; an edited file may
             if entry.dir == "out":
-                longest = max(longest, entry.t - previous)
+                yield from _within(entry.t - previous)
             previous = entry.t
             prefix = "<|" if entry.dir == "out" else ">|"
-            steps += [f"{prefix} {transcript_text(piece)}" for piece in _PIECE.findall(entry.payload)]
+            for piece in pieces:
+                yield f"{prefix} {transcript_text(piece)}"
         elif isinstance(entry, Gap | Truncated):
             what = "a gap" if isinstance(entry, Gap) else f"truncated ({sanitize(entry.reason)})"
-            steps.append(f"# the recording has {what} here: the rest of the session is not known")
-            break
+            yield f"# the recording has {what} here: the rest of the session is not known"
+            return
         elif entry.closed_by in SERVER_CLOSED or (entry.closed_by is None and entry.reason != "shutdown"):
             # closed_by None: nobody closed the connection before the session ended, so the broker
             # closed it when the script finished (or was ended): the client saw the server close.
-            longest = max(longest, entry.t - previous)
-            steps.append("= eof")
+            yield from _within(entry.t - previous)
+            yield "= eof"
         elif entry.closed_by == "peer":
-            steps.append("! close")
+            yield "! close"
         else:
-            steps.append(f"# the session ended: {_end_text(entry)}")
-    if recording.end is None:
-        steps.append("# no end line: the recording was cut short")
-    if longest * 1000 + TIMEOUT_MARGIN_MS > DEFAULT_TIMEOUT_MS:
-        head.append(f"% timeout {math.ceil(longest * 1000 + TIMEOUT_MARGIN_MS)}")
-    return [*head, *steps]
+            yield f"# the session ended: {_end_text(entry)}"
+    if reader.end is None:
+        yield "# no end line: the recording was cut short"
+
+
+def _within(wait: float) -> Iterator[str]:
+    ms = wait * 1000 + TIMEOUT_MARGIN_MS
+    if ms > DEFAULT_TIMEOUT_MS:
+        yield f"@ within {min(math.ceil(ms), int(MAX_MS))}"

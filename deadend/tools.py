@@ -17,9 +17,9 @@ import threading
 from pathlib import Path
 
 from deadend.config import Ceilings, Config
-from deadend.logs import EventLog
+from deadend.logs import EventLog, sanitize
 from deadend.scripts import Script, port_of
-from deadend.transcript import TranscriptError, load
+from deadend.transcript import Transcript, TranscriptError, load
 
 
 def _fail(message: str) -> int:
@@ -142,12 +142,15 @@ def run_test(args: argparse.Namespace) -> int:
     script = _script(args.script)
     if isinstance(script, str):
         return _fail(script)
-    try:
-        transcripts = [load(path) for path in args.transcripts]
-    except TranscriptError as e:
-        return _fail(str(e))
-    except OSError as e:
-        return _fail(f"cannot read a transcript: {e}")
+    # A transcript that cannot be read is that transcript's failure; the others still run.
+    transcripts: list[Transcript | str] = []
+    for path in args.transcripts:
+        try:
+            transcripts.append(load(path))
+        except TranscriptError as e:
+            transcripts.append(str(e))
+        except OSError as e:
+            transcripts.append(sanitize(f"{path}: cannot read: {e.strerror or e}"))
     config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     lines = _Lines()
     log = EventLog(lines, level="debug")  # type: ignore[arg-type]
@@ -155,9 +158,13 @@ def run_test(args: argparse.Namespace) -> int:
     async def main() -> int:
         failed = 0
         async with Rehearsal(config, log) as rehearsal:
-            for transcript in transcripts:
+            for path, transcript in zip(args.transcripts, transcripts, strict=True):
+                if isinstance(transcript, str):
+                    failed += 1
+                    print(f"FAIL {sanitize(str(path))}\n  {transcript}")
+                    continue
                 result = await replay(rehearsal, script, transcript, lines.lines)
-                print(f"{'PASS' if result.ok else 'FAIL'} {transcript.path}")
+                print(f"{'PASS' if result.ok else 'FAIL'} {sanitize(transcript.path)}")
                 if not result.ok:
                     failed += 1
                     print(f"  {result.failure}")

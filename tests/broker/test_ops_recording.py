@@ -252,7 +252,7 @@ def test_replay_to_live_broker_reproduces_the_session(make_broker, tmp_path: Pat
 def test_session_cap_truncates_but_end_line_counts_everything(make_broker, tmp_path: Path) -> None:
     rec = tmp_path / "rec"
     script = 'deadend.send(string.rep("A", 1000))\nlocal d = deadend.recv(100)\n'
-    b = make_broker({"25.lua": script}, "--record", str(rec), "--record-session-bytes", "100")
+    b = make_broker({"25.lua": script}, "--record", str(rec), "--record-session-bytes", "1024")
     mark = b.mark()
     with b.connect(25) as c:
         local_port = c.getsockname()[1]
@@ -270,8 +270,10 @@ def test_session_cap_truncates_but_end_line_counts_everything(make_broker, tmp_p
 
     recording = wait_recording(rec, conn)
     data = [e for e in recording.entries if isinstance(e, Data)]
-    assert b"".join(e.payload for e in data) == b"A" * 100  # up to the cap exactly, nothing after
+    recorded = b"".join(e.payload for e in data)  # what fits in the file's 1024 bytes, nothing after
+    assert 0 < len(recorded) < 1000 and recorded == b"A" * len(recorded)
     assert all(e.dir == "out" for e in data)
+    assert recording.path.stat().st_size <= 1024
     cuts = [e for e in recording.entries if isinstance(e, Truncated)]
     assert [c.reason for c in cuts] == ["session-cap"]
     assert recording.entries[-2] == cuts[0]
@@ -290,12 +292,17 @@ def one_reply_session(b: Broker, n: int) -> str:
     return conn
 
 
-CAP_WARNING = r"WARN .*recording stopped: the --record-max-bytes cap of 2000 bytes is reached"
+CAP_WARNING = r"WARN .*recording stopped: the --record-max-bytes cap of 20000 bytes is reached"
+
+
+def du(folder: Path) -> int:
+    """The folder's size on disk, as `du` counts it."""
+    return (folder.stat().st_blocks + sum(p.lstat().st_blocks for p in folder.iterdir())) * 512
 
 
 def test_total_cap_stops_new_recordings_not_service(make_broker, tmp_path: Path) -> None:
     rec = tmp_path / "rec"
-    b = make_broker({"25.lua": ONE_REPLY}, "--record", str(rec), "--record-max-bytes", "2000")
+    b = make_broker({"25.lua": ONE_REPLY}, "--record", str(rec), "--record-max-bytes", "20000")
     conns = [one_reply_session(b, n) for n in range(8)]
     b.wait_for(CAP_WARNING)
     assert b.stop() == 0  # the recorder is flushed and closed: the folder is final
@@ -306,8 +313,7 @@ def test_total_cap_stops_new_recordings_not_service(make_broker, tmp_path: Path)
     assert recorded == conns[: len(recorded)], "a session after an unrecorded one was recorded"
     assert len(recorded) <= len(conns) - 2, "the cap never stopped recording"
     assert len(os.listdir(rec)) == len(recorded)
-    total = sum(p.stat().st_size for p in rec.iterdir())
-    assert total <= 2000 + 400, total  # only the short truncated/end lines may go past the cap
+    assert du(rec) <= 20000, du(rec)  # counted on disk: a block per file, whatever its size
     for conn in recorded:
         recording = read_recording(files_of(rec, conn)[0])
         assert recording.end is not None and recording.end.reason == "done"
@@ -318,8 +324,8 @@ def test_total_cap_stops_new_recordings_not_service(make_broker, tmp_path: Path)
 def test_total_cap_counts_recordings_already_in_the_folder(make_broker, tmp_path: Path) -> None:
     rec = tmp_path / "rec"
     rec.mkdir(mode=0o700)
-    (rec / "old.jsonl").write_bytes(b"x" * 1990)
-    b = make_broker({"25.lua": ONE_REPLY}, "--record", str(rec), "--record-max-bytes", "2000")
+    (rec / "old.jsonl").write_bytes(b"x" * (20000 - du(rec)))  # with a new file, past the cap on disk
+    b = make_broker({"25.lua": ONE_REPLY}, "--record", str(rec), "--record-max-bytes", "20000")
     conn = one_reply_session(b, 1)
     b.wait_for(CAP_WARNING)
     assert b.stop() == 0
