@@ -109,4 +109,4 @@ def test_log_expectations_match_the_escaped_text(tmp_path: Path) -> None:
     raw.write_text("= eof\n~ log a\\tb\n")
     text = deadend_test(script, escaped, raw).stdout.decode()
     assert f"PASS {escaped}" in text and f"FAIL {raw}" in text, text
-    assert "WARN  port=9 conn=rehearsal peer=192.0.2.10 script: \"a\\x09b\\x1b[2J \\\\ end\"\n" in text
+    assert 'WARN  port=9 conn=rehearsal peer=192.0.2.10 script: "a\\x09b\\x1b[2J \\\\ end"\n' in text
