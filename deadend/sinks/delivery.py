@@ -38,6 +38,7 @@ Report = Callable[[str, str], None]
 WRITE_BEHIND_BYTES: Final = 8 << 20
 RECORD_OVERHEAD: Final = 96  # a spool record's bytes beyond the body, about
 REPEAT_INTERVAL: Final = 60.0  # seconds between two lines about the same kind of drop
+RESEND_MAX: Final = 4096  # events kept for sending again after a lost connection (Transport.resend_window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class Timing:
     batch_events: int = 512
     batch_bytes: int = 256 << 10
     sync_interval: float = 1.0  # seconds between two fdatasyncs of a spool being written
+    proven: float = 5.0  # seconds a connection must stand before the sink reports itself up
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +127,12 @@ class Sink:
         self._connected_at = 0.0
         self._down_since = 0.0
         self._identity: str | None = None
+        self._connection = 0  # counts connections, so a timer knows whether its connection still stands
+        self._up_timer: asyncio.TimerHandle | None = None
         self._said: dict[str, float] = {}
         self._backoff = Backoff(timing.backoff_first, timing.backoff_max)
+        # (confirmed at, seq, event) of the last seconds, for transports whose confirmation is only TCP's
+        self._recent: collections.deque[tuple[float, int, OutEvent]] = collections.deque()
 
     # --- the broker's side ----------------------------------------------------------------------
 
@@ -178,9 +184,8 @@ class Sink:
             cached = sum(1 for seq, _ in self._cache if seq >= self._read_seq)
             queued = cached + len(self._retry)
             spooled = max(0, self._next_seq - self._read_seq - cached)
-        return SinkStats(
-            self.name, self._connected, queued, self.delivered, spooled, self.dropped, self.last_error
-        )
+        up = self._connected and self.state == "up"
+        return SinkStats(self.name, up, queued, self.delivered, spooled, self.dropped, self.last_error)
 
     async def close(self, timeout: float) -> None:
         """Deliver what can be within `timeout`; with a spool the rest stays there for the next start."""
@@ -225,7 +230,7 @@ class Sink:
                 except Exception as e:
                     await self._fail(describe(e))
                     continue
-                self._up(identity)
+                self._connected_to(identity)
             batch = await self._take()
             if not batch:
                 if self._closing:
@@ -260,6 +265,7 @@ class Sink:
         self._wake.clear()
         if self._backlog():
             return
+        self._mark_up()
         lost = self.transport.lost()
         waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
         try:
@@ -310,8 +316,15 @@ class Sink:
         last = through if through is not None else (items[-1][0] if items else None)
         if self._store is not None and last is not None:
             self.disk.call(self._store.commit, last).add_done_callback(self._disk_done)
-        if through is not None and time.monotonic() - self._connected_at >= self.timing.backoff_max:
-            self._backoff.reset()
+        window = self.transport.resend_window
+        if window and items:
+            now = time.monotonic()
+            recent = self._recent
+            recent.extend((now, seq, event) for seq, event in items)
+            while recent and (recent[0][0] < now - window or len(recent) > RESEND_MAX):
+                recent.popleft()
+        if through is not None:
+            self._mark_up()
 
     def _backlog(self) -> int:
         if self._store is None:
@@ -320,26 +333,50 @@ class Sink:
 
     # --- state changes: one line each -----------------------------------------------------------
 
-    def _up(self, identity: str | None) -> None:
+    def _connected_to(self, identity: str | None) -> None:
         self._connected = True
+        self._connection += 1
         self._connected_at = time.monotonic()
+        if identity is not None and self._identity is not None and identity != self._identity:
+            was = self._identity
+            self._say("warn", f"sink {self.name}: the collector changed: now {identity}, was {was}")
+        self._identity = identity or self._identity
+
+    def _mark_up(self) -> None:
+        """The collector took a batch, or had nothing to take, on a connection that lived `proven`
+        seconds: up. Only then, so that a collector which accepts connections and stalls or drops them
+        stays one "down" line, not a flapping pair of lines per attempt."""
+        if self.state == "up" or not self._connected:
+            return
+        wait = self._connected_at + self.timing.proven - time.monotonic()
+        if wait > 0:
+            if self._up_timer is None:
+                loop = asyncio.get_running_loop()
+                self._up_timer = loop.call_later(wait, self._proven, self._connection)
+            return
         if self.state == "starting":
-            self._say("info", f"sink {self.name} up" + (f" ({identity})" if identity else ""))
-        elif self.state == "down":
+            self._say("info", f"sink {self.name} up" + (f" ({self._identity})" if self._identity else ""))
+        else:
             held = self._backlog()
             down_for = time.monotonic() - self._down_since
-            self._say(
-                "info", f"sink {self.name} up again after {down_for:.1f} s; {held:,} held events to deliver"
-            )
-        if identity is not None and self._identity is not None and identity != self._identity:
-            self._say(
-                "warn", f"sink {self.name}: the collector changed: now {identity}, was {self._identity}"
-            )
-        self._identity = identity or self._identity
+            self._say("info", f"sink {self.name} up again after {down_for:.1f} s; {held:,} events to deliver")
         self.state = "up"
 
+    def _proven(self, connection: int) -> None:
+        self._up_timer = None
+        if connection == self._connection:
+            self._mark_up()
+
     async def _fail(self, reason: str) -> None:
+        if self._up_timer is not None:
+            self._up_timer.cancel()
+            self._up_timer = None
         lived = time.monotonic() - self._connected_at if self._connected else 0.0
+        if self._connected and self._recent:
+            # What the collector's TCP acknowledged just before the connection went may never have been
+            # read by the collector (a restart drops its socket buffer): send it again.
+            self._retry = [(seq, event) for _, seq, event in self._recent] + self._retry
+            self._recent.clear()
         self._connected = False
         with contextlib.suppress(Exception):
             await self.transport.close()

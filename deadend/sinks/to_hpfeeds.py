@@ -20,6 +20,7 @@ from typing import Any, Final
 from deadend.logs import sanitize
 from deadend.sinks.event import OutEvent
 from deadend.sinks.transport import (
+    RESEND_WINDOW,
     LinkProtocol,
     SinkDown,
     Transport,
@@ -42,6 +43,8 @@ def available() -> bool:
 
 
 class HpfeedsTransport(Transport):
+    resend_window = RESEND_WINDOW
+
     def __init__(self, spec: SinkSpec, *, timeout: float) -> None:
         from hpfeeds.protocol import MAXBUF, msgpublish
 

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 from deadend.sinks import rfc5424
 from deadend.sinks.event import OutEvent
-from deadend.sinks.transport import LinkProtocol, SinkDown, Transport, tcp_keepalive, write_confirmed
+from deadend.sinks.transport import (
+    RESEND_WINDOW,
+    LinkProtocol,
+    SinkDown,
+    Transport,
+    tcp_keepalive,
+    write_confirmed,
+)
 from deadend.sinks.urls import SinkSpec
 
 
@@ -36,6 +43,8 @@ def tls_context(spec: SinkSpec) -> ssl.SSLContext:
 
 
 class SyslogTransport(Transport):
+    resend_window = RESEND_WINDOW
+
     def __init__(self, spec: SinkSpec, *, timeout: float) -> None:
         self.spec = spec
         self.timeout = timeout

@@ -4,8 +4,10 @@ with delivery confirmation that the syslog and hpfeeds transports share.
 Neither syslog over TCP nor hpfeeds has an application-level acknowledgement. What a sender can know is
 that the collector's TCP stack acknowledged the bytes: the socket's send queue (SIOCOUTQ: bytes not yet
 acknowledged by the peer) and the transport's own buffers are empty. That is what "delivered" means for
-those sinks: the bytes reached the collector's host. A collector that crashes after that loses them; one
-that closes the connection before acknowledging them gets them again after the reconnect.
+those sinks: the bytes reached the collector's host. Events not acknowledged when the connection goes
+are sent again after the reconnect; so are those acknowledged in the RESEND_WINDOW seconds before, which
+a collector that stopped may have held unread in its socket buffer (at least once: consumers
+de-duplicate by id).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from deadend.sinks.event import OutEvent
 SIOCOUTQ: Final = termios.TIOCOUTQ  # the same ioctl number: bytes in a TCP socket's send queue
 POLL_FIRST: Final = 0.0005
 POLL_MAX: Final = 0.02
+# A collector that stops (a restart, a crash) drops what its kernel acknowledged and it had not read yet:
+# on loopback and LANs that is well under a second of events, so two seconds' worth are sent again.
+RESEND_WINDOW: Final = 2.0
 
 
 class SinkDown(Exception):
@@ -59,6 +64,10 @@ def describe(error: BaseException) -> str:
 
 class Transport(abc.ABC):
     """One collector connection. Its methods run on the event loop; none blocks it."""
+
+    # Seconds of confirmed events to send again when the connection is lost: for transports whose
+    # confirmation is the peer's TCP acknowledgement, which a collector that goes away may not have read.
+    resend_window: float = 0.0
 
     @abc.abstractmethod
     async def connect(self) -> str | None:
@@ -106,16 +115,20 @@ class LinkProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-def _unacknowledged(transport: asyncio.Transport) -> int:
-    """Bytes written but not yet acknowledged by the peer's TCP: our buffers plus the socket's queue."""
+def _unacknowledged(transport: asyncio.Transport) -> int | None:
+    """Bytes written but not yet acknowledged by the peer's TCP: our buffers plus the socket's queue.
+    None when the socket is already closed."""
     waiting = transport.get_write_buffer_size()
     # An SSL transport counts its own buffers but not those of the socket transport under it.
     inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
     if isinstance(inner, asyncio.WriteTransport):
         waiting += inner.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.fileno() >= 0:
-        waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    if sock is not None:
+        try:
+            waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return None  # closed under us: the connection is gone
     return waiting
 
 
@@ -144,14 +157,17 @@ async def write_confirmed(link: LinkProtocol, frames: Sequence[bytes], stall: fl
     waiting = _unacknowledged(link.transport)
     progress_at = time.monotonic()
     delay = POLL_FIRST
-    while waiting:
-        done, _ = await asyncio.wait([link.gone], timeout=delay)
-        delay = min(delay * 2, POLL_MAX)
-        now_waiting = 0 if link.gone.done() else _unacknowledged(link.transport)
-        if done:
-            confirmed = 0 if tls else confirmed_frames([len(f) for f in frames], total - waiting)
+    while waiting != 0:
+        if waiting is not None:
+            await asyncio.wait([link.gone], timeout=delay)
+            delay = min(delay * 2, POLL_MAX)
+        now_waiting = None if link.gone.done() else _unacknowledged(link.transport)
+        if now_waiting is None:
+            link.fail("the connection closed")
+            known = total if waiting is None else waiting
+            confirmed = 0 if tls else confirmed_frames([len(f) for f in frames], total - known)
             raise SinkDown(link.gone.result(), confirmed)
-        if now_waiting < waiting:
+        if waiting is None or now_waiting < waiting:
             progress_at = time.monotonic()
         elif time.monotonic() - progress_at > stall:
             confirmed = 0 if tls else confirmed_frames([len(f) for f in frames], total - now_waiting)
