@@ -179,10 +179,10 @@ class Sink:
 
     def stats(self) -> SinkStats:
         if self._store is None:
-            queued, spooled = len(self._cache) + len(self._retry), 0
+            queued, spooled = len(self._cache) + len(self._retry) + len(self._inflight), 0
         else:
             cached = sum(1 for seq, _ in self._cache if seq >= self._read_seq)
-            queued = cached + len(self._retry)
+            queued = cached + len(self._retry) + len(self._inflight)
             spooled = max(0, self._next_seq - self._read_seq - cached)
         up = self._connected and self.state == "up"
         return SinkStats(self.name, up, queued, self.delivered, spooled, self.dropped, self.last_error)
@@ -197,8 +197,9 @@ class Sink:
             done, _ = await asyncio.wait([self._task], timeout=timeout)
             if not done:
                 self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._task
+                await asyncio.wait([self._task], timeout=2.0)
+            elif not self._task.cancelled() and self._task.exception() is not None:
+                self._say("error", f"sink {self.name}: delivery failed: {self._task.exception()!r}")
         self._closed = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.transport.close(), 2.0)
@@ -221,7 +222,11 @@ class Sink:
     # --- the delivery task ----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                # A client library swallowed our cancellation (nats-py's close does): honour it here.
+                raise asyncio.CancelledError
             if not self._connected:
                 if self._closing and not self._backlog():
                     return

@@ -67,6 +67,8 @@ class SyslogTransport(Transport):
         )
         tcp_keepalive(link.transport)
         self._link = link
+        if link.gone.done():
+            raise SinkDown(link.gone.result())
         if context is None:
             return None
         der = link.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)

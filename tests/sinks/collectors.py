@@ -4,6 +4,7 @@ skips its tests, saying which package to install (CI installs them all: .ci/run)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,15 +14,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from deadend.sinks import OutEvent, SinkSet, Timing, parse_sink_url
 
 HOST = "127.0.0.1"
+T = TypeVar("T")
 # Short enough for tests that stop a collector for seconds; the production defaults are in Timing.
 FAST = Timing(backoff_first=0.05, backoff_max=0.5, timeout=2.0, sync_interval=0.2, proven=0.3)
 
@@ -85,11 +88,47 @@ class Reports:
         return [line for _, line in self.lines if text in line]
 
 
+_OPEN: list[SinkSet] = []
+
+
 def sink_set(urls: list[str], reports: Reports, **kw: object) -> SinkSet:
     options: dict[str, object] = {"spool_dir": None, "spool_max_bytes": 1 << 20, "queue_events": 1000}
     options.update(kw)
     options.setdefault("timing", FAST)
-    return SinkSet([parse_sink_url(u) for u in urls], report=reports, **options)  # type: ignore[arg-type]
+    sinks = SinkSet([parse_sink_url(u) for u in urls], report=reports, **options)  # type: ignore[arg-type]
+    _OPEN.append(sinks)
+    return sinks
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """asyncio.run(main()), closing every SinkSet it made even when an assertion fails: a live client
+    library left to asyncio.run's cancellation can swallow it and hang the test."""
+
+    async def guarded() -> T:
+        try:
+            return await main()
+        finally:
+            while _OPEN:
+                await _OPEN.pop().close(1.0)
+
+    return asyncio.run(guarded())
+
+
+async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def all_delivered(sinks: SinkSet, count: int) -> Callable[[], bool]:
+    return lambda: all(s.delivered >= count for s in sinks.stats())
+
+
+def first_seen(ids: list[str]) -> list[str]:
+    """The ids in order of first arrival: what a consumer de-duplicating by id keeps."""
+    seen: set[str] = set()
+    return [i for i in ids if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
 
 
 def rss_kib() -> int:
@@ -210,10 +249,10 @@ def rsyslog(tmp_path: Path, pki: Pki) -> Iterator[Rsyslog]:
 
 
 class NatsServer:
-    def __init__(self, folder: Path, config: str = "") -> None:
+    def __init__(self, folder: Path, config: str = "", port: int | None = None) -> None:
         self.binary = need("nats-server", "nats-server")
         self.folder = folder
-        self.port = free_port()
+        self.port = port or free_port()
         self.conf = folder / "nats.conf"
         self.conf.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -239,10 +278,10 @@ class NatsServer:
 def nats_factory(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
     servers: list[NatsServer] = []
 
-    def make(config: str = "") -> NatsServer:
+    def make(config: str = "", port: int | None = None) -> NatsServer:
         folder = tmp_path / f"nats{len(servers)}"
         folder.mkdir()
-        servers.append(NatsServer(folder, config))
+        servers.append(NatsServer(folder, config, port))
         return servers[-1]
 
     try:

@@ -8,30 +8,23 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from collectors import HOST, Pki, Reports, Rsyslog, make_event, rss_kib, sink_set
+from collectors import (
+    HOST,
+    Pki,
+    Reports,
+    Rsyslog,
+    all_delivered,
+    first_seen,
+    make_event,
+    rss_kib,
+    run,
+    sink_set,
+    until,
+)
 
-from deadend.sinks import SinkSet
 from deadend.sinks.rfc5424 import SEVERITY
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
-def all_delivered(sinks: SinkSet, count: int) -> Callable[[], bool]:
-    return lambda: all(s.delivered >= count for s in sinks.stats())
-
-
-def first_seen(ids: list[str]) -> list[str]:
-    """The ids in order of first arrival: what a consumer de-duplicating by id keeps."""
-    seen: set[str] = set()
-    return [i for i in ids if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
 
 
 def test_rsyslog_parses_every_field_over_tcp_and_tls(rsyslog: Rsyslog, pki: Pki) -> None:
@@ -50,7 +43,7 @@ def test_rsyslog_parses_every_field_over_tcp_and_tls(rsyslog: Rsyslog, pki: Pki)
         await until(lambda: all(s.up for s in sinks.stats()))
         await sinks.close(5)
 
-    asyncio.run(main())
+    run(main)
     rows = rsyslog.wait_received(2 * len(events))
     assert len(rows) == 2 * len(events)
     by_body: dict[str, list[dict[str, str]]] = {}
@@ -93,7 +86,7 @@ def test_wrong_ca_is_one_line_and_spooling(rsyslog: Rsyslog, pki: Pki, tmp_path:
         assert stats.last_error is not None and "certificate" in stats.last_error
         await sinks.close(0.5)
 
-    asyncio.run(main())
+    run(main)
     downs = reports.matching(" down: ")
     assert len(downs) == 1, reports.lines
     assert "TLS certificate not accepted" in downs[0] and downs[0].endswith("; spooling")
@@ -125,7 +118,7 @@ def test_outage_mid_stream_every_event_arrives_in_order(rsyslog: Rsyslog, tmp_pa
         await until(all_delivered(sinks, len(events)), 20)
         await sinks.close(5)
 
-    asyncio.run(main())
+    run(main)
     rows = rsyslog.wait_received(len(events))
     ids = [json.loads(row["msg"])["id"] for row in rows]
     assert first_seen(ids) == [e.id for e in events]  # all of them, in order, once after de-duplication
@@ -181,7 +174,7 @@ def test_stalled_collector_does_not_stall_publish(tmp_path: Path) -> None:
         await sinks.close(0.5)
 
     try:
-        asyncio.run(main())
+        run(main)
     finally:
         stop.set()
         thread.join()
@@ -226,7 +219,7 @@ def test_collector_that_talks_back_is_dropped_with_backoff(tmp_path: Path) -> No
         await sinks.close(0.2)
 
     try:
-        asyncio.run(main())
+        run(main)
     finally:
         stop.set()
         thread.join()
@@ -252,7 +245,7 @@ def test_event_over_the_frame_limit_is_a_counted_drop(rsyslog: Rsyslog) -> None:
         assert stats.dropped == 1 and stats.queued == 0
         await sinks.close(2)
 
-    asyncio.run(main())
+    run(main)
     rows = rsyslog.wait_received(2)
     assert [json.loads(r["msg"])["n"] for r in rows] == [0, 2]
     [line] = reports.matching("dropped:")
