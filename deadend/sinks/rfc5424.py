@@ -22,12 +22,12 @@ SEVERITY: Final = {"debug": 7, "info": 6, "warn": 4, "error": 3}
 
 # Header fields are PRINTUSASCII (33..126) with a length limit; anything else becomes "_" rather than
 # letting a sensor name split the header.
-_NOT_PRINTUSASCII: Final = re.compile(rb"[^\x21-\x7e]")
+_NOT_PRINTUSASCII: Final = re.compile(r"[^\x21-\x7e]")
 _LIMITS: Final = {"hostname": 255, "procid": 128, "msgid": 32}
 
 
 def header_field(value: str, kind: str) -> bytes:
-    raw = _NOT_PRINTUSASCII.sub(b"_", value.encode("ascii", "replace"))[: _LIMITS[kind]]
+    raw = _NOT_PRINTUSASCII.sub("_", value).encode("ascii")[: _LIMITS[kind]]
     return raw or b"-"
 
 
