@@ -150,12 +150,11 @@ class Pki:
     key: Path
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def make_pki(d: Path) -> Pki:
+    """A test CA, a server certificate for localhost and 127.0.0.1 signed by it, and an unrelated CA."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not installed (apt-get install openssl)")
-    d = tmp_path_factory.mktemp("pki")
 
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
@@ -171,11 +170,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(d / "ca.pem", d / "other.pem", d / "server.pem", d / "server.key")
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 # --- rsyslogd ------------------------------------------------------------------------------------
 
-# Every property rsyslog parsed out of an RFC 5424 message, one received message per line.
+# Every property rsyslog parsed out of an RFC 5424 message, one received message per line; `$!id` is
+# the event's id as mmjsonparse found it in the JSON of MSG (docs/sinks.md shows the same config).
 RSYSLOG_FIELDS = ("pri", "syslogfacility-text", "syslogseverity-text", "timereported:::date-rfc3339",
-                  "hostname", "app-name", "procid", "msgid", "structured-data", "msg")  # fmt: skip
+                  "hostname", "app-name", "procid", "msgid", "structured-data", "$!id", "msg")  # fmt: skip
 
 
 class Rsyslog:
@@ -195,10 +200,12 @@ global(workDirectory="{folder}" maxMessageSize="64k"
        defaultNetstreamDriverCAFile="{pki.ca}" defaultNetstreamDriverCertFile="{pki.cert}"
        defaultNetstreamDriverKeyFile="{pki.key}")
 module(load="imtcp" maxSessions="200")
+module(load="mmjsonparse")
 input(type="imtcp" address="{HOST}" port="{self.tcp_port}")
 input(type="imtcp" address="{HOST}" port="{self.tls_port}" streamDriver.name="gtls"
       streamDriver.mode="1" streamDriver.authMode="anon")
 template(name="fields" type="string" string="{template}\\n")
+action(type="mmjsonparse" cookie="")
 action(type="omfile" file="{self.out}" template="fields" flushOnTXEnd="on")
 """
         )

@@ -65,7 +65,7 @@ def test_rsyslog_parses_every_field_over_tcp_and_tls(rsyslog: Rsyslog, pki: Pki)
             assert row["procid"] == str(os.getpid())
             assert row["msgid"] == "session.end"
             assert row["structured-data"] == "-"
-            assert json.loads(row["msg"])["id"] == event.id
+            assert json.loads(row["msg"])["id"] == row["$!id"] == event.id
     ups = reports.matching(" up")
     assert len(ups) == 2 and reports.matching("certificate sha256:"), reports.lines
 
