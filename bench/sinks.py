@@ -66,7 +66,9 @@ async def burst(url: str | None, batch: list[OutEvent], spool: Path | None) -> t
     """(delivered per second, CPU ms per 1,000 events, publish() microseconds per event)."""
     reports: list[str] = []
     specs = [parse_sink_url(url)] if url else []
-    sinks = SinkSet(specs, spool_dir=spool, spool_max_bytes=1 << 30, queue_events=10_000,
+    # A queue as long as the burst: without a spool, a shorter one would drop what the collector is slower
+    # to take, and this measures delivery, not dropping.
+    sinks = SinkSet(specs, spool_dir=spool, spool_max_bytes=1 << 30, queue_events=len(batch) + 1,
                     report=lambda level, line: reports.append(line), timing=Timing(proven=0.1))  # fmt: skip
     await sinks.start()
     done: Callable[[int], bool] = lambda n: all(s.delivered >= n for s in sinks.stats())  # noqa: E731

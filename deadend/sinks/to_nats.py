@@ -81,7 +81,9 @@ class NatsTransport(Transport):
                     servers=[f"nats://{host}:{self.spec.port}"],
                     name="deadend",
                     allow_reconnect=False,
-                    max_reconnect_attempts=0,
+                    # nats-py retries even a first connect, forever when this is 0: give up at once
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
                     connect_timeout=max(1, round(self.timeout)),
                     ping_interval=20,
                     max_outstanding_pings=3,

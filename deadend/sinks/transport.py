@@ -16,6 +16,7 @@ import abc
 import asyncio
 import contextlib
 import fcntl
+import os
 import socket
 import ssl
 import struct
@@ -54,8 +55,10 @@ def describe(error: BaseException) -> str:
         text = f"TLS: {error.reason or error}"
     elif isinstance(error, TimeoutError):
         text = "timed out"
-    elif isinstance(error, OSError) and error.strerror:
-        text = error.strerror[0].lower() + error.strerror[1:]
+    elif isinstance(error, OSError) and (error.errno or error.strerror):
+        # asyncio words a refused connect "Connect call failed ('10.0.0.5', 514)": the errno says it plainer
+        text = os.strerror(error.errno) if error.errno else str(error.strerror)
+        text = text[0].lower() + text[1:]
         if error.filename is not None:
             text += f": {error.filename}"
     else:

@@ -28,10 +28,13 @@ def test_a_new_sink_set_delivers_what_the_last_one_spooled(
         for event in events[:1000]:
             sinks.publish(event)
         await until(lambda: sinks.stats()[0].spooled + sinks.stats()[0].queued == 1000)
+        await until(lambda: bool(reports.matching(" down: ")))
         await sinks.close(0.2)
 
     run(first_run)
     assert reports.matching("1,000 undelivered events stay in the spool"), reports.lines
+    [down] = reports.matching(" down: ")
+    assert down.endswith(" down: connection refused; spooling"), down
     [folder] = list(spool.iterdir())
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in folder.iterdir())
