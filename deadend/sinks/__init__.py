@@ -16,6 +16,7 @@ docs/sinks.md.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,10 +138,7 @@ class SinkSet:
 
     async def close(self, timeout: float) -> None:
         """Deliver what can be within `timeout` seconds; what is left stays in the spool."""
-        for sink in self._sinks:  # all at once: one slow collector does not eat the others' time
-            sink._closing = True
-        import asyncio
-
+        # All at once: one slow collector does not eat the others' time.
         await asyncio.gather(*(sink.close(timeout) for sink in self._sinks))
 
     def _say(self, level: str, message: str) -> None:

@@ -23,7 +23,7 @@ import struct
 import termios
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from deadend.logs import sanitize
 from deadend.sinks.event import OutEvent
@@ -106,8 +106,8 @@ class LinkProtocol(asyncio.Protocol):
         self.gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports have the same methods without deriving from asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail("the collector closed the connection" if exc is None else describe(exc))
@@ -125,7 +125,7 @@ def _unacknowledged(transport: asyncio.Transport) -> int | None:
     waiting = transport.get_write_buffer_size()
     # An SSL transport counts its own buffers but not those of the socket transport under it.
     inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-    if isinstance(inner, asyncio.WriteTransport):
+    if inner is not None and hasattr(inner, "get_write_buffer_size"):
         waiting += inner.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
     if sock is not None:

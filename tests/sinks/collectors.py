@@ -100,7 +100,9 @@ def sink_set(urls: list[str], reports: Reports, **kw: object) -> SinkSet:
     return sinks
 
 
-def run(main: Callable[[], Awaitable[T]]) -> T:
+def run(
+    main: Callable[[], Awaitable[T]], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> T:
     """asyncio.run(main()), closing every SinkSet it made even when an assertion fails: a live client
     library left to asyncio.run's cancellation can swallow it and hang the test."""
 
@@ -111,7 +113,8 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
             while _OPEN:
                 await _OPEN.pop().close(1.0)
 
-    return asyncio.run(guarded())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(guarded())
 
 
 async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:

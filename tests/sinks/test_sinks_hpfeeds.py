@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 from pathlib import Path
 
 from collectors import HpfeedsBroker, Reports, all_delivered, make_event, run, sink_set, until
@@ -57,3 +59,51 @@ def test_a_wrong_secret_is_one_line_and_spooling(hpfeeds_broker: HpfeedsBroker, 
     [down] = reports.matching(" down: ")
     assert "the broker refused: Authentication failed for deadend-test" in down and down.endswith("spooling")
     assert "not-the-secret" not in " ".join(line for _, line in reports.lines)
+
+
+def test_a_broker_that_breaks_the_protocol(tmp_path: Path) -> None:
+    """An unknown opcode, a length past hpfeeds' limit, a broker that says nothing: one down line,
+    retried with back-off, no traceback."""
+    secret = tmp_path / "secret"
+    secret.write_text("s\n")
+    greetings = [b"\x00\x00\x00\x06\x09x", b"\x7f\xff\xff\xff\x03", b"\x00\x00\x00\x05"]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+    accepted = []
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(greetings[len(accepted) % len(greetings)])
+            accepted.append(conn)  # kept open: the sink must notice on its own
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    reports = Reports()
+
+    async def main() -> None:
+        url = f"hpfeeds://i@127.0.0.1:{server.getsockname()[1]}/c?secret_file={secret}"
+        sinks = sink_set([url], reports)
+        await sinks.start()
+        sinks.publish(make_event(0))
+        await asyncio.sleep(5.0)  # FAST's timeout (2 s) for the silent one, and a few more attempts
+        assert sinks.stats()[0].queued == 1 and sinks.stats()[0].delivered == 0
+        await sinks.close(0.2)
+
+    try:
+        run(main)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()
+    [down] = reports.matching(" down: ")
+    assert "the broker broke the protocol" in down or "no hpfeeds greeting" in down, down
+    assert len(accepted) >= 3

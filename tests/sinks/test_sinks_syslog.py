@@ -250,3 +250,28 @@ def test_event_over_the_frame_limit_is_a_counted_drop(rsyslog: Rsyslog) -> None:
     assert [json.loads(r["msg"])["n"] for r in rows] == [0, 2]
     [line] = reports.matching("dropped:")
     assert events[1].id in line and "over the syslog message limit of 8192" in line
+
+
+def test_tcp_and_tls_on_uvloop(rsyslog: Rsyslog, pki: Pki) -> None:
+    """--event-loop uvloop: its transports are not asyncio's classes, and its SSL has other insides."""
+    import uvloop
+
+    events = [make_event(i) for i in range(500)]
+    reports = Reports()
+
+    async def main() -> None:
+        urls = [
+            f"syslog+tcp://{HOST}:{rsyslog.tcp_port}",
+            f"syslog+tls://localhost:{rsyslog.tls_port}?ca={pki.ca}",
+        ]
+        sinks = sink_set(urls, reports)
+        await sinks.start()
+        for event in events:
+            sinks.publish(event)
+        await until(all_delivered(sinks, len(events)))
+        await sinks.close(2)
+
+    run(main, loop_factory=uvloop.new_event_loop)
+    rows = rsyslog.wait_received(2 * len(events))
+    assert sorted(row["$!id"] for row in rows) == sorted([e.id for e in events] * 2)
+    assert not reports.matching(" down: "), reports.lines
