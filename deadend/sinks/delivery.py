@@ -259,7 +259,7 @@ class Sink:
                 confirmed = e.confirmed if isinstance(e, SinkDown) else 0
                 self._inflight = []
                 self._confirmed(kept[:confirmed])
-                self._retry = kept[confirmed:]
+                self._retry = kept[confirmed:] + self._retry  # the rest of a long retry list waits behind
                 await self._fail(describe(e))
                 continue
             self._inflight = []
@@ -282,7 +282,8 @@ class Sink:
 
     async def _take(self) -> list[tuple[int, OutEvent]]:
         """The next batch in order: what the last connection left unconfirmed, then the cache or the spool."""
-        batch, self._retry = self._retry, []
+        limit = self.timing.batch_events
+        batch, self._retry = self._retry[:limit], self._retry[limit:]
         budget = self.timing.batch_bytes - sum(len(e.body) for _, e in batch)
         cache = self._cache
         while len(batch) < self.timing.batch_events and budget > 0:
