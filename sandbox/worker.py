@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from importlib import resources
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lupa.lua54 as lupa
@@ -20,7 +20,10 @@ import lupa.lua54 as lupa
 from deadend import wire
 from sandbox.lockdown import Rlimits, lockdown
 
-BOOTSTRAP = resources.files("sandbox").joinpath("bootstrap.lua").read_bytes()
+# Read by path, not importlib.resources: that pulls zipfile, tempfile, threading and random into the zygote,
+# and every page a module takes is one more the zygote copies at each fork (threading's and random's
+# after-fork hooks alone cost a worker ~160 page faults).
+BOOTSTRAP = Path(__file__).with_name("bootstrap.lua").read_bytes()
 HOLD_LIMIT = 0.05  # seconds a dense worker may hold finished frames while it works through its input
 # The Lua heap cap until the start message says otherwise; set_max_memory needs one at construction.
 INITIAL_MEMORY = 64 << 20
@@ -29,6 +32,27 @@ INITIAL_MEMORY = 64 << 20
 def _deny(*_args: Any) -> NoReturn:
     # Defence in depth: no Python object is ever handed to Lua, but if one were, it has no attributes.
     raise AttributeError("access denied")
+
+
+def _compiled_bootstrap() -> bytes:
+    """The bootstrap as a binary chunk, compiled once per process: in the zygote, once for every worker.
+
+    Parsing the bootstrap's text was most of what a fresh state cost (about 270 of 460 us on the 2-core
+    VM); loading this chunk takes about 25 us. It is our own text, compiled by this process's own Lua
+    before any script exists, so loading it as bytecode trusts nothing new; scripts are only ever loaded
+    as text (bootstrap.lua). Not stripped: its chunkname and lines stay in its error messages.
+    """
+    lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    return bytes(lua.execute(b"return string.dump(assert(load(..., '=bootstrap', 't')))", BOOTSTRAP))
+
+
+BOOTSTRAP_CHUNK = _compiled_bootstrap()
+_CONSTANTS = wire.lua_constants()
+BOOTSTRAP_ARGS = (
+    *(_CONSTANTS[k] for k in ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX")),
+    *(_CONSTANTS[k] for k in ("REP_MAX", "MOVE_MAX")),
+    str(_CONSTANTS["BASE_NAMES"]).encode(),
+)
 
 
 def new_runtime() -> Any:
@@ -41,40 +65,38 @@ def new_runtime() -> Any:
         max_memory=INITIAL_MEMORY,
         unpack_returned_tuples=False,
     )
-    constants = wire.lua_constants()
-    order = ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX", "REP_MAX", "MOVE_MAX")
-    args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
-    start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
+    start = lua.execute(BOOTSTRAP_CHUNK, *BOOTSTRAP_ARGS, name="=bootstrap", mode="b")
     return lua, start
 
 
-def _write_all(packed: bytes) -> None:
+def _write_all(packed: bytes, fd: int = 1) -> None:
     data = memoryview(packed)
     while data:
-        data = data[os.write(1, data) :]
+        data = data[os.write(fd, data) :]
 
 
-def _read_chunk() -> bytes:
-    chunk = os.read(0, wire.READ_CHUNK)
+def _read_chunk(fd: int = 0) -> bytes:
+    chunk = os.read(fd, wire.READ_CHUNK)
     if not chunk:
         raise EOFError
     return chunk
 
 
 class Pipe:
-    """Blocking plain-dialect framing on fds 0 and 1."""
+    """Blocking plain-dialect framing on fds 0 and 1 (others for the zygote's warm-up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd_in: int = 0, fd_out: int = 1) -> None:
         self._unpacker = wire.broker_unpacker()
+        self._in, self._out = fd_in, fd_out
 
     def write(self, obj: Any) -> None:
-        _write_all(wire.pack(obj))
+        _write_all(wire.pack(obj), self._out)
 
     def read(self) -> Any:
         while True:
             for frame in self._unpacker:
                 return frame
-            self._unpacker.feed(_read_chunk())
+            self._unpacker.feed(_read_chunk(self._in))
 
 
 class DensePipe:
@@ -214,31 +236,36 @@ def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
     try:
         lua, start_fn = new_runtime()
         lockdown(rlimits, parent_pid, seccomp_filter)
-        pipe = Pipe()
-        pipe.write(wire.READY)
-        try:
-            run = ScriptRun(lua, start_fn, wire.Start.from_frame(pipe.read()))
-            outcome = run.begin()
-            if outcome == wire.PREPARED:  # a warm worker for one script: compiled, now wait for a session
-                pipe.write(outcome)
-                frame = pipe.read()
-                if isinstance(frame, list) and frame[:1] == [wire.GO]:
-                    outcome = run.go(frame)
-                else:  # a session of another script: a fresh state (building one needs no syscall)
-                    lua, start_fn = new_runtime()
-                    run = ScriptRun(lua, start_fn, wire.Start.from_frame(frame))
-                    outcome = run.begin()
-            while isinstance(outcome, list):
-                pipe.write(outcome)
-                outcome = run.resume(pipe.read())
-        except (EOFError, BrokenPipeError):
-            os._exit(0)  # the broker ended the session; nothing to report to
-        except Exception as exc:  # a malformed start message: still a report, not a traceback
-            outcome = "crash", type(exc).__name__.encode()
-        pipe.write(_done_frame(outcome))
-        status = 0
+        status = session(Pipe(), lua, start_fn)
     finally:
         os._exit(status)
+
+
+def session(pipe: Pipe, lua: Any, start_fn: Any) -> int:
+    """Say ready, serve one session on `pipe` with a fresh state; the exit status. The zygote's warm-up
+    runs this too, on pipes of its own: every line a worker runs has then run once before the fork."""
+    pipe.write(wire.READY)
+    try:
+        run = ScriptRun(lua, start_fn, wire.Start.from_frame(pipe.read()))
+        outcome = run.begin()
+        if outcome == wire.PREPARED:  # a warm worker for one script: compiled, now wait for a session
+            pipe.write(outcome)
+            frame = pipe.read()
+            if isinstance(frame, list) and frame[:1] == [wire.GO]:
+                outcome = run.go(frame)
+            else:  # a session of another script: a fresh state (building one needs no syscall)
+                lua, start_fn = new_runtime()
+                run = ScriptRun(lua, start_fn, wire.Start.from_frame(frame))
+                outcome = run.begin()
+        while isinstance(outcome, list):
+            pipe.write(outcome)
+            outcome = run.resume(pipe.read())
+    except (EOFError, BrokenPipeError):
+        return 0  # the broker ended the session; nothing to report to
+    except Exception as exc:  # a malformed start message: still a report, not a traceback
+        outcome = "crash", type(exc).__name__.encode()
+    pipe.write(_done_frame(outcome))
+    return 0
 
 
 def serve_dense(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any, session_cpu: float) -> NoReturn:

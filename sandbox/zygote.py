@@ -16,7 +16,6 @@ and the pids it reports are its namespace's numbers (the pidfds it hands over ar
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import selectors
 import signal
@@ -28,6 +27,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from deadend import wire
+from sandbox import prefork
 from sandbox.isolation import die_with_broker, isolate
 from sandbox.lockdown import Rlimits, build_filter
 
@@ -63,7 +63,7 @@ class Zygote:
             return
         zygote_pid = os.getpid()
         try:
-            pid = os.fork()
+            pid = prefork.fork()
         except OSError as e:  # out of processes (pids cgroup, RLIMIT_NPROC) or memory: say so, live on
             for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
                 os.close(fd)
@@ -86,6 +86,7 @@ class Zygote:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})  # blocked across the fork
             os.dup2(stdin, 0)
             os.dup2(stdout, 1)
             os.dup2(self.devnull, 2)  # a worker's stderr never reaches anyone's terminal
@@ -125,8 +126,8 @@ class Zygote:
         sel = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
+        prefork.prepare()  # warm, sealed and frozen: each fork then costs less (sandbox/prefork.py)
         self.send(["hello", pid, wire.layers_to_wire(layers)])
-        gc.freeze()  # keep the GC from dirtying shared pages in every forked worker
         try:
             while True:
                 for key, _ in sel.select():
