@@ -8,7 +8,8 @@ zygote takes four steps, each for a reason found with `perf record -e page-fault
 - `warm_up`: one whole session run in the zygote before the first fork (worker.session on pipes of its
   own, a built-in script calling every API function, in both the prepared and the direct way), so what
   a worker does the first time is done once here: lupa's and msgpack's lazy set-up, the type attribute
-  caches, the adaptive interpreter's specialised bytecode, interned names.
+  caches, the adaptive interpreter's specialised bytecode, interned names. `lockdown.rehearse` does the
+  same for lockdown()'s calls, and the seccomp program is generated once (lockdown.compile_filter).
 - `seal_heap`: the free chunks the zygote's C heap holds are scattered over pages every worker shares;
   a worker's first mallocs would take them (and sort the unsorted bin), writing to each of those pages.
   Allocating them all in the zygote, and never freeing them, leaves a worker's mallocs the top of the
@@ -30,7 +31,7 @@ import signal
 from typing import Any
 
 from deadend import wire
-from sandbox import worker
+from sandbox import lockdown, worker
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -127,6 +128,7 @@ def seal_heap() -> int:
 def prepare() -> None:
     """Everything above, once, in the zygote before its first fork."""
     warm_up()
+    lockdown.rehearse()
     gc.collect()
     seal_heap()
     gc.freeze()

@@ -29,7 +29,7 @@ import msgpack
 from deadend import wire
 from sandbox import prefork
 from sandbox.isolation import die_with_broker, isolate
-from sandbox.lockdown import Rlimits, build_filter
+from sandbox.lockdown import Rlimits, compile_filter
 
 MAX_CONTROL = 4096
 
@@ -37,7 +37,7 @@ MAX_CONTROL = 4096
 class Zygote:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.filter = build_filter()  # compiled once; each worker loads its inherited copy
+        self.filter = compile_filter()  # compiled once; each worker loads its inherited copy
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.workers: set[int] = set()
 
