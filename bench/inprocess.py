@@ -54,27 +54,47 @@ class InProcessWorker:
 class InProcessChannel:
     """Stands in for `broker.channel.WorkerChannel`: `send` runs the script to its next request.
 
-    The other end is the product's own driver, `sandbox.worker.ScriptRun`, exactly as `worker.serve` uses
-    it between its pipe reads and writes.
+    The other end is the product's own driver, `sandbox.worker.ScriptRun`, exactly as `worker.session`
+    uses it between its pipe reads and writes. The request reaches the session one turn of the event
+    loop later, as a frame from a pipe would.
     """
 
     def __init__(self) -> None:
         self._lua, self._start_fn = worker.new_runtime()  # a fresh Lua state with the bootstrap
         self._run: worker.ScriptRun | None = None
         self._next: list[Any] | None = None
-        self.on_lost: Callable[[BaseException], None] | None = None
+        self._on_frame: Callable[[Any], None] | None = None
+        self._on_failure: Callable[[BaseException], None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def serve(
+        self,
+        on_frame: Callable[[Any], None],
+        on_failure: Callable[[BaseException], None],
+        cpu_slice: float,
+    ) -> None:
+        self._on_frame, self._on_failure = on_frame, on_failure
 
     def send(self, obj: Any) -> None:
-        if self._run is None:  # the start message, as worker.serve reads it first
+        self._next = self._advance(obj)
+        if self._on_frame is not None:
+            self._loop.call_soon(self._deliver)
+
+    def _advance(self, obj: Any) -> list[Any]:
+        if self._run is None:  # the start message, as worker.session reads it first
             try:
                 self._run = worker.ScriptRun(self._lua, self._start_fn, wire.Start.from_frame(obj))
             except Exception as exc:
-                self._next = worker._done_frame(("crash", type(exc).__name__.encode()))
-                return
+                return worker._done_frame(("crash", type(exc).__name__.encode()))
             outcome = self._run.begin()
         else:
             outcome = self._run.resume(obj)
-        self._next = outcome if isinstance(outcome, list) else worker._done_frame(outcome)
+        return outcome if isinstance(outcome, list) else worker._done_frame(outcome)
+
+    def _deliver(self) -> None:
+        frame, self._next = self._next, None
+        if self._on_frame is not None and frame is not None:
+            self._on_frame(frame)
 
     async def frame(self, timeout: float | None) -> Any:
         frame, self._next = self._next, None
@@ -83,6 +103,7 @@ class InProcessChannel:
         return frame
 
     def close(self) -> None:
+        self._on_frame = self._on_failure = None
         self._run = self._lua = self._start_fn = None  # drops the last references to the Lua state
 
 

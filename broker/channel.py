@@ -3,8 +3,9 @@
 A worker is hostile. `WorkerPipe` moves bytes, with a bounded buffer for what waits to be written.
 `WorkerChannel` speaks the plain dialect on it: a bounded decoder, one frame in flight (a second request
 before the first was answered is a violation, so a flood cannot grow a queue), and `Deadline` when the
-worker computes longer than it may between two requests. Dense workers speak their dialect on the same
-pipe (broker/dense.py). Neither interprets a frame: `deadend.wire` does.
+worker computes longer than it may between two requests. A session takes frames by callback. Dense
+workers speak their dialect on the same pipe (broker/dense.py). Neither interprets a frame: `deadend.wire`
+does.
 """
 
 from __future__ import annotations
@@ -39,13 +40,24 @@ class WorkerLost(WorkerGone):
 class FrameChannel(Protocol):
     """What a session needs of its sandbox: a WorkerChannel, or a slot of a dense worker."""
 
-    # Called when the channel fails while nobody waits on it (the session sleeps, or waits on its
-    # socket): the session ends now instead of at its next request. The argument says whose fault it was.
-    on_lost: Callable[[BaseException], None] | None
+    def serve(
+        self,
+        on_frame: Callable[[Any], None],
+        on_failure: Callable[[BaseException], None],
+        cpu_slice: float,
+    ) -> None:
+        """From now on each frame goes to `on_frame` as it arrives, and the channel's failure (the
+        worker gone, a protocol violation, no frame within `cpu_slice` of a send) to `on_failure`, once
+        (at once if it already failed)."""
+        ...
 
-    async def frame(self, timeout: float | None) -> Any: ...
+    def send(self, obj: Any) -> None:
+        """Queue one frame to the worker, which then owes one back."""
+        ...
 
-    def send(self, obj: Any) -> None: ...
+    async def frame(self, timeout: float | None) -> Any:
+        """Outside a session (compiling): the worker's next frame, awaited."""
+        ...
 
 
 class WorkerPipe:
@@ -93,6 +105,24 @@ class WorkerPipe:
             self._out.clear()
             self.on_write_failed(wire.ProtocolViolation("worker stopped reading its replies"))
 
+    def write(self, data: bytes) -> None:
+        """queue() then flush(), writing straight from `data` when nothing waits before it (a reply: the
+        usual case, without copying it through the buffer)."""
+        if self._out or self.worker.to_worker < 0:
+            self.queue(data)
+            self.flush()
+            return
+        try:
+            n = os.write(self.worker.to_worker, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.on_write_failed(WorkerGone())
+            return
+        if n < len(data):
+            self.queue(data[n:])
+            self.flush()
+
     def flush(self) -> None:
         if self.worker.to_worker < 0:
             return
@@ -125,21 +155,40 @@ class WorkerPipe:
 
 
 class WorkerChannel:
-    """The plain dialect: one session, one request in flight, a deadline on the worker's computing."""
+    """The plain dialect: one session, one request in flight, a deadline on the worker's computing.
+
+    The worker owes a frame after each send (its "ready" from the start); any other frame is a request
+    sent ahead of its answer, a violation. A session takes its frames by callback (`serve`): a request
+    the monitor answers at once is answered from the pipe's reader callback, with no task woken. Before
+    a session (ready, prepared, compiling) they are awaited (`frame`).
+    """
 
     def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
         self.pipe = WorkerPipe(worker, out_limit=2 * wire.MAX_BROKER_FRAME)
         self.pipe.on_write_failed = self._fail
         self.unpacker: msgpack.Unpacker = wire.worker_unpacker()
-        self.on_lost: Callable[[BaseException], None] | None = None
         self._loop = asyncio.get_running_loop()
-        self._frames: list[Any] = []
+        self._owed = True  # the worker owes its "ready"
+        self._pending: list[Any] = []  # a frame nobody has taken yet (await mode), at most one
         self._waiter: asyncio.Future[Any] | None = None
+        self._on_frame: Callable[[Any], None] | None = None
+        self._on_failure: Callable[[BaseException], None] | None = None
+        self._slice: float | None = None  # a session's --cpu-slice: the deadline after each send
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._deadline = float("inf")
         self._failure: BaseException | None = None
         self.pipe.start_reading(self._on_readable)
+
+    def serve(
+        self,
+        on_frame: Callable[[Any], None],
+        on_failure: Callable[[BaseException], None],
+        cpu_slice: float,
+    ) -> None:
+        self._on_frame, self._on_failure, self._slice = on_frame, on_failure, cpu_slice
+        if self._failure is not None:
+            self._report(self._failure)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -153,63 +202,76 @@ class WorkerChannel:
             return
         try:
             self.unpacker.feed(data)
-            for frame in self.unpacker:
-                self._frames.append(frame)
+            frames = list(self.unpacker)
         except Exception as e:  # BufferFull, malformed msgpack, limits exceeded
             self._fail(wire.ProtocolViolation(f"unreadable frame: {type(e).__name__}"))
             return
-        if len(self._frames) > 1 or (self._frames and (self._waiter is None or self._waiter.done())):
-            # The broker always waits for the next request before the worker can have its reply, so a
-            # frame nobody waits for is a request sent ahead of its answer.
+        if not frames:
+            return
+        if len(frames) > 1 or not self._owed:
             self._fail(wire.ProtocolViolation("a second request before the first was answered"))
             return
-        self._deliver()
+        self._owed = False
+        if self._on_frame is not None:
+            self._on_frame(frames[0])  # may answer at once: send() makes the next frame owed
+            return
+        self._pending.append(frames[0])
+        self._wake()
 
-    def _deliver(self) -> None:
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
-            if self._failure is not None and self.on_lost is not None:
-                on_lost, self.on_lost = self.on_lost, None
-                on_lost(self._failure)
             return
-        if self._frames:
-            waiter.set_result(self._frames.pop(0))
+        if self._pending:
+            waiter.set_result(self._pending.pop())
         elif self._failure is not None:
             waiter.set_exception(self._failure)
-        else:
-            return
-        self._waiter = None
 
     def _fail(self, exc: BaseException) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self._frames.clear()
+        if self._failure is not None:
+            return
+        self._failure = exc
+        self._pending.clear()
         self.pipe.stop_reading()
-        self._deliver()
+        if self._on_failure is not None:
+            self._report(exc)
+        else:
+            self._wake()
+
+    def _report(self, exc: BaseException) -> None:
+        on_failure, self._on_failure = self._on_failure, None
+        if on_failure is not None:
+            on_failure(exc)
+
+    def _owe_by(self, deadline: float) -> None:
+        self._deadline = deadline
+        if deadline == float("inf"):
+            return
+        if self._timer is not None and self._timer.when() > deadline:  # armed for a later deadline
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
         # One timer per channel, moved forward lazily: a round trip only sets `_deadline` (a timer made and
         # cancelled per frame was a measurable part of the ~40 us round trip).
         self._timer = None
-        if self._waiter is None or self._waiter.done():
-            return  # nobody waits now; the next frame() arms the timer again
+        if not self._owed or self._failure is not None:
+            return  # the frame came; the next send arms the timer again
         if self._loop.time() < self._deadline:
-            if self._deadline != float("inf"):
-                self._timer = self._loop.call_at(self._deadline, self._expire)
+            self._owe_by(self._deadline)
             return
-        self._waiter.set_exception(Deadline())
-        self._waiter = None
+        self._fail(Deadline())
 
     async def frame(self, timeout: float | None) -> Any:
         """The worker's next frame; raises WorkerGone, Deadline or ProtocolViolation."""
-        if self._frames:
-            return self._frames.pop(0)
+        if self._pending:
+            return self._pending.pop()
         if self._failure is not None:
             raise self._failure
         self._waiter = self._loop.create_future()
-        self._deadline = float("inf") if timeout is None else self._loop.time() + timeout
-        if timeout is not None and self._timer is None:
-            self._timer = self._loop.call_at(self._deadline, self._expire)
+        self._owe_by(float("inf") if timeout is None else self._loop.time() + timeout)
         try:
             return await self._waiter
         finally:
@@ -218,9 +280,11 @@ class WorkerChannel:
     # --- writing ---------------------------------------------------------------------------------
 
     def send(self, obj: Any) -> None:
-        """Queue one frame to the worker; it is written as the pipe drains."""
-        self.pipe.queue(wire.pack(obj))
-        self.pipe.flush()
+        """Queue one frame to the worker; it is written as the pipe drains. The worker owes one back: in a
+        session, within --cpu-slice; outside one, by the deadline its awaiter sets."""
+        self._owed = True
+        self._owe_by(float("inf") if self._slice is None else self._loop.time() + self._slice)
+        self.pipe.write(wire.pack(obj))
 
     # --- teardown --------------------------------------------------------------------------------
 

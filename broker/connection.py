@@ -108,16 +108,13 @@ class ClientConnection:
 
     # --- the script's I/O ------------------------------------------------------------------------
 
-    async def recv(self, n: int, timeout: float | None) -> bytes | None:
-        """Up to n bytes; b"" at the end of input, None once the connection failed. TimeoutError when
-        nothing arrived within `timeout` seconds (None: no limit)."""
-        if not self._buffer and not self._eof and not self._failed and self.sock is not None:
-            self._waiter = self._loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            finally:
-                self._waiter = None
+    def readable(self) -> bool:
+        """Would `take` answer now (bytes read ahead, the end of input, or the failure)?"""
+        return bool(self._buffer) or self._eof or self._failed or self.sock is None
+
+    def take(self, n: int) -> bytes | None:
+        """What a recv gets once `readable`: up to n bytes; b"" at the end of input, None once the
+        connection failed."""
         if self._buffer:
             data = bytes(self._buffer[:n])
             del self._buffer[:n]
@@ -126,6 +123,30 @@ class ClientConnection:
         if self._eof:
             return b""
         return None
+
+    async def recv(self, n: int, timeout: float | None) -> bytes | None:
+        """Up to n bytes; b"" at the end of input, None once the connection failed. TimeoutError when
+        nothing arrived within `timeout` seconds (None: no limit)."""
+        if not self.readable():
+            self._waiter = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        return self.take(n)
+
+    def send_now(self, data: bytes) -> int | None:
+        """Write what the socket takes without waiting: the bytes written (maybe 0), None once the
+        connection failed or was closed."""
+        if self.sock is None:
+            return None
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return None
 
     async def send(self, data: bytes) -> bool:
         if self.sock is None:

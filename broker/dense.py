@@ -45,7 +45,7 @@ def retire_after(sessions_per_worker: int) -> int:
 
 
 class Slot:
-    """One session's view of a shared worker: the same frame()/send() a WorkerChannel offers."""
+    """One session's view of a shared worker: the same serve()/send() a WorkerChannel offers."""
 
     def __init__(self, channel: DenseChannel, number: int) -> None:
         self.channel = channel
@@ -57,10 +57,22 @@ class Slot:
         self.done = False  # the worker reported the session's end: its Lua state is gone
         self.aborting = False  # released by the broker before the end: ABORT sent or to be sent
         self.abort_sent = False
-        self.on_lost: Callable[[BaseException], None] | None = None  # wakes a session busy elsewhere
+        self.on_frame: Callable[[Any], None] | None = None  # the session's, once it serves
+        self.on_failure: Callable[[BaseException], None] | None = None
+
+    def serve(
+        self,
+        on_frame: Callable[[Any], None],
+        on_failure: Callable[[BaseException], None],
+        cpu_slice: float,
+    ) -> None:
+        """The session takes its frames by callback; the CPU deadline is the worker's watchdog's."""
+        self.on_frame, self.on_failure = on_frame, on_failure
+        if self.failure is not None:
+            self._report(self.failure)
 
     async def frame(self, timeout: float | None) -> Any:
-        """The next frame for this session. The timeout is the worker's watchdog's, not this call's."""
+        """The next frame for this slot (outside a session). The timeout is the worker's watchdog's."""
         if self.frames:
             return self.frames.popleft()
         if self.failure is not None:
@@ -75,7 +87,9 @@ class Slot:
         self.channel.send_to(self, obj)
 
     def deliver(self, frame: Any) -> None:
-        if self.waiter is not None and not self.waiter.done():
+        if self.on_frame is not None:
+            self.on_frame(frame)
+        elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(frame)
         else:
             self.frames.append(frame)
@@ -84,10 +98,15 @@ class Slot:
         if self.failure is not None:
             return
         self.failure = exc
-        if self.waiter is not None and not self.waiter.done():
+        if self.on_failure is not None:
+            self._report(exc)
+        elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
-        elif self.on_lost is not None:
-            self.on_lost(exc)
+
+    def _report(self, exc: BaseException) -> None:
+        on_failure, self.on_failure = self.on_failure, None
+        if on_failure is not None:
+            on_failure(exc)
 
 
 class DenseChannel:
@@ -142,10 +161,16 @@ class DenseChannel:
             return
         try:
             self.reader.feed(data)
+            # A session answered at once (broker/session.py) is owed its next frame again within this
+            # batch; but a frame read in the same batch was written before that answer: ahead of it.
+            seen: set[int] = set()
             for number, frame in self.reader:
                 slot = self.slots.get(number)
                 if slot is None:
                     raise wire.ProtocolViolation("a frame for a session the worker does not hold")
+                if number in seen:
+                    raise wire.ProtocolViolation("a second request before the first was answered")
+                seen.add(number)
                 self._route(slot, frame)
         except wire.ProtocolViolation as e:
             self._violation(e)

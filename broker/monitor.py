@@ -56,7 +56,7 @@ class End:
 
 
 Action = Reply | Send | Recv | Sleep | Log | End
-Handler = Callable[[tuple[object, ...], float], Action]
+Handler = Callable[["Monitor", tuple[object, ...], float], Action]
 
 # The request-table modes a session runs in (its requests are checked in one of them).
 SESSION_MODES = wire.SESSION
@@ -85,9 +85,6 @@ class Monitor:
         self._logs = TokenBucket(ceilings.log_rate, ceilings.log_burst, now)
         self._calls = TokenBucket(ceilings.call_rate, ceilings.call_burst, now)
         self._busy = False  # a request is being carried out; a second one is a violation
-        self._handlers: dict[str, Handler] = {
-            row.name: getattr(self, f"_on_{row.name}") for row in wire.REQUESTS if row.modes & SESSION_MODES
-        }
 
     # --- the request table -----------------------------------------------------------------------
 
@@ -95,14 +92,14 @@ class Monitor:
         """One request (already checked against the table for this session's mode): the action to take."""
         if self._busy:
             raise wire.ProtocolViolation(f"{req.op!r} before the previous request was answered")
-        handler = self._handlers.get(req.op)
+        handler = HANDLERS.get(req.op)
         if handler is None:  # a row permitted only outside sessions (`dump`): parse_request refused it
             raise wire.ProtocolViolation(f"{req.op!r} is not permitted in a session")
-        if wire.ROWS[req.op].io and not self._connection_usable(req.op):
+        if req.op in IO_REQUESTS and not self._connection_usable(req.op):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
                 return End(Reason.LINGER, b"kept calling send/recv after the peer was done")
-        action = handler(req.args, now)
+        action = handler(self, req.args, now)
         self._busy = not isinstance(action, Reply | End)
         return action
 
@@ -207,6 +204,10 @@ class Monitor:
         self._busy = False
         return Reply(ms)
 
+    def tarpit_on(self) -> bool:
+        """Is a tarpit set (every successful recv then waits before its reply)?"""
+        return bool(self.tarpit_base or self.tarpit_jitter)
+
     def tarpit_delay(self) -> float:
         if not self.tarpit_base and not self.tarpit_jitter:
             return 0.0
@@ -267,3 +268,10 @@ class Monitor:
     def take_dropped_logs(self) -> int:
         n, self.logs_dropped = self.logs_dropped, 0
         return n
+
+
+# Each request permitted in a session, to its handler: made once, from the table (not per session).
+HANDLERS: dict[str, Handler] = {
+    row.name: getattr(Monitor, f"_on_{row.name}") for row in wire.REQUESTS if row.modes & SESSION_MODES
+}
+IO_REQUESTS = frozenset(row.name for row in wire.REQUESTS if row.io)

@@ -1,9 +1,16 @@
 """One connection: the thin I/O layer that carries out what the monitor decides.
 
-The session owns the client connection and one sandbox lease. It sends the start message, then loops:
-read the worker's next request (within the CPU slice), let the monitor turn it into an action, do the
-I/O, reply. Whatever happens, it ends with the socket closed, the lease released (the worker killed and
-reaped, or its slot freed), and one session-end event.
+The session owns the client connection and one sandbox lease. It sends the start message; then each
+request the worker sends (within the CPU slice) goes to the monitor, which turns it into an action; the
+session does the I/O and replies. Whatever happens, it ends with the socket closed, the lease released
+(the worker killed and reaped, or its slot freed), and one session-end event.
+
+Two paths, one order. Requests reach `_on_frame` from the pipe's reader callback; an action that needs
+no waiting (a reply, a log line, a send the socket takes at once, a recv with bytes already read) is
+carried out and answered right there: no task is woken and no future made, which was half the cost of a
+round trip. Whatever must wait (a sleep, a recv with nothing to read, a throttled call, a tarpit, a send
+the socket cannot take yet, the end) is handed to the session's task (`_serve`), which carries it out and
+answers. Either way the worker has one request in flight, and the next arrives only after its answer.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import random
 import signal
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from broker import monitor as m
 from broker.channel import Deadline, WorkerGone, WorkerLost
@@ -30,6 +38,17 @@ from deadend.scripts import Script
 EXIT_REPORT_TIMEOUT = 2.0  # how long to wait for the zygote to report a killed worker
 
 _system_random = random.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True)
+class _SendRest:
+    """A send the socket took only `done` bytes of at once: the rest is the session task's to write."""
+
+    data: bytes
+    done: int
+
+
+Slow = m.Action | _SendRest  # what `_serve` carries out
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +87,18 @@ class Session:
         self.lost: tuple[Reason, bytes] | None = None  # how the sandbox was lost while nobody waited on it
         self._timeout: asyncio.Timeout | None = None
         self._wake: asyncio.Future[None] | None = None  # ends the sleep in progress
+        self._lease: Lease | None = None
+        self._mode = wire.Mode.RUN
+        self._handed: asyncio.Future[tuple[Slow, float]] | None = None  # `_serve` waits on the worker
+        self._queued: tuple[Slow, float] | None = None  # handed over while `_serve` was not waiting
+        self._failure: BaseException | None = None  # the sandbox's failure, once it failed
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, lease: Lease) -> None:
         reason, detail = Reason.CRASH, b""
-        lease.channel.on_lost = self._lost_sandbox
+        self._lease, self._mode = lease, lease.mode
+        lease.channel.serve(self._on_frame, self._on_failure, self.ceilings.cpu_slice)
         try:
             if lease.prepared_for == key_of(self.script):  # compiled already: only the seed is missing
                 lease.channel.send(wire.go_frame(session_seed()))
@@ -93,7 +118,7 @@ class Session:
                 reason = Reason.SHUTDOWN
                 raise
         finally:
-            lease.channel.on_lost = None
+            self._lease = None  # a late frame or failure finds nothing to act on
             self.conn.close()
             lease.release(reason)
             if reason == Reason.CRASH and not detail:
@@ -118,11 +143,19 @@ class Session:
         if current is None or when < current:
             timeout.reschedule(when)
 
-    def _lost_sandbox(self, exc: BaseException) -> None:
-        """The sandbox failed while this session was not waiting on it (it slept, or waited on its
-        socket). `exc` says whose fault it was: WorkerLost (another session's), or this session's own."""
-        self.lost = self._ending(exc)
-        self._end_by(self.loop.time())
+    def _on_failure(self, exc: BaseException) -> None:
+        """The sandbox failed (the channel's callback; or a request broke the table). If the session's task
+        waits on the worker it learns at once; if it is busy elsewhere (it sleeps, or waits on its socket)
+        the session ends now instead of at its next request. `exc` says whose fault it was: WorkerLost
+        (another session's), or this session's own."""
+        if self._failure is not None or self._lease is None:
+            return
+        self._failure = exc
+        if self._handed is not None and not self._handed.done():
+            self._handed.set_exception(exc)
+        else:
+            self.lost = self._ending(exc)
+            self._end_by(self.loop.time())
 
     def _peer_departed(self) -> None:
         """The client sent FIN or RST, whatever the script is doing: --linger from now, as after a close,
@@ -164,40 +197,100 @@ class Session:
 
     # --- the request loop ------------------------------------------------------------------------
 
-    async def _serve(self, lease: Lease) -> tuple[Reason, bytes]:
-        channel, monitor, loop, mode = lease.channel, self.monitor, self.loop, lease.mode
-        calls = self.settings.calls
-        while True:
-            try:
-                frame = await channel.frame(self.ceilings.cpu_slice)
-                action = monitor.handle(wire.parse_request(frame, mode), loop.time())
-            except (Deadline, WorkerGone, wire.ProtocolViolation) as e:
-                if isinstance(e, Deadline):
-                    lease.worker.kill()
-                return self._ending(e)
-
-            if isinstance(action, m.End):
-                return action.reason, action.detail
-            now = loop.time()
-            delay = monitor.call_delay(now)
+    def _on_frame(self, frame: Any) -> None:
+        """One request from the worker (the channel's reader callback): answered here if nothing need
+        wait, else handed to `_serve` (the module docstring)."""
+        if self._lease is None:
+            return
+        now = self.loop.time()
+        try:
+            action = self.monitor.handle(wire.parse_request(frame, self._mode), now)
+        except wire.ProtocolViolation as e:
+            self._on_failure(e)
+            return
+        delay = 0.0
+        if not isinstance(action, m.End):
+            delay = self.monitor.call_delay(now)
+            calls = self.settings.calls
             if calls is not None:
                 delay = max(delay, calls.delay(now))
+        later = action if delay else self._at_once(action, now)  # a delayed reply waits in `_serve` too
+        if isinstance(later, m.Reply) and not delay:
+            self._answer(later)
+        elif self._handed is not None and not self._handed.done():
+            self._handed.set_result((later, delay))
+        else:
+            self._queued = (later, delay)
+
+    def _at_once(self, action: m.Action, now: float) -> m.Reply | Slow:
+        """Carry out `action` if that needs no waiting: its reply; else what `_serve` must carry out."""
+        monitor = self.monitor
+        if isinstance(action, m.Reply):
+            return action
+        if isinstance(action, m.Log):
+            self._script_log(action)
+            return monitor.carried_out()
+        if isinstance(action, m.Send):
+            done = self.conn.send_now(action.data)
+            if done is None:
+                return monitor.sent(False, len(action.data), now)
+            if done < len(action.data):
+                return _SendRest(action.data, done)
+            self._record("out", action.data)
+            return monitor.sent(True, len(action.data), now)
+        if isinstance(action, m.Recv) and self.conn.readable() and not monitor.tarpit_on():
+            reply, _no_delay = self._received(self.conn.take(action.n))
+            return reply
+        return action
+
+    async def _serve(self, lease: Lease) -> tuple[Reason, bytes]:
+        """Carry out, in order, what `_on_frame` could not; until the script ends or the sandbox fails."""
+        while True:
+            if self._failure is not None:
+                return self._failed(self._failure, lease)
+            if self._queued is not None:
+                (action, delay), self._queued = self._queued, None
+            else:
+                self._handed = self.loop.create_future()
+                try:
+                    action, delay = await self._handed
+                except (Deadline, WorkerGone, wire.ProtocolViolation) as e:
+                    return self._failed(e, lease)
+                finally:
+                    self._handed = None
+            if isinstance(action, m.End):
+                return action.reason, action.detail
             if delay:
                 await asyncio.sleep(delay)
-            if isinstance(action, m.Reply):
-                reply = action
-            elif isinstance(action, m.Send):
-                ok = await self._send(action.data)
-                reply = monitor.sent(ok, len(action.data), loop.time())
-            elif isinstance(action, m.Recv):
-                reply = await self._recv(action.n)
-            elif isinstance(action, m.Sleep):
-                reply = monitor.slept(await self._sleep(action.seconds))
-            else:
-                self._script_log(action)
-                reply = monitor.carried_out()
-            self._follow_monitor()
-            channel.send(reply.value)
+            self._answer(await self._carry_out(action))
+
+    def _failed(self, exc: BaseException, lease: Lease) -> tuple[Reason, bytes]:
+        if isinstance(exc, Deadline):
+            lease.worker.kill()
+        return self._ending(exc)
+
+    async def _carry_out(self, action: Slow) -> m.Reply:
+        monitor, loop = self.monitor, self.loop
+        if isinstance(action, m.Reply):
+            return action
+        if isinstance(action, _SendRest):
+            ok = await self._send(action.data, action.done)
+            return monitor.sent(ok, len(action.data), loop.time())
+        if isinstance(action, m.Send):
+            ok = await self._send(action.data)
+            return monitor.sent(ok, len(action.data), loop.time())
+        if isinstance(action, m.Recv):
+            return await self._recv(action.n)
+        if isinstance(action, m.Sleep):
+            return monitor.slept(await self._sleep(action.seconds))
+        assert isinstance(action, m.Log)
+        self._script_log(action)
+        return monitor.carried_out()
+
+    def _answer(self, reply: m.Reply) -> None:
+        self._follow_monitor()
+        if self._lease is not None:
+            self._lease.channel.send(reply.value)
 
     def _follow_monitor(self) -> None:
         """Bring the socket and the session deadline in line with the monitor's state."""
@@ -209,12 +302,21 @@ class Session:
 
     # --- socket I/O ------------------------------------------------------------------------------
 
-    async def _send(self, data: bytes) -> bool:
-        if not await self.conn.send(data):
+    async def _send(self, data: bytes, done: int = 0) -> bool:
+        """Send `data` (its first `done` bytes were written already)."""
+        if not await self.conn.send(data[done:] if done else data):
             return False
-        if self.recording is not None:
-            self.recording.data("out", data, self.loop.time() - self.started)
+        self._record("out", data)
         return True
+
+    def _record(self, direction: str, data: bytes) -> None:
+        if self.recording is not None:
+            self.recording.data(direction, data, self.loop.time() - self.started)
+
+    def _received(self, data: bytes | None) -> tuple[m.Reply, float]:
+        if data:
+            self._record("in", data)
+        return self.monitor.received(data, self.loop.time())
 
     async def _recv(self, n: int) -> m.Reply:
         idle = self.ceilings.idle_timeout or None
@@ -222,9 +324,7 @@ class Session:
             data = await self.conn.recv(n, idle)
         except TimeoutError:
             return self.monitor.idle(self.loop.time())
-        if data and self.recording is not None:
-            self.recording.data("in", data, self.loop.time() - self.started)
-        reply, delay = self.monitor.received(data, self.loop.time())
+        reply, delay = self._received(data)
         if delay:
             await asyncio.sleep(delay)
         return reply
