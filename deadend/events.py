@@ -13,6 +13,7 @@ import sys
 from typing import Any, Final
 
 from deadend.reasons import ClosedBy, Reason
+from deadend.wire import FIELD_KEY, FIELDS_MAX
 
 SCHEMA_VERSION: Final = 2
 
@@ -27,6 +28,13 @@ _TYPES: Final[dict[str, dict[str, Any]]] = {
     "str?": {"type": ["string", "null"]},
     "int?": {"type": ["integer", "null"]},
     "strs": {"type": "array", "items": {"type": "string"}},
+    # deadend.log's fields (deadend/wire.py holds the rules): escaped strings, integers, booleans
+    "fields": {
+        "type": "object",
+        "maxProperties": FIELDS_MAX,
+        "propertyNames": {"pattern": "^" + FIELD_KEY.pattern.decode() + "$"},
+        "additionalProperties": {"type": ["string", "integer", "boolean"]},
+    },
 }
 
 # name -> (what it means, {field: kind}). Every field listed is always present in the JSON object.
@@ -72,7 +80,10 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "queued": ("all sandboxes busy; the connection waits", {"waiting": "int"}),
     "dequeued": ("a queued connection got a sandbox", {"waited_ms": "int"}),
     "refused": ("no sandbox for this connection", {"reason": "reason"}),
-    "script.log": ("a line the script logged with deadend.log(): `msg` is its text, escaped", {}),
+    "script.log": (
+        "a line the script logged with deadend.log(): `msg` is its text, escaped; `fields` what it named",
+        {"fields": "fields"},
+    ),
     "script.log_dropped": (
         "script log lines dropped: past --log-rate, or too much of this session's waiting for stdout",
         {"dropped": "int"},

@@ -25,12 +25,12 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TextIO
 
 from deadend.events import EVENTS, SCHEMA_VERSION
-from deadend.wire import LOG_LEVELS, LOG_MAX
+from deadend.wire import FIELD_MAX, LOG_LEVELS, LOG_MAX
 
 BATCH_DELAY: Final = 0.005  # seconds the writer waits after a first line for more to join it
 
@@ -130,9 +130,9 @@ def sanitize(
     return s + CUT_MARKER if cut else s
 
 
-# A script's line in the text format, and how its quoted text reads back (every backslash in it starts an
-# escape, so the quotes' escapes can be undone alone, left to right).
-SCRIPT_LINE: Final = re.compile(r'^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: "(.*)"$')
+# A script's line in the text format (its fields, if any, after the quoted text), and how that text reads
+# back (every backslash in it starts an escape, so the quotes' escapes can be undone alone, left to right).
+SCRIPT_LINE: Final = re.compile(r'^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: "((?:[^"\\]|\\.)*)"(.*)$')
 _QUOTE_ESCAPE: Final = re.compile(r"\\(.)")
 
 
@@ -160,6 +160,16 @@ class Where:
 BROKER: Final = Where()
 
 Fields = Mapping[str, object]
+ScriptFields = Sequence[tuple[str, bytes | int | bool]]  # deadend.log's third argument, checked (wire.py)
+
+
+def _shown(value: object) -> str:
+    """A script field's value in a text line: strings (escaped already) quoted, the rest as Lua shows them."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 Observer = Callable[[str, Where, Fields], None]  # (event, where, fields), called in the emitting thread
 
 
@@ -221,12 +231,18 @@ class EventLog:
         """Log one event. `message` and string fields must already be safe (use `sanitize`)."""
         self._emit(level, where, event, message, fields, None)
 
-    def script_line(self, level: str, where: Where, text: bytes, cut: bool) -> bool:
+    def script_line(
+        self, level: str, where: Where, text: bytes, cut: bool, fields: ScriptFields = ()
+    ) -> bool:
         """A line a script logged (escaped and cut here); False if it was dropped: its session already
         has SESSION_SHARE waiting, or scripts together have SCRIPT_SHARE."""
         shown = sanitize(text, quote=self.quoted, cut=cut)
-        message = f'script: "{shown}"' if self.quoted else shown
-        return self._emit(level, where, "script.log", message, {}, where.conn)
+        values = {k: sanitize(v, FIELD_MAX, quote=self.quoted) if type(v) is bytes else v for k, v in fields}
+        if self.quoted:
+            message = f'script: "{shown}"' + "".join(f" {k}={_shown(v)}" for k, v in values.items())
+        else:
+            message = shown
+        return self._emit(level, where, "script.log", message, {"fields": values}, where.conn)
 
     def _emit(
         self, level: str, where: Where, event: str, message: str, fields: Fields, session: str | None
