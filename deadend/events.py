@@ -15,7 +15,7 @@ from typing import Any, Final
 from deadend.reasons import ClosedBy, Reason
 from deadend.wire import FIELD_KEY, FIELDS_MAX
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 # JSON Schema type for each field kind used below.
 _TYPES: Final[dict[str, dict[str, Any]]] = {
@@ -106,17 +106,25 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     # side channels
     "log.dropped": ("log lines dropped because the log output was too slow", {"dropped": "int"}),
     "record.warning": ("a session recording problem (cap reached, write error)", {}),
+    "sink.report": (
+        "an event sink changed state: down (spooling), up again, dropping, spool trouble (docs/sinks.md)",
+        {},
+    ),
 }
 
 BASE_FIELDS: Final[dict[str, str]] = {
     "v": "int",
+    "id": "str",  # UUIDv7, unique per event and time-ordered: de-duplicate an at-least-once stream by it
     "time": "str",
     "level": "str",
     "event": "str",
+    "sensor": "str",  # --sensor, the host name by default
     "port": "int?",
     "conn": "str?",
     "peer": "str?",
     "peer_port": "int?",
+    "dst_ip": "str?",  # the address the client reached (with --proxy-protocol, the header's)
+    "dst_port": "int?",
     "msg": "str",
 }
 
@@ -125,6 +133,10 @@ def build_schema() -> dict[str, Any]:
     """A JSON Schema (2020-12) for one JSON log line."""
     base = {name: dict(_TYPES[kind]) for name, kind in BASE_FIELDS.items()}
     base["v"] = {"const": SCHEMA_VERSION}
+    base["id"] = {
+        "type": "string",
+        "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
+    }
     base["level"] = {"enum": ["debug", "info", "warn", "error"]}
     base["event"] = {"enum": sorted(EVENTS)}
     per_event = []
