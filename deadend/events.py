@@ -163,6 +163,15 @@ def build_schema() -> dict[str, Any]:
     }
 
 
+def events_table() -> str:
+    """docs/events.md's table of events, generated: a test keeps the document equal to it."""
+    rows = ["| event | when | fields |", "|---|---|---|"]
+    for name, (meaning, fields) in EVENTS.items():
+        shown = ", ".join(f"`{f}` ({kind})" for f, kind in fields.items()) or "—"
+        rows.append(f"| `{name}` | {meaning.replace('|', '/')} | {shown} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     json.dump(build_schema(), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

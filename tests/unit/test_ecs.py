@@ -1,5 +1,6 @@
 """`--log-format ecs`: every key written is a field of ECS's published list (tests/data/ecs/) or under
-`deadend.`, for every event of the catalogue and any fields a script logs; and the values ECS types."""
+`deadend.`, for every event of the catalogue and any fields a script logs; and the values ECS types.
+And docs/events.md's table of events is the catalogue."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deadend.ecs import ECS_VERSION, SCRIPT_FIELDS, ecs_document
-from deadend.events import EVENTS
+from deadend.events import EVENTS, events_table
 from deadend.logs import EventLog, Where, json_record
 from deadend.reasons import ClosedBy, Reason
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 
 with open(DATA / "ecs" / f"fields-{ECS_VERSION}.csv", newline="") as f:
     ECS_TYPES = {row["Field"]: row["Type"] for row in csv.DictReader(f)}
@@ -118,3 +119,9 @@ def test_ecs_lines_from_the_event_log() -> None:
     assert flat["user.name"] == "admin" and flat["deadend.fields.password"] == "\\x1b[2J"
     assert flat["observer.hostname"] == "sensor-9" and flat["log.level"] == "warn"
     assert flat["ecs.version"] == ECS_VERSION
+
+
+def test_docs_events_table_is_the_catalogue() -> None:
+    text = (REPO / "docs" / "events.md").read_text()
+    table = text.split("<!-- events:begin -->\n", 1)[1].split("\n<!-- events:end -->", 1)[0]
+    assert table == events_table(), "docs/events.md's table is stale: paste deadend.events.events_table()"
