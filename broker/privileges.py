@@ -82,10 +82,11 @@ def forbid_tracing() -> None:
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
 
 
-def discover_as(folder: Path, run_as: RunAs, timeout: float = 30.0) -> Discovery:
+def discover_as(folder: Path, fd: int, run_as: RunAs, timeout: float = 30.0) -> Discovery:
     """Still root at start-up: list and read the scripts with --user's permissions, in a forked child that
     drops to that user first, so the broker never reads as root a file its user could not (a symlink to
-    a root-only file fails here as it would on reload). OSError says why the folder cannot be read."""
+    a root-only file fails here as it does on reload). The folder itself is reached through `fd`, opened
+    by root: the path to it (a clone in /root) need not be the user's. OSError says why it cannot be read."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: only system calls and the pure reader, then _exit
@@ -96,7 +97,7 @@ def discover_as(folder: Path, run_as: RunAs, timeout: float = 30.0) -> Discovery
             os.setresgid(run_as.gid, run_as.gid, run_as.gid)
             os.setresuid(run_as.uid, run_as.uid, run_as.uid)
             try:
-                data = to_json(discover(folder))
+                data = to_json(discover(folder, fd))
             except OSError as e:
                 data = json.dumps({"error": e.strerror or str(e)}).encode()
             view = memoryview(data)

@@ -43,7 +43,7 @@ from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
-from deadend.scripts import PORT_MAX, Discovery, Script, discover
+from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -76,6 +76,9 @@ class Server:
     # Sockets of removed scripts, still bound but not listening: a later reload listens on them again,
     # which --user could not do with a fresh socket on a privileged port.
     parked: dict[BindAddress, socket.socket] = field(default_factory=dict)
+    # The scripts folder, opened once at start-up (as root, when started as root): every rescan lists and
+    # reads through it, each file with --user's permissions.
+    scripts_fd: int | None = None
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
@@ -229,10 +232,12 @@ class Server:
         with --user's permissions: at start-up, still root, by a child that drops to it first."""
         folder = self.config.scripts
         try:
+            if self.scripts_fd is None:
+                self.scripts_fd = open_folder(folder)
             if run_as is not None:
-                found = discover_as(folder, run_as)
+                found = discover_as(folder, self.scripts_fd, run_as)
             else:
-                found = await asyncio.to_thread(discover, folder)
+                found = await asyncio.to_thread(discover, folder, self.scripts_fd)
         except OSError as e:
             user = f" as user {run_as.name}" if run_as else ""
             raise StartupError(f"cannot read scripts folder {folder}{user}: {e.strerror or e}") from e
@@ -629,6 +634,9 @@ class Server:
         for sock in self.parked.values():
             sock.close()
         self.parked.clear()
+        if self.scripts_fd is not None:
+            os.close(self.scripts_fd)
+            self.scripts_fd = None
         # 3. Running sessions get their grace, then end.
         if self.doorman is not None:
             await self.doorman.finish(self.config.shutdown_grace + SHUTDOWN_EXTRA)

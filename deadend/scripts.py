@@ -56,15 +56,17 @@ class ScriptFileError(OSError):
     """A `<port>.lua` entry that is not a script file: not regular, or too large."""
 
 
-def read_source(path: Path) -> bytes:
+def read_source(path: Path, folder: int | None = None) -> bytes:
     """A script's bytes, read the one way every reader of scripts uses (broker, reload, tools).
 
-    A symlink is followed. The file is opened non-blocking: a FIFO swapped in for a script cannot block
-    the reader, nor a lease another process holds on it (EWOULDBLOCK). Only a regular file of at most
-    MAX_SCRIPT_BYTES is a script. OSError (ScriptFileError for the last two rules) says why not.
+    `folder`: a descriptor of the folder that `path`'s name is taken relative to. A symlink is followed.
+    The file is opened non-blocking: a FIFO swapped in for a script cannot block the reader, nor a lease
+    another process holds on it (EWOULDBLOCK). Only a regular file of at most MAX_SCRIPT_BYTES is a
+    script. OSError (ScriptFileError for the last two rules) says why not.
     """
+    name: Path | str = path if folder is None else path.name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=folder)
     except BlockingIOError:
         raise OSError(errno.EWOULDBLOCK, "another process holds a lease on it") from None
     try:
@@ -99,17 +101,25 @@ class Discovery:
     unreadable: list[Unreadable] = field(default_factory=list)
 
 
-def discover(folder: Path) -> Discovery:
-    """Every servable script in `folder`, every other entry with the reason. OSError if the folder cannot
-    be listed. Blocking file I/O: the broker calls it off its event loop."""
+def open_folder(folder: Path) -> int:
+    """The scripts folder, opened once (O_DIRECTORY): discovery lists and reads through this descriptor."""
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def discover(folder: Path, fd: int | None = None) -> Discovery:
+    """Every servable script in `folder` (through its descriptor `fd` when given), every other entry with
+    the reason. OSError if the folder cannot be listed. Blocking file I/O: the broker calls it off its
+    event loop."""
     found = Discovery()
-    for path in sorted(folder.iterdir()):
-        verdict = port_of(path.name)
+    names = sorted(os.listdir(folder if fd is None else fd))
+    for name in names:
+        path = folder / name
+        verdict = port_of(name)
         if isinstance(verdict, str):
-            found.ignored.append(Ignored(path.name, verdict))
+            found.ignored.append(Ignored(name, verdict))
             continue
         try:
-            found.scripts.append(Script(verdict, path, read_source(path)))
+            found.scripts.append(Script(verdict, path, read_source(path, fd)))
         except OSError as e:
             found.unreadable.append(Unreadable(verdict, path.name, e.strerror or str(e)))
     found.scripts.sort(key=lambda script: script.port)

@@ -161,3 +161,22 @@ def test_a_removed_privileged_port_serves_again_when_its_script_returns(
     reload(b, r"reload: added 1\.lua")
     assert hello(port) == b"one\n"
     assert hello(port + 6) == b"seven\n"
+
+
+@needs_root
+def test_a_folder_the_user_cannot_reach_by_path_is_read_through_the_descriptor_root_opened(
+    make_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """A clone in /root with the quick start's --user nobody: nobody cannot walk to the folder, but its
+    files are world-readable. Root opens the folder once; every rescan reads through that descriptor, each
+    file with nobody's permissions."""
+    folder = tmp_path / "scripts"  # below pytest's root-only 0700 folder
+    folder.mkdir()
+    (folder / "25.lua").write_text(banner("v1"))
+    # the premise: some folder on the way is closed to others (pytest's 0700 base)
+    assert any(p.stat().st_mode & 0o001 == 0 for p in folder.parents), "tmp_path is open to everyone here"
+    b = make_broker(folder, "--user", "nobody")
+    assert greeting(b) == b"v1\n"
+    (folder / "25.lua").write_text(banner("v2"))
+    reload(b, r"reload: changed 25\.lua")
+    assert greeting(b) == b"v2\n"

@@ -173,6 +173,10 @@ def bad_int(lo: int, hi: int) -> st.SearchStrategy[Any]:
     return st.one_of(not_type(int), *outside)
 
 
+def as_list(items: tuple[Any, ...]) -> list[Any]:
+    return list(items)
+
+
 def wrong_arity(*counts: int) -> st.SearchStrategy[list[Any]]:
     return st.sampled_from(counts).flatmap(lambda n: st.lists(values, min_size=n, max_size=n))
 
@@ -214,8 +218,8 @@ BAD_ARGS: dict[str, st.SearchStrategy[list[Any]]] = {
         st.tuples(
             st.just(b"m"),
             st.just("info"),
-            st.tuples(field_names, st.one_of(st.none(), st.floats(), st.text(max_size=8))).map(list),
-        ).map(list),
+            st.tuples(field_names, st.one_of(st.none(), st.floats(), st.text(max_size=8))).map(as_list),
+        ).map(as_list),
     ),
     "set_tarpit": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, TARPIT_MAX), bad_int(0, TARPIT_MAX))),
     "set_limits": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, LIMIT_MAX), bad_int(0, LIMIT_MAX))),
