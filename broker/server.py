@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
 import os
 import signal
 import socket
@@ -23,8 +24,16 @@ from broker.doorman import Doorman
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
 from broker.metrics import BrokerMetrics, LiveState
-from broker.net import bind_addresses, ipv6_unavailable, open_listener
-from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
+from broker.net import BACKLOG, BindAddress, bind_addresses, ipv6_unavailable, open_listener
+from broker.outbox import Outbox, OutboxError
+from broker.privileges import (
+    PrivilegeError,
+    RunAs,
+    discover_as,
+    drop_privileges,
+    forbid_tracing,
+    resolve_user,
+)
 from broker.sandboxes import Sandboxes, SandboxSet
 from broker.session import Session, SessionSettings, start_message
 from broker.tasks import Background
@@ -34,7 +43,7 @@ from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
-from deadend.scripts import PORT_MAX, Script, discover
+from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -64,9 +73,16 @@ class Server:
     listeners: list[Listener] = field(default_factory=list)
     scripts: dict[int, Script] = field(default_factory=dict)  # what is served, by script port
     spare: dict[int, list[socket.socket]] = field(default_factory=dict)  # systemd's sockets, by port
+    # Sockets of removed scripts, still bound but not listening: a later reload listens on them again,
+    # which --user could not do with a fresh socket on a privileged port.
+    parked: dict[BindAddress, socket.socket] = field(default_factory=dict)
+    # The scripts folder, opened once at start-up (as root, when started as root): every rescan lists and
+    # reads through it, each file with --user's permissions.
+    scripts_fd: int | None = None
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
+    outbox: Outbox | None = None  # the events' way to the --sink collectors
     background: Background | None = None
     fatal: str | None = None  # why the broker stopped on its own, if it did
     _stop: asyncio.Event | None = None
@@ -82,12 +98,18 @@ class Server:
         self._reload_wanted = asyncio.Event()
         self.background = Background(self.log, self._stop_fatally)
         try:
+            if self.config.sink:  # first, so that the sinks get every event from here on
+                self.outbox = Outbox(self.config, self.log)
+        except OutboxError as e:
+            raise StartupError(str(e)) from e
+        try:
             for sock in inherited_listeners():
                 self.spare.setdefault(address_of(sock).port, []).append(sock)
             run_as = resolve_user(self.config.user, self.config.allow_root)
         except (ActivationError, PrivilegeError) as e:
             raise StartupError(str(e)) from e
-        scripts = self._discover()
+        found = await self._discover(run_as if run_as is not None and os.geteuid() == 0 else None)
+        scripts = found.scripts
         if self.sandboxes is None:
             self.sandboxes = await self._make_sandboxes(run_as)
         try:
@@ -160,7 +182,7 @@ class Server:
         gate = self._make_gate()
         await self._start_metrics()
         self._prepare_record_folder(run_as)
-        self._drop_privileges(run_as)
+        await self._start_sinks(run_as)
         self._start_recorder(run_as)
         self.doorman = Doorman(self.config, self.log, self.sandboxes, gate, self.recorder)
         loop = asyncio.get_running_loop()
@@ -168,6 +190,8 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            if self.outbox is not None:
+                loop.add_signal_handler(signal.SIGUSR1, self.outbox.reopen)
         assert self.background is not None
         self.background.spawn(self._reload_on_request(), "reload")
         for listener in self.listeners:
@@ -203,25 +227,43 @@ class Server:
         if self._reload_wanted is not None:
             self._reload_wanted.set()
 
-    def _discover(self) -> list[Script]:
+    async def _discover(self, run_as: RunAs | None = None, *, reloading: bool = False) -> Discovery:
+        """The scripts folder, read off the event loop (a slow disk, a lease, a FIFO cannot stall it) and
+        with --user's permissions: at start-up, still root, by a child that drops to it first."""
         folder = self.config.scripts
-        if not folder.is_dir():
-            raise StartupError(f"scripts folder {folder} does not exist or is not a folder")
         try:
-            scripts, ignored = discover(folder)
+            if self.scripts_fd is None:
+                self.scripts_fd = open_folder(folder)
+            if run_as is not None:
+                found = discover_as(folder, self.scripts_fd, run_as)
+            else:
+                found = await asyncio.to_thread(discover, folder, self.scripts_fd)
         except OSError as e:
-            raise StartupError(f"cannot read scripts folder {folder}: {e.strerror}") from e
-        for item in ignored:
-            name = sanitize(item.name, 256)
-            self.log.info(BROKER, "script.ignored", f"ignored {name}: {item.why}", file=name)
-        for script in scripts:
+            user = f" as user {run_as.name}" if run_as else ""
+            raise StartupError(f"cannot read scripts folder {folder}{user}: {e.strerror or e}") from e
+        for ignored in found.ignored:
+            name = sanitize(ignored.name, 256)
+            self.log.info(BROKER, "script.ignored", f"ignored {name}: {ignored.why}", file=name)
+        for item in found.unreadable:
+            name, why = sanitize(item.name, 256), sanitize(item.why, 256)
+            kept = reloading and item.port in self.scripts
+            outcome = "keeping the previous version" if kept else "port not opened"
+            self.log.warn(
+                Where(port=item.port + self.config.port_offset),
+                "script.unreadable",
+                f"cannot read {name}: {why}; {outcome}",
+                script=name,
+                error=why,
+                kept_previous=kept,
+            )
+        for script in found.scripts:
             port = script.port + self.config.port_offset
             if not 1 <= port <= PORT_MAX:
                 raise StartupError(
                     f"port offset {self.config.port_offset} puts {script.name} on port {port}, "
                     f"outside 1..{PORT_MAX}"
                 )
-        return scripts
+        return found
 
     async def _compile_all(self, scripts: list[Script], *, reloading: bool = False) -> list[Script]:
         assert self.sandboxes is not None
@@ -278,6 +320,15 @@ class Server:
         bound: list[Listener] = []
         for address in addresses:
             try:
+                parked = self.parked.pop(address, None)
+                if parked is not None:
+                    try:
+                        parked.listen(BACKLOG)
+                    except OSError:
+                        parked.close()
+                        raise
+                    bound.append(Listener(parked, address, script))
+                    continue
                 bound.append(Listener(open_listener(address), address, script))
             except OSError as e:
                 if address.optional and ipv6_unavailable(e):
@@ -327,11 +378,15 @@ class Server:
             sandbox_starts=sandboxes.started if sandboxes else 0,
             recording_bytes=self.recorder.total_bytes if self.recorder else 0,
             log_lines_dropped=self.log.dropped_total,
+            sinks=self.outbox.stats() if self.outbox else (),
         )
 
     def _drop_privileges(self, run_as: RunAs | None) -> None:
         try:
             if run_as is not None:
+                # --user may not be able to read the interpreter's files (a virtualenv in root's home):
+                # what is imported lazily later is imported now. asyncio.to_thread's executor (reloads).
+                importlib.import_module("concurrent.futures.thread")
                 drop_privileges(run_as)
                 self.log.info(
                     BROKER,
@@ -355,6 +410,21 @@ class Server:
             os.chown(folder, run_as.uid, run_as.gid)
         except OSError as e:
             raise StartupError(f"cannot create the recording folder {folder}: {e.strerror or e}") from e
+
+    async def _start_sinks(self, run_as: RunAs | None) -> None:
+        """Drop privileges, then start the sinks as --user (their spool's files are its own)."""
+        outbox = self.outbox
+        try:
+            if outbox is not None:
+                outbox.prepare_spool(*((run_as.uid, run_as.gid) if run_as else (None, None)))
+            self._drop_privileges(run_as)
+            if outbox is not None:
+                await outbox.start()
+        except OutboxError as e:
+            hint = (
+                f" (it must be writable by user {run_as.name})" if run_as and outbox and outbox.spool else ""
+            )
+            raise StartupError(f"{e}{hint}") from e
 
     def _start_recorder(self, run_as: RunAs | None) -> None:
         c = self.config
@@ -438,7 +508,7 @@ class Server:
         Sessions already running keep the script they started with; removed ports' sessions finish.
         """
         try:
-            found = self._discover()
+            found = await self._discover(reloading=True)
         except StartupError as e:
             none: list[str] = []
             self.log.error(
@@ -452,7 +522,7 @@ class Server:
                 error=str(e),
             )
             return
-        plan = plan_reload(self.scripts, found)
+        plan = plan_reload(self.scripts, found.scripts, keep={item.port for item in found.unreadable})
         compiled = {s.port for s in await self._compile_all([*plan.added, *plan.changed], reloading=True)}
         failed = [s.name for s in (*plan.added, *plan.changed) if s.port not in compiled]
         added = []
@@ -487,7 +557,7 @@ class Server:
             del self.scripts[port]
             for listener in [x for x in self.listeners if x.script.port == port]:
                 self.listeners.remove(listener)
-                await self._stop_listener(listener)
+                await self._stop_listener(listener, park=True)
                 self.log.info(
                     Where(port=listener.address.port),
                     "listen.stopped",
@@ -495,7 +565,7 @@ class Server:
                     address=str(listener.address),
                 )
 
-    async def _stop_listener(self, listener: Listener) -> None:
+    async def _stop_listener(self, listener: Listener, *, park: bool = False) -> None:
         if listener.task is not None:
             listener.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -503,6 +573,12 @@ class Server:
             listener.task = None
         if listener.inherited:  # we could not bind it again: keep it for a script that comes back
             self.spare.setdefault(listener.address.port, []).append(listener.sock)
+        elif park:
+            # shutdown() on a listening socket stops it listening (clients are refused, pending ones
+            # reset) and, bound to an explicit port, it keeps the port: listen() takes it up again.
+            with contextlib.suppress(OSError):
+                listener.sock.shutdown(socket.SHUT_RDWR)
+            self.parked[listener.address] = listener.sock
         else:
             listener.sock.close()
 
@@ -540,7 +616,7 @@ class Server:
             self.log.info(BROKER, "broker.stopping", "shutting down")
         if self.handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         # 2. Stop accepting: listeners closed (systemd's kept by systemd), no new sandbox for anyone (queued
         # connections are refused with reason shutdown), reloads and other tasks stopped.
@@ -555,6 +631,12 @@ class Server:
             for sock in socks:
                 sock.close()
         self.spare.clear()
+        for sock in self.parked.values():
+            sock.close()
+        self.parked.clear()
+        if self.scripts_fd is not None:
+            os.close(self.scripts_fd)
+            self.scripts_fd = None
         # 3. Running sessions get their grace, then end.
         if self.doorman is not None:
             await self.doorman.finish(self.config.shutdown_grace + SHUTDOWN_EXTRA)
@@ -566,3 +648,7 @@ class Server:
             self.recorder.close()
         if self.metrics is not None:
             await self.metrics.stop()
+        # 6. Last, the sinks: every session's end is in them; they deliver what they can in a few seconds,
+        # and the rest stays in the spool for the next start.
+        if self.outbox is not None:
+            await self.outbox.close()

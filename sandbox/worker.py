@@ -48,9 +48,9 @@ def _compiled_bootstrap() -> bytes:
 
 BOOTSTRAP_CHUNK = _compiled_bootstrap()
 _CONSTANTS = wire.lua_constants()
-BOOTSTRAP_ARGS = (
+BOOTSTRAP_ARGS = (  # the bootstrap's `...`, in its order
     *(_CONSTANTS[k] for k in ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX")),
-    *(_CONSTANTS[k] for k in ("REP_MAX", "MOVE_MAX")),
+    *(_CONSTANTS[k] for k in ("REP_MAX", "MOVE_MAX", "FIELDS_MAX", "FIELD_MAX", "FIELD_KEY_MAX")),
     str(_CONSTANTS["BASE_NAMES"]).encode(),
 )
 
@@ -213,6 +213,10 @@ class ScriptRun:
         args = list(out[2 : 2 + wire.ROWS[op].arity])
         if op == "log":
             args[1] = args[1].decode()  # the level is a name; everything else stays bytes
+            # The fields: a plain array {k1, v1, k2, v2, ...} the bootstrap built (no metatable), read by
+            # raw index into a list.
+            fields = args[2]
+            args[2] = [fields[i] for i in range(1, len(fields) + 1)]
         return [op, *args]
 
     @staticmethod

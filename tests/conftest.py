@@ -6,10 +6,12 @@ import io
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -291,15 +293,23 @@ def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
 def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """Start brokers on given scripts ({"25.lua": source} or a folder); each is stopped and checked after."""
     started: list[Broker] = []
+    shared: list[Path] = []
 
     def start(
         scripts: dict[str, str] | Path, *args: str, ready: bool = True, expect_exit: int = 0, **popen: Any
     ) -> Broker:
         if isinstance(scripts, dict):
-            folder = tmp_path / f"scripts{len(started)}"
-            folder.mkdir()
+            if "--user" in args:
+                # The broker reads its scripts as --user: pytest's tmp_path sits in a root-only folder.
+                folder = Path(tempfile.mkdtemp(prefix="deadend-scripts-", dir="/tmp"))
+                folder.chmod(0o755)
+                shared.append(folder)
+            else:
+                folder = tmp_path / f"scripts{len(started)}"
+                folder.mkdir()
             for name, source in scripts.items():
                 (folder / name).write_text(source)
+                (folder / name).chmod(0o644)
         else:
             folder = scripts
         ports = [int(p.name[:-4]) for p in folder.iterdir() if re.fullmatch(r"[1-9][0-9]{0,4}\.lua", p.name)]
@@ -312,7 +322,11 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         return broker
 
     yield start
-    finish(started)
+    try:
+        finish(started)
+    finally:
+        for folder in shared:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def finish(brokers: Sequence[Broker]) -> None:
