@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -196,6 +196,8 @@ class BrokerMetrics:
         )
         self.reloads = Counter("deadend_reloads", "SIGHUP reloads", ["result"], registry=r)
         r.register(_LiveCollector(state))
+        # --brokers: the supervisor's endpoint shows the sum of its brokers' texts, gathered at each scrape.
+        self.gather: Callable[[], Awaitable[bytes]] | None = None
         self._server: asyncio.Server | None = None
         self._open: set[_Exchange] = set()
         self._next_scrape = 0.0  # loop time of the next free turn to make the text
@@ -254,6 +256,34 @@ class BrokerMetrics:
             self.reloads.labels(result).inc()
 
 
+def summed(texts: list[bytes]) -> bytes:
+    """The sum of several brokers' exposition texts (--brokers): each series' values added up, by name and
+    labels; an `_info` series (the same everywhere) shown once. The comment lines come from the first
+    text that has them, in the order series first appear."""
+    order: list[bytes] = []  # comment lines and series keys, as they first appear
+    values: dict[bytes, float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith(b"#"):
+                if line not in values:
+                    values[line] = 0.0
+                    order.append(line)
+                continue
+            key, _, number = line.rpartition(b" ")  # label values never end a line: the value does
+            if key not in values:
+                order.append(key)
+                values[key] = 0.0
+            value = float(number)
+            info = key.split(b"{", 1)[0].endswith(b"_info")
+            values[key] = value if info else values[key] + value
+    return b"".join(
+        key + b"\n" if key.startswith(b"#") else key + b" " + repr(values[key]).encode() + b"\n"
+        for key in order
+    )
+
+
 def _int(value: object) -> int:
     assert isinstance(value, int)
     return value
@@ -268,6 +298,7 @@ class _Exchange(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._head: bytearray | None = bytearray()  # None once the head is read
         self._timer: asyncio.TimerHandle | None = None
+        self._gathering: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -292,12 +323,27 @@ class _Exchange(asyncio.Protocol):
     def _answer(self, status: int) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        if status == 200 and self._metrics.gather is not None:
+            self._gathering = asyncio.ensure_future(self._answer_gathered(self._metrics.gather))
+            return
         body = b""
         if status == 200:
             try:
                 body = self._metrics.exposition()
             except Exception:  # a collector's bug costs this scrape, not the broker
                 status = 500
+        self._respond(status, body)
+
+    async def _answer_gathered(self, gather: Callable[[], Awaitable[bytes]]) -> None:
+        try:
+            body, status = await gather(), 200
+        except Exception:  # a broker that does not answer costs this scrape, not the supervisor
+            body, status = b"", 500
+        if self._transport is not None and not self._transport.is_closing():
+            self._respond(status, body)
+
+    def _respond(self, status: int, body: bytes) -> None:
+        assert self._transport is not None
         self._transport.write(response(status, body))
         self._transport.close()  # once the response is out
         self._set_timer(SEND_TIMEOUT, self._transport.abort)  # for a client that does not take it
@@ -315,6 +361,8 @@ class _Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._gathering is not None:
+            self._gathering.cancel()
         self._open.discard(self)
 
     def abort(self) -> None:

@@ -36,6 +36,7 @@ from broker.privileges import (
 )
 from broker.sandboxes import Sandboxes, SandboxSet
 from broker.session import Session, SessionSettings, start_message
+from broker.supervised import SupervisorGone, SupervisorLink
 from broker.tasks import Background
 from broker.workers import PoolClosed
 from broker.zygote import DirectSpawner, LauncherSpawner, Spawner, ZygoteLost
@@ -83,6 +84,7 @@ class Server:
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
     outbox: Outbox | None = None  # the events' way to the --sink collectors
+    link: SupervisorLink | None = None  # --brokers: this broker's supervisor (broker/supervised.py)
     background: Background | None = None
     fatal: str | None = None  # why the broker stopped on its own, if it did
     _stop: asyncio.Event | None = None
@@ -105,9 +107,14 @@ class Server:
         try:
             for sock in inherited_listeners():
                 self.spare.setdefault(address_of(sock).port, []).append(sock)
+            if self.link is not None:  # the supervisor's sockets, taken as systemd's are
+                self.link.die_with_supervisor()
+                self._take_spare(self.link.initial_listeners())
             run_as = resolve_user(self.config.user, self.config.allow_root)
-        except (ActivationError, PrivilegeError) as e:
+        except (ActivationError, PrivilegeError, SupervisorGone) as e:
             raise StartupError(str(e)) from e
+        except OSError as e:
+            raise StartupError(f"no listening sockets from the supervisor: {e.strerror or e}") from e
         found = await self._discover(run_as if run_as is not None and os.geteuid() == 0 else None)
         scripts = found.scripts
         if self.sandboxes is None:
@@ -127,6 +134,10 @@ class Server:
             await self._shutdown()
         if self.fatal is not None:
             raise Fatal(self.fatal)
+
+    def _take_spare(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
+            self.spare.setdefault(address_of(sock).port, []).append(sock)
 
     async def _make_sandboxes(self, run_as: RunAs | None) -> Sandboxes:
         spawner = self.spawner
@@ -176,7 +187,8 @@ class Server:
             self.log.warn(
                 BROKER,
                 "broker.warning",
-                f"socket activation passed {len(socks)} socket(s) on port {port} "
+                f"{'the supervisor' if self.link else 'socket activation'} passed {len(socks)} socket(s) "
+                f"on port {port} "
                 "with no script for them; not served",
             )
         gate = self._make_gate()
@@ -207,6 +219,10 @@ class Server:
         failed = self.sandboxes.failed
         assert failed is not None
         failed.add_done_callback(lambda f: self._stop_fatally(f.result()))
+        if self.link is not None:
+            assert self.metrics is not None
+            self.link.serve(self._take_spare, self.request_reload, self.metrics.exposition, self.request_stop)
+            self.link.ready()
 
     def _log_config(self) -> None:
         """The effective configuration, as endlessh prints it: at start-up and after every reload."""
@@ -643,6 +659,8 @@ class Server:
         # 4. Every worker killed and reaped, the zygotes and the launcher stopped.
         if self.sandboxes is not None:
             await self.sandboxes.close()
+        if self.link is not None:
+            self.link.close()
         # 5. What is written off the event loop is flushed.
         if self.recorder is not None:
             self.recorder.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from deadend import __version__, options
+from deadend import __version__, options, wire
 from deadend.config import Config
 from deadend.configfile import ConfigFileError, read_config_file
 from deadend.logs import EventLog
@@ -124,16 +124,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config.from_values(vars(args), args.ports)
 
 
-def run_broker(config: Config) -> int:
+def run_broker(config: Config, argv: Sequence[str]) -> int:
     from broker.server import Fatal, Server, StartupError  # the broker is heavier than the CLI
+    from broker.supervised import SupervisorLink
 
+    sensor = config.sensor or options.default_sensor()
+    place = os.environ.pop(wire.SUPERVISED_ENV, None)  # --brokers: set by the supervisor for each broker
+    if place is None and config.brokers > 1:
+        from broker.supervisor import run_supervisor
+
+        return run_supervisor(config, argv, sensor)
+    link = None
+    if place is not None:
+        try:
+            supervised = wire.Supervised.decode(place)
+        except ValueError as e:
+            print(f"deadend: error: {e}", file=sys.stderr)
+            return 1
+        config = config.share(supervised.index, supervised.count)
+        link = SupervisorLink(supervised)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Whatever the locale, never lose a line to an encoding error: escape what cannot be encoded.
         sys.stdout.reconfigure(errors="backslashreplace")
-    log = EventLog(
-        level=config.log_level, fmt=config.log_format, sensor=config.sensor or options.default_sensor()
-    )
-    server = Server(config, log)
+    log = EventLog(level=config.log_level, fmt=config.log_format, sensor=sensor)
+    server = Server(config, log, link=link)
     try:
         if config.event_loop == "uvloop":
             try:
@@ -165,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.scripts = Path()  # not needed to check, only to build the configuration
         return check_isolation(config_from_args(args), sys.stdout)
     if args.command == "broker":
-        return run_broker(config_from_args(args))
+        return run_broker(config_from_args(args), sys.argv[1:] if argv is None else argv)
     if args.command == "replay":
         return run_replay(args)
     from deadend import tools  # the author/auditor tools

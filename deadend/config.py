@@ -92,6 +92,7 @@ class Config:
     max_connections: int = _default("max-connections")  # accepted connections at once (queued ones too)
     max_per_ip: int | None = _default("max-per-ip")  # None: a quarter of its pool's capacity
     zygote_forks: int = _default("zygote-forks")
+    brokers: int = _default("brokers")  # broker processes under one supervisor (broker/supervisor.py)
     call_rate_total: float = _default("call-rate-total")
     ceilings: Ceilings = field(default_factory=Ceilings)
     record: Path | None = None  # folder for session recordings (docs/recording.md)
@@ -136,6 +137,35 @@ class Config:
         settings = self.ports.get(port)
         value = None if settings is None else settings.values.get("workers")
         return None if value is None else int(value)
+
+    def share(self, index: int, count: int) -> Config:
+        """What broker `index` of `count` (--brokers) runs with: the global caps divided, the remainder to
+        the first brokers; a spool folder of its own; no metrics endpoint (the supervisor serves their
+        sum). --max-per-ip stays whole: each client address always reaches the same broker."""
+
+        def part(total: int) -> int:
+            return total // count + (1 if index < total % count else 0)
+
+        ports = {
+            port: PortSettings({**s.values, "workers": max(1, part(int(s.values["workers"])))})
+            if "workers" in s.values
+            else s
+            for port, s in self.ports.items()
+        }
+        return dataclasses.replace(
+            self,
+            workers=part(self.workers),
+            warm=part(self.warm),
+            queue_size=part(self.queue_size),
+            max_connections=part(self.max_connections),
+            call_rate_total=self.call_rate_total / count,
+            record_max_bytes=part(self.record_max_bytes),
+            record_max_files=max(1, part(self.record_max_files)),
+            spool=None if self.spool is None else self.spool / f"broker-{index}",
+            spool_max_bytes=part(self.spool_max_bytes),
+            metrics=None,
+            ports=ports,
+        )
 
     def effective(self) -> str:
         """The effective configuration, one line (logged at start-up and on every reload)."""

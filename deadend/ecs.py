@@ -63,6 +63,8 @@ _CATEGORY: Final[dict[str, tuple[list[str], list[str]]]] = {
     "script.log_dropped": (["intrusion_detection"], ["info"]),
     "broker.ready": (["process"], ["start"]),
     "broker.stopping": (["process"], ["end"]),
+    "brokers.ready": (["process"], ["start"]),
+    "brokers.exited": (["process"], ["end"]),
     "broker.error": (["process"], ["error"]),
     "accept.error": (["network"], ["error"]),
     "broker.config": (["configuration"], ["info"]),

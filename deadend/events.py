@@ -46,6 +46,14 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
         {"config": "str"},
     ),
     "broker.stopping": ("shutdown began (SIGINT/SIGTERM or a fatal pool failure)", {}),
+    "brokers.ready": (
+        "--brokers: every broker process is serving (the supervisor's line)",
+        {"brokers": "int"},
+    ),
+    "brokers.exited": (
+        "--brokers: a broker process exited on its own; the supervisor starts it again in `restart_in` s",
+        {"broker": "int", "status": "str", "restart_in": "num"},
+    ),
     "broker.privileges": ("privileges dropped to --user", {"user": "str", "uid": "int", "gid": "int"}),
     "broker.warning": ("a broker-wide condition the operator should know", {}),
     "broker.error": ("a broker-wide failure; the broker goes on unless it says otherwise", {}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import re
 import socket
 from collections.abc import Iterable, Mapping
@@ -63,12 +64,24 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+BROKERS_MAX: Final = 1024
+
+
+def parse_brokers(text: str) -> int:
+    """--brokers: a count, or `auto` for one broker per core."""
+    if text == "auto":
+        return max(1, min(BROKERS_MAX, os.cpu_count() or 1))
+    if not text.isdigit() or not 1 <= int(text) <= BROKERS_MAX:
+        raise ValueError(f"{text!r} is not a number of brokers (1..{BROKERS_MAX}) or auto")
+    return int(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One broker option. `field` is the Config (or Ceilings) attribute it sets."""
 
     name: str  # the flag without "--", and the config file's key
-    kind: str  # int | float | bool | path | str | choice | network | hostport | sensor | sink
+    kind: str  # int | float | bool | path | str | choice | network | hostport | sensor | sink | brokers
     default: Any  # None: unset (the option is off, or computed: see `help`)
     help: str
     group: str
@@ -120,6 +133,8 @@ class Option:
             return parse_sensor(text)
         if self.kind == "sink":
             return parse_sink_url(text)
+        if self.kind == "brokers":
+            return parse_brokers(text)
         return text
 
     def shown_default(self) -> str:
@@ -340,6 +355,18 @@ OPTIONS: Final[tuple[Option, ...]] = (
         lo=1,
         hi=10**7,
         readme_default="¼ of the pool",
+    ),
+    _opt(
+        "brokers",
+        "brokers",
+        1,
+        "N",
+        "broker processes sharing the ports, each with its own sandboxes, under one supervisor (`auto`: "
+        "one per core). Each client address (IPv4, or IPv6 /64) always reaches the same broker, so "
+        "--max-per-ip holds whole; --workers, --warm, --queue-size, --max-connections, --call-rate-total, "
+        "the recording and spool caps and each port's own workers are divided between the brokers "
+        "(the remainder to the first)",
+        group=POOL,
     ),
     _opt(
         "zygote-forks",

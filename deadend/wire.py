@@ -1,6 +1,7 @@
-"""The wire: every message between the broker, the zygote and the sandbox workers. The contract's one home.
+"""The wire: every message between the broker, the zygote and the sandbox workers (and, with --brokers,
+the supervisor). The contract's one home.
 
-Three channels, four dialects, all msgpack:
+Four channels, five dialects, all msgpack:
 
     broker ──control socket (SOCK_SEQPACKET, one message per datagram)──▶ zygote        [ZYGOTE CONTROL]
       ["fork", {ForkRequest}]              ──▶  ◀── ["hello", pid, [[layer, why skipped]...]]  once, ready
@@ -20,6 +21,12 @@ Three channels, four dialects, all msgpack:
       ──▶ slot, ["start", {Start}]                    every later frame both ways is preceded by its
       ◀── slot, [op, arg...]  ──▶ slot, reply          session's slot number (a msgpack integer)
       ──▶ slot, ["abort"]   ◀── slot, ["done", "aborted", b""]   the broker ends a session early
+
+    supervisor ──control socket (SOCK_SEQPACKET)──▶ broker i of N (--brokers)          [SUPERVISOR]
+      ["listeners", more] + fds            ──▶  sockets to serve (several messages while `more`)
+      ["reload"]                           ──▶  rescan the scripts (after any new port's listeners)
+      ["metrics", n]                       ──▶  ◀── ["metrics", n, chunk, more]  its exposition text
+                                                ◀── ["ready"]  serving (after its broker.ready event)
 
 The zygote itself is started with a ZygoteConfig (one JSON argument). Requests are the `deadend.*` calls
 of SPEC.md: REQUESTS below is the one table of them (name, arity, argument check, the modes that permit
@@ -393,6 +400,36 @@ def parse_request(frame: Any, mode: Mode) -> Request:
     if len(args) != row.arity or not row.check(args):
         raise ProtocolViolation(f"bad arguments to {op!r}")
     return Request(op, args)
+
+
+# --- the supervisor (--brokers): broker i of N learns its place and its control socket ------------------
+
+SUPERVISED_ENV: Final = "DEADEND_SUPERVISED"  # "index/count/control_fd/supervisor_pid", set by the supervisor
+SUPERVISOR_FDS_MAX: Final = 200  # descriptors per listeners message (the kernel takes at most 253)
+SUPERVISOR_CHUNK: Final = 32 << 10  # bytes of metrics text per message (a datagram stays small)
+
+
+@dataclass(frozen=True, slots=True)
+class Supervised:
+    """A broker's place under the supervisor: which of how many, and where to talk to it."""
+
+    index: int
+    count: int
+    control_fd: int
+    supervisor_pid: int
+
+    def encode(self) -> str:
+        return f"{self.index}/{self.count}/{self.control_fd}/{self.supervisor_pid}"
+
+    @classmethod
+    def decode(cls, text: str) -> Supervised:
+        parts = text.split("/")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"malformed {SUPERVISED_ENV}")
+        index, count, fd, pid = (int(p) for p in parts)
+        if not 0 <= index < count:
+            raise ValueError(f"malformed {SUPERVISED_ENV}")
+        return cls(index, count, fd, pid)
 
 
 # --- the zygote: its configuration and its control messages ------------------------------------------
