@@ -370,6 +370,7 @@ class Served:
         self.dense = dense  # --sessions-per-worker above 1: children outlive their sessions
         self.cwd = cwd
         self.fd_cap: int | None = None  # the broker capped connections there (its descriptor limit)
+        self.ready_event = "broker.ready"  # with --brokers N: "brokers.ready", once all N serve
         self.proc: subprocess.Popen[str] | None = None
         self.offset = 0
         self.zygote = 0  # the process the broker started
@@ -434,7 +435,7 @@ class Served:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") == "broker.ready":
+            if event.get("event") == self.ready_event:
                 self._ready.set()
             elif event.get("event") == "broker.warning" and (cap := FD_CAP.search(event.get("msg", ""))):
                 self.fd_cap = int(cap.group(1))
@@ -594,7 +595,10 @@ def broker(
     flags = ["--scripts", str(scripts), "--warm", str(warm), *server_flags([*extra, *dense, *many])]
     name = DEADEND + (DENSE if k > 1 else "") + checkout.suffix
     argv = [checkout.python, "-m", "deadend", "broker", *flags]
-    return Served(name, argv, warm, isolated=True, dense=k > 1, cwd=checkout.root)
+    served = Served(name, argv, warm, isolated=True, dense=k > 1, cwd=checkout.root)
+    if brokers > 1:
+        served.ready_event = "brokers.ready"
+    return served
 
 
 def in_process(checkout: Checkout, scripts: Path, extra: list[str], warm: int) -> Served:
@@ -1704,7 +1708,7 @@ def run(z: Sizes, checkouts: list[Checkout]) -> Results:
         holders += [in_process(THIS, tarpits, extra, WARM), lean(tarpits, extra)]
         servers += holders
         held = measure_dense_hold(holders, z.dense, z.hold_seconds)
-        brokers = Brokers({}, {}, 0)  # figure 9 needs --brokers
+        brokers = measure_brokers(busy, z)
     finally:
         for srv in servers:
             srv.stop()
