@@ -26,6 +26,20 @@ _TCP_CLOSE = 7  # ... the connection is gone (RST)
 
 
 class ClientConnection:
+    __slots__ = (
+        "_buffer",
+        "_departed",
+        "_eof",
+        "_failed",
+        "_loop",
+        "_probe",
+        "_reading",
+        "_tcp",
+        "_waiter",
+        "on_departed",
+        "sock",
+    )
+
     def __init__(self, sock: socket.socket, pending: bytes, on_departed: Callable[[], None]) -> None:
         self.sock: socket.socket | None = sock
         self.on_departed = on_departed  # the peer sent FIN or RST (called once, maybe while it sleeps)

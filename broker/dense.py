@@ -47,6 +47,20 @@ def retire_after(sessions_per_worker: int) -> int:
 class Slot:
     """One session's view of a shared worker: the same serve()/send() a WorkerChannel offers."""
 
+    __slots__ = (
+        "abort_sent",
+        "aborting",
+        "channel",
+        "done",
+        "failure",
+        "frames",
+        "number",
+        "on_failure",
+        "on_frame",
+        "owed",
+        "waiter",
+    )
+
     def __init__(self, channel: DenseChannel, number: int) -> None:
         self.channel = channel
         self.number = number

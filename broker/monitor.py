@@ -64,6 +64,30 @@ SESSION_MODES = wire.SESSION
 
 
 class Monitor:
+    __slots__ = (
+        "_busy",
+        "_calls",
+        "_logs",
+        "bytes_in",
+        "bytes_limit",
+        "bytes_out",
+        "calls_after_close",
+        "calls_limit",
+        "ceilings",
+        "closed_by",
+        "eof",
+        "gone_at",
+        "idled",
+        "logs_dropped",
+        "open",
+        "peer_gone",
+        "peer_ip",
+        "recv_calls",
+        "rng",
+        "tarpit_base",
+        "tarpit_jitter",
+    )
+
     def __init__(self, peer_ip: str, ceilings: Ceilings, rng: random.Random, now: float) -> None:
         self.peer_ip = peer_ip.encode()
         self.ceilings = ceilings

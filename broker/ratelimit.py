@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate  # tokens per second
         self.burst = burst  # the most that may be spent at once

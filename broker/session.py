@@ -8,20 +8,22 @@ session does the I/O and replies. Whatever happens, it ends with the socket clos
 Two paths, one order. Requests reach `_on_frame` from the pipe's reader callback; an action that needs
 no waiting (a reply, a log line, a send the socket takes at once, a recv with bytes already read) is
 carried out and answered right there: no task is woken and no future made, which was half the cost of a
-round trip. Whatever must wait (a sleep, a recv with nothing to read, a throttled call, a tarpit, a send
-the socket cannot take yet, the end) is handed to the session's task (`_serve`), which carries it out and
-answers. Either way the worker has one request in flight, and the next arrives only after its answer.
+round trip. A sleep is answered by a timer. Whatever else must wait (a recv with nothing to read, a
+throttled call, a tarpit, a send the socket cannot take yet, the end) is handed to the session's task
+(`_serve`), which carries it out and answers. Either way the worker has one request in flight, and the
+next arrives only after its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import random
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from broker import monitor as m
 from broker.channel import Deadline, WorkerGone, WorkerLost
@@ -38,6 +40,9 @@ from deadend.scripts import Script
 EXIT_REPORT_TIMEOUT = 2.0  # how long to wait for the zygote to report a killed worker
 
 _system_random = random.SystemRandom()
+# The tarpit's jitter, for every session of this broker: a Random holds 2.5 KiB of state, which a session
+# of its own would multiply by 10,000 held sessions; the jitter is timing noise, not a secret.
+_jitter = random.Random(_system_random.getrandbits(128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,15 @@ class _SendRest:
 Slow = m.Action | _SendRest  # what `_serve` carries out
 
 
+class Later(enum.Enum):
+    """Answered later by a callback (a sleep's timer), neither now nor by `_serve`."""
+
+    LATER = "later"
+
+
+LATER: Final = Later.LATER
+
+
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     ceilings: Ceilings
@@ -60,6 +74,30 @@ class SessionSettings:
 
 
 class Session:
+    # Slots: a dense broker holds 10,000 of these (and of Monitor, ClientConnection, TokenBucket, Slot).
+    __slots__ = (
+        "_failure",
+        "_handed",
+        "_lease",
+        "_mode",
+        "_queued",
+        "_sleeping",
+        "_slept_from",
+        "_timeout",
+        "ceilings",
+        "conn",
+        "log",
+        "loop",
+        "lost",
+        "monitor",
+        "recording",
+        "script",
+        "settings",
+        "shutting_down",
+        "started",
+        "where",
+    )
+
     def __init__(
         self,
         sock: socket.socket,
@@ -78,15 +116,14 @@ class Session:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.monitor = m.Monitor(
-            where.peer, self.ceilings, random.Random(_system_random.random()), self.started
-        )
+        self.monitor = m.Monitor(where.peer, self.ceilings, _jitter, self.started)
         # `pending`: client bytes read before the session began (after a PROXY header)
         self.conn = ClientConnection(sock, pending, self._peer_departed)
         self.shutting_down = False
         self.lost: tuple[Reason, bytes] | None = None  # how the sandbox was lost while nobody waited on it
         self._timeout: asyncio.Timeout | None = None
-        self._wake: asyncio.Future[None] | None = None  # ends the sleep in progress
+        self._sleeping: asyncio.TimerHandle | None = None  # answers the sleep in progress
+        self._slept_from = 0.0
         self._lease: Lease | None = None
         self._mode = wire.Mode.RUN
         self._handed: asyncio.Future[tuple[Slow, float]] | None = None  # `_serve` waits on the worker
@@ -118,7 +155,9 @@ class Session:
                 reason = Reason.SHUTDOWN
                 raise
         finally:
-            self._lease = None  # a late frame or failure finds nothing to act on
+            self._lease = None  # a late frame, failure or timer finds nothing to act on
+            if self._sleeping is not None:
+                self._sleeping.cancel()
             self.conn.close()
             lease.release(reason)
             if reason == Reason.CRASH and not detail:
@@ -162,21 +201,19 @@ class Session:
         and a sleep in progress ends at once, so that the script sees it (a tarpit's next send fails)."""
         self.monitor.peer_left(self.loop.time())
         self._follow_monitor()
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        if self._sleeping is not None:
+            self._sleeping.cancel()
+            self._woke()
 
-    async def _sleep(self, seconds: float) -> int:
-        """Sleep, until the peer leaves at the latest; the milliseconds slept."""
-        started = self.loop.time()
-        self._wake = self.loop.create_future()
-        try:
-            async with asyncio.timeout(seconds):
-                await self._wake
-        except TimeoutError:
-            pass
-        finally:
-            self._wake = None
-        return round((self.loop.time() - started) * 1000)
+    def _sleep(self, seconds: float) -> None:
+        """Answer the sleep in `seconds`, or when the peer leaves if sooner (`_woke`). A timer, not a task:
+        a tarpit holding thousands of sessions costs one timer each between its lines."""
+        self._slept_from = self.loop.time()
+        self._sleeping = self.loop.call_later(seconds, self._woke)
+
+    def _woke(self) -> None:
+        self._sleeping = None
+        self._answer(self.monitor.slept(round((self.loop.time() - self._slept_from) * 1000)))
 
     def _ending(self, exc: BaseException) -> tuple[Reason, bytes]:
         """The reason and detail a session ends with when its sandbox fails it."""
@@ -215,6 +252,8 @@ class Session:
             if calls is not None:
                 delay = max(delay, calls.delay(now))
         later = action if delay else self._at_once(action, now)  # a delayed reply waits in `_serve` too
+        if later is LATER:
+            return
         if isinstance(later, m.Reply) and not delay:
             self._answer(later)
         elif self._handed is not None and not self._handed.done():
@@ -222,7 +261,7 @@ class Session:
         else:
             self._queued = (later, delay)
 
-    def _at_once(self, action: m.Action, now: float) -> m.Reply | Slow:
+    def _at_once(self, action: m.Action, now: float) -> m.Reply | Slow | Later:
         """Carry out `action` if that needs no waiting: its reply; else what `_serve` must carry out."""
         monitor = self.monitor
         if isinstance(action, m.Reply):
@@ -241,6 +280,9 @@ class Session:
         if isinstance(action, m.Recv) and self.conn.readable() and not monitor.tarpit_on():
             reply, _no_delay = self._received(self.conn.take(action.n))
             return reply
+        if isinstance(action, m.Sleep):
+            self._sleep(action.seconds)
+            return LATER
         return action
 
     async def _serve(self, lease: Lease) -> tuple[Reason, bytes]:
@@ -262,14 +304,16 @@ class Session:
                 return action.reason, action.detail
             if delay:
                 await asyncio.sleep(delay)
-            self._answer(await self._carry_out(action))
+            reply = await self._carry_out(action)
+            if reply is not LATER:
+                self._answer(reply)
 
     def _failed(self, exc: BaseException, lease: Lease) -> tuple[Reason, bytes]:
         if isinstance(exc, Deadline):
             lease.worker.kill()
         return self._ending(exc)
 
-    async def _carry_out(self, action: Slow) -> m.Reply:
+    async def _carry_out(self, action: Slow) -> m.Reply | Later:
         monitor, loop = self.monitor, self.loop
         if isinstance(action, m.Reply):
             return action
@@ -282,7 +326,8 @@ class Session:
         if isinstance(action, m.Recv):
             return await self._recv(action.n)
         if isinstance(action, m.Sleep):
-            return monitor.slept(await self._sleep(action.seconds))
+            self._sleep(action.seconds)
+            return LATER
         assert isinstance(action, m.Log)
         self._script_log(action)
         return monitor.carried_out()
