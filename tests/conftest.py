@@ -78,6 +78,36 @@ def sandboxes_below(zygote: int) -> list[int]:
     return descendants(fork_server(zygote))
 
 
+def runs(pid: int | None, module: bytes) -> bool:
+    """Whether `pid`'s command line names `module` (False once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return module in f.read()
+    except OSError:
+        return False
+
+
+def parent_of(pid: int) -> int | None:
+    """Its parent's pid, or None if it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def zygote_of(b: Broker) -> int:
+    """A broker's zygote: the process running sandbox.zygote that its parent started (the broker, or with
+    --user the launcher); its fork server, forked from it, runs the same program."""
+    found = [
+        pid
+        for pid in descendants(b.proc.pid)
+        if runs(pid, b"sandbox.zygote") and not runs(parent_of(pid), b"sandbox.zygote")
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def free_offset(ports: list[int]) -> int:
     """An offset that puts every script port on a free loopback port."""
     for _ in range(200):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AS_ROOT, HOST, REPO, descendants, read_all, wait_gone
+from tests.conftest import AS_ROOT, HOST, REPO, descendants, read_all, wait_gone, zygote_of
 
 WAITER = """
 deadend.send("hi\\n")
@@ -116,9 +116,7 @@ def test_broker_survives_the_zygote_dying(make_broker) -> None:
     b = make_broker({"7.lua": 'deadend.send("up")'})
     with b.connect(7) as s:
         assert read_all(s) == b"up"
-    zygote = [p for p in descendants(b.proc.pid) if _is_zygote(p, b.proc.pid)]
-    assert len(zygote) == 1
-    os.kill(zygote[0], signal.SIGKILL)
+    os.kill(zygote_of(b), signal.SIGKILL)
     b.wait_for(r"sandbox zygote exited; restarting it")
     deadline = time.monotonic() + 10
     while True:  # the next connections are served by the new zygote's children
@@ -131,16 +129,6 @@ def test_broker_survives_the_zygote_dying(make_broker) -> None:
         assert time.monotonic() < deadline, "not serving after a zygote restart"
         time.sleep(0.1)
     assert b.proc.poll() is None
-
-
-def _is_zygote(pid: int, broker_pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return ppid == broker_pid and b"sandbox.zygote" in f.read()
-    except OSError:
-        return False
 
 
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
