@@ -222,3 +222,37 @@ def test_sixteen_spinning_sessions_stay_within_half_a_core_of_the_broker(
     banner = time.monotonic() - started
     print(f"broker CPU with 16 spinning sessions: {share:.2f} core; a new banner in {banner:.3f} s")
     assert share <= 0.5, share
+
+
+# --- fresh layouts over time ---------------------------------------------------------------------------
+
+
+def lua_base(pid: int) -> int | None:
+    """Where lupa's Lua library is mapped in `pid` (its first mapping), or None."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "lupa" in line and ".so" in line:
+                    return int(line.split("-", 1)[0], 16)
+    except OSError:
+        pass
+    return None
+
+
+def test_zygotes_are_renewed_after_zygote_forks_without_refusing_anyone(
+    make_broker: Callable[..., Broker],
+) -> None:
+    """After --zygote-forks forks a freshly exec'd zygote replaces the old one (which retires once its
+    sandboxes are done): children get fresh address-space layouts over time, and nobody is turned away."""
+    b = make_broker({"7.lua": 'deadend.send("up\\n") deadend.recv(1)'}, "--zygote-forks", "20", "--warm", "2")
+    bases: set[int] = set()
+    for i in range(60):
+        with b.connect(7, source=f"127.0.10.{i % 200 + 1}") as c:
+            assert read_until(c, b"\n") == b"up\n"  # its sandbox is alive now
+            for pid in descendants(b.proc.pid):
+                if runs(pid, b"sandbox.zygote") and (base := lua_base(pid)) is not None:
+                    bases.add(base)
+    print(f"{len(bases)} distinct Lua library bases among sandboxes and zygotes over 60 sessions")
+    assert len(bases) >= 3, [hex(base) for base in bases]
+    assert "refused" not in "\n".join(b.lines)
+    assert len(re.findall(r"session end reason=done", "\n".join(b.lines))) >= 59
