@@ -43,7 +43,7 @@ from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
-from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder
+from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder, refresh_folder
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -234,6 +234,8 @@ class Server:
         try:
             if self.scripts_fd is None:
                 self.scripts_fd = open_folder(folder)
+            elif reloading:
+                self.scripts_fd = await asyncio.to_thread(refresh_folder, folder, self.scripts_fd)
             if run_as is not None:
                 found = discover_as(folder, self.scripts_fd, run_as)
             else:

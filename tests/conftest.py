@@ -359,6 +359,10 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# A traceback's header, or frame lines alone: traceback.print_stack() and faulthandler write no header.
+TRACEBACK = re.compile(r'^Traceback \(most recent call last\)|^\s*File ".*", line \d+', re.M)
+
+
 def finish(brokers: Sequence[Broker]) -> None:
     """Stop each broker and check what it leaves: no process, the exit status it should have, no traceback
     on stdout or stderr. Every fixture that starts brokers ends with this."""
@@ -374,7 +378,7 @@ def finish(brokers: Sequence[Broker]) -> None:
         if code != broker.expect_exit:
             problems.append(f"the broker exited {code}, not {broker.expect_exit}")
         err = broker.stderr_closed()
-        if "Traceback" in err or "Traceback" in "\n".join(broker.lines):
+        if any(TRACEBACK.search(text) for text in (err, "\n".join(broker.lines))):
             problems.append(f"the broker wrote a traceback:\n{err[-3000:]}")
     assert not problems, "\n".join(problems)
 
