@@ -10,6 +10,7 @@ bound and the broker never needs root at all.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import errno
 import json
 import os
@@ -142,6 +143,10 @@ def launcher_tree(run_as: RunAs, roots: Iterable[Path] | None = None) -> None:
     if roots is None:
         package = Path(lockdown.__file__).resolve().parent  # the sandbox package the launcher imports
         roots = {Path(os.path.realpath(sys.executable)), package}
+        for name in ("msgpack", "lupa", "pyseccomp"):  # what the launcher and the zygote import besides
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin:
+                roots.add(Path(spec.origin).resolve())
     for root in sorted(roots):
         for path in [root, *root.parents]:
             try:
