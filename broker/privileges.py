@@ -10,8 +10,8 @@ bound and the broker never needs root at all.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import errno
+import importlib.util
 import json
 import os
 import pwd
