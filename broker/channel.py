@@ -247,7 +247,8 @@ class WorkerChannel:
         self._deadline = deadline
         if deadline == float("inf"):
             return
-        if self._timer is not None and self._timer.when() > deadline:  # armed for a later deadline
+        if self._timer is not None and self._timer.when() > deadline:
+            # A timer left from a longer wait (a worker's start-up) would fire late: bring it forward.
             self._timer.cancel()
             self._timer = None
         if self._timer is None:

@@ -32,6 +32,7 @@ from broker.privileges import (
     discover_as,
     drop_privileges,
     forbid_tracing,
+    launcher_tree,
     resolve_user,
 )
 from broker.sandboxes import Sandboxes, SandboxSet
@@ -44,7 +45,7 @@ from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
-from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder
+from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder, refresh_folder
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -144,6 +145,10 @@ class Server:
         if spawner is None and run_as is not None:
             # The broker is about to drop to --user: keep a launcher that may start fresh zygotes later.
             launcher = LauncherSpawner()
+            try:
+                launcher_tree(run_as)
+            except PrivilegeError as e:
+                raise StartupError(str(e)) from e
             try:
                 await launcher.start(run_as)
             except (ZygoteLost, OSError) as e:
@@ -250,6 +255,8 @@ class Server:
         try:
             if self.scripts_fd is None:
                 self.scripts_fd = open_folder(folder)
+            elif reloading:
+                self.scripts_fd = await asyncio.to_thread(refresh_folder, folder, self.scripts_fd)
             if run_as is not None:
                 found = discover_as(folder, self.scripts_fd, run_as)
             else:

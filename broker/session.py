@@ -314,15 +314,13 @@ class Session:
         return self._ending(exc)
 
     async def _carry_out(self, action: Slow) -> m.Reply | Later:
-        monitor, loop = self.monitor, self.loop
+        monitor = self.monitor
         if isinstance(action, m.Reply):
             return action
         if isinstance(action, _SendRest):
-            ok = await self._send(action.data, action.done)
-            return monitor.sent(ok, len(action.data), loop.time())
+            return await self._send(action.data, action.done)
         if isinstance(action, m.Send):
-            ok = await self._send(action.data)
-            return monitor.sent(ok, len(action.data), loop.time())
+            return await self._send(action.data)
         if isinstance(action, m.Recv):
             return await self._recv(action.n)
         if isinstance(action, m.Sleep):
@@ -347,12 +345,16 @@ class Session:
 
     # --- socket I/O ------------------------------------------------------------------------------
 
-    async def _send(self, data: bytes, done: int = 0) -> bool:
-        """Send `data` (its first `done` bytes were written already)."""
-        if not await self.conn.send(data[done:] if done else data):
-            return False
+    async def _send(self, data: bytes, done: int = 0) -> m.Reply:
+        """Send `data` (its first `done` bytes were written already): the reply to the script's send."""
+        try:
+            ok = await self.conn.send(data[done:] if done else data, self.ceilings.idle_timeout or None)
+        except TimeoutError:  # the client stopped reading: as silent as one that stops sending
+            return self.monitor.idle(self.loop.time())
+        if not ok:
+            return self.monitor.sent(False, len(data), self.loop.time())
         self._record("out", data)
-        return True
+        return self.monitor.sent(True, len(data), self.loop.time())
 
     def _record(self, direction: str, data: bytes) -> None:
         if self.recording is not None:

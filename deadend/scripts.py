@@ -106,6 +106,25 @@ def open_folder(folder: Path) -> int:
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def refresh_folder(folder: Path, fd: int) -> int:
+    """On reload: the descriptor to rescan through. The same folder keeps `fd`; a folder replaced at the
+    same path (a deployment that swaps a symlink) is opened anew, and `fd` closed; a path that no longer
+    leads to a folder raises OSError. A path the process may not walk (a clone in /root, the broker
+    running as --user) cannot be checked: `fd` is kept."""
+    try:
+        st = os.stat(folder)
+    except PermissionError:
+        return fd
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+    current = os.fstat(fd)
+    if (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino):
+        return fd
+    fresh = open_folder(folder)
+    os.close(fd)
+    return fresh
+
+
 def discover(folder: Path, fd: int | None = None) -> Discovery:
     """Every servable script in `folder` (through its descriptor `fd` when given), every other entry with
     the reason. OSError if the folder cannot be listed. Blocking file I/O: the broker calls it off its

@@ -78,6 +78,36 @@ def sandboxes_below(zygote: int) -> list[int]:
     return descendants(fork_server(zygote))
 
 
+def runs(pid: int | None, module: bytes) -> bool:
+    """Whether `pid`'s command line names `module` (False once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return module in f.read()
+    except OSError:
+        return False
+
+
+def parent_of(pid: int) -> int | None:
+    """Its parent's pid, or None if it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def zygote_of(b: Broker) -> int:
+    """A broker's zygote: the process running sandbox.zygote that its parent started (the broker, or with
+    --user the launcher); its fork server, forked from it, runs the same program."""
+    found = [
+        pid
+        for pid in descendants(b.proc.pid)
+        if runs(pid, b"sandbox.zygote") and not runs(parent_of(pid), b"sandbox.zygote")
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def free_offset(ports: list[int]) -> int:
     """An offset that puts every script port on a free loopback port."""
     for _ in range(200):
@@ -329,6 +359,10 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# A traceback's header, or frame lines alone: traceback.print_stack() and faulthandler write no header.
+TRACEBACK = re.compile(r'^Traceback \(most recent call last\)|^\s*File ".*", line \d+', re.M)
+
+
 def finish(brokers: Sequence[Broker]) -> None:
     """Stop each broker and check what it leaves: no process, the exit status it should have, no traceback
     on stdout or stderr. Every fixture that starts brokers ends with this."""
@@ -344,7 +378,7 @@ def finish(brokers: Sequence[Broker]) -> None:
         if code != broker.expect_exit:
             problems.append(f"the broker exited {code}, not {broker.expect_exit}")
         err = broker.stderr_closed()
-        if "Traceback" in err or "Traceback" in "\n".join(broker.lines):
+        if any(TRACEBACK.search(text) for text in (err, "\n".join(broker.lines))):
             problems.append(f"the broker wrote a traceback:\n{err[-3000:]}")
     assert not problems, "\n".join(problems)
 

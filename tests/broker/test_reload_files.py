@@ -180,3 +180,14 @@ def test_a_folder_the_user_cannot_reach_by_path_is_read_through_the_descriptor_r
     (folder / "25.lua").write_text(banner("v2"))
     reload(b, r"reload: changed 25\.lua")
     assert greeting(b) == b"v2\n"
+
+
+def test_a_folder_swapped_in_at_the_same_path_is_followed(make_broker: Callable[..., Broker]) -> None:
+    b = make_broker({"25.lua": banner("v1")})
+    release = b.scripts.with_name(b.scripts.name + "-v2")
+    release.mkdir()
+    (release / "25.lua").write_text(banner("v2"))
+    b.scripts.rename(b.scripts.with_name(b.scripts.name + "-v1"))
+    release.rename(b.scripts)  # the deployment's swap
+    reload(b, r"reload: changed 25\.lua")
+    assert greeting(b) == b"v2\n"

@@ -17,9 +17,9 @@ no unhandled exception in the broker's loop, the broker thread alive, every chil
 descriptor, session or channel left behind and the process's memory within bounds.
 
 The default suite runs every ending once (`test_each_ending_once`) and a fuzzing slice (at least 5,000
-frames, under 30 s); `-m slow` runs the full campaign (at least 100,000 frames). Hypothesis runs in rounds
-with fixed seeds and no database, so a run is reproducible; a failure prints its `@reproduce_failure`
-blob. DEADEND_FUZZ_VERBOSE=1 prints every example.
+frames, about half a minute on an idle 2-core machine); `-m slow` runs the full campaign (at least 100,000
+frames). Hypothesis runs in rounds with fixed seeds and no database, so a run is reproducible; a failure
+prints its `@reproduce_failure` blob. DEADEND_FUZZ_VERBOSE=1 prints every example.
 """
 
 from __future__ import annotations
