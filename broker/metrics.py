@@ -18,7 +18,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -198,6 +198,7 @@ class BrokerMetrics:
         r.register(_LiveCollector(state))
         # --brokers: the supervisor's endpoint shows the sum of its brokers' texts, gathered at each scrape.
         self.gather: Callable[[], Awaitable[bytes]] | None = None
+        self._children: dict[tuple[object, ...], Any] = {}
         self._server: asyncio.Server | None = None
         self._open: set[_Exchange] = set()
         self._next_scrape = 0.0  # loop time of the next free turn to make the text
@@ -227,33 +228,43 @@ class BrokerMetrics:
         self._next_scrape = turn + SCRAPE_INTERVAL
         return turn - now
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: labels() checks and locks at every call (most of an event's
+        cost to the metrics); the label sets are few (ports, reasons, limits), so the cache stays small."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, event: str, where: Where, fields: Mapping[str, object]) -> None:
         port = str(where.port)
+        child = self._child
         if event == "connect" and not where.quiet:
-            self.accepted.labels(port).inc()
+            child(self.accepted, port).inc()
         elif event == "session.end":
             reason = str(fields["reason"])
             if where.quiet:
                 turned_away = reason == Reason.IGNORED or reason in REFUSED
-                self.ignored.labels(port, "refuse" if turned_away else "serve").inc()
+                child(self.ignored, port, "refuse" if turned_away else "serve").inc()
                 return
-            self.ended.labels(port, reason).inc()
+            child(self.ended, port, reason).inc()
             if reason in REFUSED:
-                self.refused.labels(port, reason).inc()
+                child(self.refused, port, reason).inc()
                 return
             duration = fields["duration"]
             assert isinstance(duration, float)
-            self.trapped.labels(port).inc(duration)
-            self.durations.labels(port).observe(duration)
-            self.bytes_in.labels(port).inc(_int(fields["bytes_in"]))
-            self.bytes_out.labels(port).inc(_int(fields["bytes_out"]))
+            child(self.trapped, port).inc(duration)
+            child(self.durations, port).observe(duration)
+            child(self.bytes_in, port).inc(_int(fields["bytes_in"]))
+            child(self.bytes_out, port).inc(_int(fields["bytes_out"]))
             if fields["limit"] is not None:
-                self.limits.labels(str(fields["limit"])).inc()
+                child(self.limits, str(fields["limit"])).inc()
         elif event == "script.log" and not where.quiet:
-            self.script_logs.labels(port).inc()
+            child(self.script_logs, port).inc()
         elif event == "reload":
             result = "error" if fields["error"] else "some-failed" if fields["failed"] else "ok"
-            self.reloads.labels(result).inc()
+            child(self.reloads, result).inc()
 
 
 def summed(texts: list[bytes]) -> bytes:

@@ -145,9 +145,18 @@ def unquote(shown: str) -> str:
     return _QUOTE_ESCAPE.sub(lambda m: m.group(1) if m.group(1) == '"' else m.group(0), shown)
 
 
+# The last second's text, kept: an event stamp is then one division and one format, not a strftime
+# (half of a text line's cost). One tuple, so that threads stamping at once read a consistent pair.
+_second: tuple[int, str] = (-1, "")
+
+
 def utc_timestamp(now: float | None = None) -> str:
+    global _second
     seconds, ms = divmod(round((time.time() if now is None else now) * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    second = _second
+    if second[0] != seconds:
+        second = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{second[1]}.{ms:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +306,9 @@ class EventLog:
             observe(event, where, fields)
         if where.quiet or LEVEL_ORDER[level] < self.threshold:
             return True
-        ident, stamp = uuid7(), utc_timestamp()
+        # The text format shows no id: one is made only when a line or a sink carries it.
+        ident = uuid7() if self.forward is not None or self.format is not text_line else ""
+        stamp = utc_timestamp()
         line = self.format(ident, stamp, level, self.sensor, where, event, message, fields)
         if self.forward is not None:
             body = (

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deadend.logs import CUT_MARKER, SCRIPT_LINE, EventLog, Where, sanitize, unquote
+from deadend.logs import CUT_MARKER, SCRIPT_LINE, EventLog, Where, sanitize, unquote, utc_timestamp
 from deadend.wire import LOG_MAX
 
 
@@ -160,3 +161,12 @@ def test_a_field_value_is_cut_at_1_kib_with_the_marker() -> None:
     log.flush()
     value = json.loads(out.getvalue())["fields"]["v"]
     assert value.endswith(CUT_MARKER) and len(value.removesuffix(CUT_MARKER).encode()) <= 1024
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), min_size=1, max_size=20))
+def test_timestamps_are_the_same_with_the_cached_second(times: list[float]) -> None:
+    # utc_timestamp keeps the last second's text: in any order of calls it says what strftime would.
+    for now in times:
+        seconds, ms = divmod(round(now * 1000), 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+        assert utc_timestamp(now) == expected
