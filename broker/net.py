@@ -65,6 +65,8 @@ def ipv6_unavailable(e: OSError) -> bool:
 
 def peer_ip(host: str) -> str:
     """An accepted socket's peer address as scripts and logs show it (the scope of a link-local dropped)."""
+    if ":" not in host:  # an AF_INET address: the kernel's dotted quad is the shown form already
+        return host
     return peer_text(ipaddress.ip_address(host.split("%", 1)[0]))
 
 

@@ -41,7 +41,9 @@ def key_of(script: Script) -> ScriptKey:
 class Worker(Protocol):
     """What a session needs of the process behind its sandbox (broker.zygote.WorkerProcess)."""
 
-    pid: int
+    @property
+    def pid(self) -> int: ...
+
     exited: asyncio.Future[int | None]  # its wait status once reaped (None: lost with its zygote)
 
     def kill(self) -> None: ...

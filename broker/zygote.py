@@ -65,13 +65,25 @@ class ZygoteLost(Exception):
 class WorkerProcess:
     """One forked sandbox worker as the broker holds it: two pipe ends and a pidfd."""
 
-    def __init__(self, pid: int, to_worker: int, from_worker: int, pidfd: int) -> None:
-        self.pid = pid
+    def __init__(self, zygote_pid: int, to_worker: int, from_worker: int, pidfd: int) -> None:
+        self.zygote_pid = zygote_pid  # its number in the zygote's PID namespace
+        self._pid: int | None = None
         self.to_worker = to_worker
         self.from_worker = from_worker
         self.pidfd = pidfd
         self.released = False
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def pid(self) -> int:
+        """The broker's number for it (log lines), read from its pidfd when first asked: a file opened
+        and read per worker was a measurable part of a fork's cost to the broker, for a number most
+        workers never show. After its pidfd is closed, the zygote's number stands in."""
+        if self._pid is None:
+            self._pid = (
+                pid_in_our_namespace(self.pidfd, self.zygote_pid) if self.pidfd >= 0 else self.zygote_pid
+            )
+        return self._pid
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: never hits a recycled pid."""
@@ -403,7 +415,7 @@ class Zygote:
         elif kind == "child":
             to_worker, from_worker, pidfd = fds
             zygote_pid = int(msg[1])  # the zygote's reports name the worker by it (in its PID namespace)
-            worker = WorkerProcess(pid_in_our_namespace(pidfd, zygote_pid), to_worker, from_worker, pidfd)
+            worker = WorkerProcess(zygote_pid, to_worker, from_worker, pidfd)
             self.workers[zygote_pid] = worker
             fut = self._pending.popleft() if self._pending else None
             if fut is None or fut.done():  # nobody waits any more: discard it
