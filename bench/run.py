@@ -570,6 +570,8 @@ def free_offset(ports: list[int]) -> int:
 
 def server_flags(extra: list[str]) -> list[str]:
     # The API call throttles (per session, and all sessions together) are lifted: they would set the pace.
+    # One zygote for a server's whole life: a fresh one after 1,000 forks would be another process, and
+    # the CPU readings of figure 2 follow the one the broker started.
     flags = [
         "--host",
         HOST,
@@ -579,6 +581,8 @@ def server_flags(extra: list[str]) -> list[str]:
         "10000000",
         "--call-rate-total",
         "1e8",
+        "--zygote-forks",
+        "1000000000",
         *extra,
     ]
     if os.geteuid() == 0:
@@ -638,7 +642,7 @@ SCRIPT_PORTS = [SMTP_PORT, SMTP_FAST_PORT, BYTE_PORT, CALLS_PORT, IDLE_PORT]
 
 
 def one_script_folder(port: int, source: str) -> Path:
-    """A folder of its own for figures 8 and 9: no other port takes a share of --workers."""
+    """A folder of its own for figures 4, 8 and 9: no other port takes a share of --workers."""
     folder = Path(tempfile.mkdtemp(prefix="deadend-bench-"))
     (folder / f"{port}.lua").write_text(source)
     return folder
@@ -936,7 +940,7 @@ def measure_memory(srv: Served, n: int) -> Memory:
     blocked = capacity(n, srv.isolated, srv.warm)
     room = ["--workers", str(n + 64), "--max-connections", str(n + 64), "--max-per-ip", str(n + 64)]
     srv.argv = [*srv.argv, *room]
-    srv.start(SCRIPT_PORTS)
+    srv.start([IDLE_PORT])
     try:
         time.sleep(1.0)
         if srv.isolated:
@@ -1556,9 +1560,10 @@ def method(r: Results) -> list[str]:
         " Sessions/s = completed sessions / the clients' wall time. Page faults: the growth of the fork"
         " server's cminflt (its reaped children), and of the zygote's and fork server's own minflt, over"
         " sessions.",
-        f"4: N={n:,} clients connect to `{IDLE_SCRIPT.splitlines()[0]} deadend.sleep(600000)` and read the"
-        " line; (sum of smaps_rollup Pss over broker + zygote + every child with N held - the same sum on the"
-        " freshly started idle server, warm pool full) / N. Floors: their one process.",
+        f"4: N={n:,} clients connect to `{IDLE_SCRIPT.splitlines()[0]} deadend.sleep(600000)` (the one"
+        " script of its folder) and read the line; (sum of smaps_rollup Pss over broker + zygote + every"
+        " child with N held - the same sum on the freshly started idle server, warm pool full) / N."
+        " Floors: their one process.",
     ]
     for name, m in r.mem.items():
         if m.held:
@@ -1678,6 +1683,7 @@ def run(z: Sizes, checkouts: list[Checkout]) -> Results:
     scripts = scripts_folder(z.calls)
     tarpits = one_script_folder(TARPIT_PORT, TARPIT_SCRIPT)
     busy = one_script_folder(BUSY_PORT, BUSY_SCRIPT)
+    idle = one_script_folder(IDLE_PORT, IDLE_SCRIPT)
     warm = WARM
     servers: list[Served] = []
     one_ip = ["--max-per-ip", "100000"]
@@ -1696,9 +1702,10 @@ def run(z: Sizes, checkouts: list[Checkout]) -> Results:
         for srv in servers:
             srv.stop()
 
+        # Figure 4 in a folder of its own: no other port holds a reserve of --workers (the fair share).
         mem: dict[str, Memory] = {}
-        held_servers = [broker(c, scripts, [], warm) for c in checkouts]
-        for srv in [*held_servers, in_process(THIS, scripts, [], warm), lean(scripts, [])]:
+        held_servers = [broker(c, idle, [], warm) for c in checkouts]
+        for srv in [*held_servers, in_process(THIS, idle, [], warm), lean(idle, [])]:
             servers.append(srv)
             mem[srv.name] = measure_memory(srv, z.sessions)
 
@@ -1715,6 +1722,7 @@ def run(z: Sizes, checkouts: list[Checkout]) -> Results:
         shutil.rmtree(scripts, ignore_errors=True)
         shutil.rmtree(tarpits, ignore_errors=True)
         shutil.rmtree(busy, ignore_errors=True)
+        shutil.rmtree(idle, ignore_errors=True)
     reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for srv in servers:
         reasons[srv.name] += srv.reasons
