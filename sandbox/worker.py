@@ -42,7 +42,17 @@ def new_runtime() -> Any:
         unpack_returned_tuples=False,
     )
     constants = wire.lua_constants()
-    order = ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX", "REP_MAX", "MOVE_MAX")
+    order = (
+        "RECV_MIN",
+        "RECV_MAX",
+        "SLEEP_MAX",
+        "TARPIT_MAX",
+        "SEND_MAX",
+        "LOG_MAX",
+        "REP_MAX",
+        "MOVE_MAX",
+        "ALPN_MAX",
+    )
     args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
     start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
     return lua, start
