@@ -243,6 +243,8 @@ class Session:
             if service is None:
                 handshake = Handshake(error="TLS is not available here")
             else:
+                if service.on_starttls is not None:
+                    service.on_starttls()
                 context = service.context(alpn)
                 handshake = await self.conn.start_tls(context, self.ceilings.tls_handshake_timeout)
         except TlsCertError as e:  # a context for a new ALPN choice: the chain loaded at start-up, again

@@ -16,7 +16,8 @@ import collections
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Final
 
 from deadend.config import Config, TlsSource
@@ -93,19 +94,26 @@ class TlsLayer:
         return self._tls.selected_alpn_protocol() or ""
 
 
+@dataclass(slots=True)
 class TlsService:
     """A port's TLS: its certificate and the server contexts made from it, one per ALPN choice.
 
     A context is made the first time a script asks for its ALPN list (a few milliseconds: the chain is
     loaded again) and kept, at most CONTEXTS_KEPT of them, the least recently used dropped first; the
     one without ALPN is made at once, so that a certificate OpenSSL refuses fails the start-up, not a
-    session (deadend.tlscert.TlsCertError).
+    session (deadend.tlscert.TlsCertError). `on_starttls` is the rehearsal's: `deadend try --tls` starts
+    its client's handshake when the script asks for TLS (the broker has none).
     """
 
-    def __init__(self, certificate: Certificate) -> None:
-        self.certificate = certificate
-        self._contexts: collections.OrderedDict[bytes, ssl.SSLContext] = collections.OrderedDict()
-        self.context(b"")
+    certificate: Certificate
+    on_starttls: Callable[[], None] | None = None
+    _contexts: collections.OrderedDict[bytes, ssl.SSLContext] = field(
+        default_factory=collections.OrderedDict, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if not self._contexts:
+            self.context(b"")
 
     def context(self, alpn: bytes) -> ssl.SSLContext:
         """The context selecting from `alpn` (deadend.wire.check_alpn's form; b"": no ALPN)."""

@@ -20,6 +20,7 @@ from deadend.config import Ceilings, Config
 from deadend.logs import EventLog, sanitize
 from deadend.scripts import Script, port_of
 from deadend.transcript import Transcript, TranscriptError, load
+from deadend.wire import check_alpn
 
 
 def _fail(message: str) -> int:
@@ -89,27 +90,32 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_try(args: argparse.Namespace) -> int:
-    from broker.rehearsal import Rehearsal
+    from broker.rehearsal import Rehearsal, relay
 
     script = _script(args.script)
     if isinstance(script, str):
         return _fail(script)
+    alpn = args.alpn.split(",") if args.alpn else []
+    if args.alpn and not check_alpn(args.alpn.encode()):
+        return _fail(f"--alpn {sanitize(args.alpn, 100)!r} is not protocol names separated by commas")
     config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     log = EventLog(sys.stderr, level="debug")
     ours, theirs = socket.socketpair()
+    # --tls, --starttls: the terminal's bytes reach the script through a relay that speaks TLS
+    terminal, relayed = socket.socketpair() if args.tls or args.starttls else (ours, None)
 
     def pump_in() -> None:  # stdin -> the script
         try:
             while chunk := os.read(sys.stdin.fileno(), 65536):
-                ours.sendall(chunk)
+                terminal.sendall(chunk)
         except OSError:
             pass
         with contextlib.suppress(OSError):
-            ours.shutdown(socket.SHUT_WR)
+            terminal.shutdown(socket.SHUT_WR)
 
     def pump_out() -> None:  # the script -> stdout
         try:
-            while chunk := ours.recv(65536):
+            while chunk := terminal.recv(65536):
                 os.write(sys.stdout.fileno(), chunk)
         except OSError:
             pass
@@ -117,7 +123,22 @@ def run_try(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with Rehearsal(config, log) as rehearsal:
             theirs.setblocking(False)
-            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+            if relayed is None:
+                await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+                return
+            tls_wanted = asyncio.Event() if args.starttls else None
+            ours.setblocking(False)
+            relayed.setblocking(False)
+            carrying = asyncio.ensure_future(relay(relayed, ours, tls_wanted, args.sni, alpn))
+            on_starttls = tls_wanted.set if tls_wanted is not None else None
+            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock, on_starttls)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # what the script sent last, on its way to stdout
+                    problem = await asyncio.shield(carrying)
+                    if problem:
+                        print(f"deadend: {problem}", file=sys.stderr)
+            carrying.cancel()
+            await asyncio.gather(carrying, return_exceptions=True)
 
     threading.Thread(target=pump_in, daemon=True).start()
     out = threading.Thread(target=pump_out, daemon=True)
@@ -129,6 +150,9 @@ def run_try(args: argparse.Namespace) -> int:
     finally:
         out.join(2)
         ours.close()
+        if relayed is not None:
+            relayed.close()
+            terminal.close()
         log.close()
     return 0
 
