@@ -146,7 +146,9 @@ def run_broker(config: Config) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Whatever the locale, never lose a line to an encoding error: escape what cannot be encoded.
         sys.stdout.reconfigure(errors="backslashreplace")
-    log = EventLog(level=config.log_level, fmt=config.log_format)
+    log = EventLog(
+        level=config.log_level, fmt=config.log_format, sensor=config.sensor or options.default_sensor()
+    )
     server = Server(config, log)
     try:
         if config.event_loop == "uvloop":

@@ -51,6 +51,9 @@ def new_runtime() -> Any:
         "LOG_MAX",
         "REP_MAX",
         "MOVE_MAX",
+        "FIELDS_MAX",
+        "FIELD_MAX",
+        "FIELD_KEY_MAX",
         "ALPN_MAX",
     )
     args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
@@ -201,6 +204,10 @@ class ScriptRun:
         args = list(out[2 : 2 + wire.ROWS[op].arity])
         if op == "log":
             args[1] = args[1].decode()  # the level is a name; everything else stays bytes
+            # The fields: a plain array {k1, v1, k2, v2, ...} the bootstrap built (no metatable), read by
+            # raw index into a list.
+            fields = args[2]
+            args[2] = [fields[i] for i in range(1, len(fields) + 1)]
         return [op, *args]
 
     @staticmethod

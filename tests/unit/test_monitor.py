@@ -66,7 +66,7 @@ REQUESTS = {
     "recv": req("recv", 5),
     "sleep": req("sleep", 5),
     "get_ip": req("get_ip"),
-    "log": req("log", b"hi", "warn"),
+    "log": req("log", b"hi", "warn", [b"user", b"root", b"n", 3]),
     "set_tarpit": req("set_tarpit", 1, 0),
     "set_limits": req("set_limits", 0, 0),
     "close": req("close"),
@@ -76,7 +76,7 @@ REQUESTS = {
 }
 SEND, RECV, SLEEP = m.Send(b"x"), m.Recv(5), m.Sleep(0.005)
 IP_REPLY, NIL, FALSE = m.Reply(IP.encode()), m.Reply(None), m.Reply(False)
-LOG, DONE = m.Log("warn", b"hi", False), m.End(Reason.DONE, b"")
+LOG, DONE = m.Log("warn", b"hi", False, (("user", b"root"), ("n", 3))), m.End(Reason.DONE, b"")
 CLOSED_ROW: dict[str, m.Action] = {
     "send": FALSE,
     "recv": NIL,
@@ -208,17 +208,17 @@ def test_log_rate_drops_and_counts() -> None:
     mon = monitor(log_rate=1.0, log_burst=2)
     results = []
     for _ in range(5):
-        results.append(mon.handle(req("log", b"x", "info"), 0.0))
+        results.append(mon.handle(req("log", b"x", "info", []), 0.0))
         if isinstance(results[-1], m.Log):
             mon.carried_out()
     assert sum(isinstance(r, m.Log) for r in results) == 2
     assert mon.take_dropped_logs() == 3 and mon.take_dropped_logs() == 0
-    assert isinstance(mon.handle(req("log", b"x", "info"), 1.5), m.Log)  # refilled
+    assert isinstance(mon.handle(req("log", b"x", "info", []), 1.5), m.Log)  # refilled
 
 
 def test_log_message_is_cut_with_a_flag() -> None:
     mon = monitor()
-    action = mon.handle(req("log", b"y" * (wire.LOG_MAX + 1), "warn"), 0)
+    action = mon.handle(req("log", b"y" * (wire.LOG_MAX + 1), "warn", []), 0)
     assert isinstance(action, m.Log) and action.cut and len(action.message) == wire.LOG_MAX
 
 
@@ -278,6 +278,12 @@ def test_a_sleep_is_answered_with_what_was_slept() -> None:
     assert mon.handle(req("sleep", 10_000), 0) == m.Sleep(10.0)
     assert mon.slept(2345) == m.Reply(2345)
     assert mon.handle(req("get_ip"), 0) == IP_REPLY  # no longer busy
+
+
+def test_log_fields_reach_the_action_named_and_in_order() -> None:
+    action = monitor().handle(req("log", b"m", "info", [b"ok", True, b"tries", 3, b"user", b"root"]), 0)
+    assert isinstance(action, m.Log)
+    assert action.fields == (("ok", True), ("tries", 3), ("user", b"root"))
 
 
 # --- TLS ---------------------------------------------------------------------------------------------
