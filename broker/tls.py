@@ -60,14 +60,15 @@ class TlsLayer:
         return True
 
     def read(self, n: int) -> bytes | None:
-        """Up to `n` bytes of plaintext: b"" while a record is incomplete, None once the client said it is
-        done (close_notify)."""
+        """Up to `n` (> 0) bytes of plaintext: b"" while a record is incomplete, None once the client said
+        it is done (close_notify)."""
         try:
-            return self._tls.read(n)
+            data = self._tls.read(n)
         except ssl.SSLWantReadError:
             return b""
         except ssl.SSLZeroReturnError:
             return None
+        return data or None  # Python's ssl answers a close_notify with b"", not SSLZeroReturnError
 
     def write(self, data: bytes) -> None:
         """Plaintext for the client; its records are then in `output`. (Memory BIOs never refuse bytes, so
