@@ -262,7 +262,10 @@ class ClientConnection:
                 await self._handshake(context, result)
         except TimeoutError:
             result.timed_out = True
-            what = "no ClientHello" if result.info is None else "the TLS handshake did not complete"
+            if result.info is not None:
+                what = "the TLS handshake did not complete"
+            else:
+                what = "the ClientHello was not complete" if self._buffer else "no ClientHello"
             result.error = f"{what} within {timeout:g}s"
         if result.error and self._tls is not None:
             self._push_out()  # the alert OpenSSL made, if any

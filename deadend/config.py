@@ -147,14 +147,15 @@ class Config:
         return self.sessions_per_worker if value is None else int(value)
 
     def tls_for(self, port: int) -> TlsSource:
-        """Where the port's certificate comes from: its own settings (config file) over the global ones."""
+        """Where the port's certificate comes from. A port whose table in the config file names a
+        certificate or a name of its own (tls-cert, tls-key, tls-name) uses those alone: a global
+        --tls-cert does not leak into a port that asked for a generated certificate, nor the reverse."""
         settings = self.ports.get(port)
         own = {} if settings is None else settings.values
-
-        def pick(name: str) -> Any:
-            return own[name] if name in own else getattr(self, name.replace("-", "_"))
-
-        return TlsSource(pick("tls-cert"), pick("tls-key"), pick("tls-name"), pick("tls-key-type"))
+        key_type = own.get("tls-key-type", self.tls_key_type)
+        if own.keys() & {"tls-cert", "tls-key", "tls-name"}:
+            return TlsSource(own.get("tls-cert"), own.get("tls-key"), own.get("tls-name"), key_type)
+        return TlsSource(self.tls_cert, self.tls_key, self.tls_name, key_type)
 
     def workers_cap(self, port: int) -> int | None:
         """The port's own cap on workers (config file), or None."""
