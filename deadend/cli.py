@@ -62,7 +62,8 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     tls.add_argument(
         "--starttls",
         action="store_true",
-        help="be a TLS client from the moment the script calls deadend.starttls() (25.lua after STARTTLS)",
+        help="be a TLS client from the moment the script calls deadend.starttls() (25.lua after STARTTLS); "
+        "what you send before it did is sent as it is, so wait for the server's go-ahead",
     )
     try_.add_argument("--sni", metavar="NAME", help="with --tls: the server name the client asks for")
     try_.add_argument(
