@@ -71,6 +71,13 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     options.add_to_parser(try_, CEILING_OPTIONS)
 
+    commands.add_parser(
+        "examples",
+        help="print the folder of the example scripts shipped with deadend",
+        description="Print the folder holding the example scripts (and their transcripts) installed with "
+        'deadend, e.g. for `deadend broker --scripts "$(deadend examples)"`.',
+    )
+
     test = commands.add_parser(
         "test",
         help="replay transcripts against a script",

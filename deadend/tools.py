@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -49,6 +50,29 @@ class _Lines(io.TextIOBase):
         if self.echo is not None:
             self.echo.write(s)
         return len(s)
+
+
+# --- examples --------------------------------------------------------------------------------------
+
+
+def shipped_examples() -> Path | None:
+    """Where the example scripts are: installed from a wheel under the installation's data folder
+    (pyproject.toml's data-files: share/deadend/examples, for the environment or the user), or, in a
+    checkout, the repository's examples/ folder beside the package."""
+    candidates = [Path(sysconfig.get_path("data")), Path(sys.prefix)]
+    with contextlib.suppress(KeyError):
+        candidates.append(Path(sysconfig.get_path("data", f"{os.name}_user")))
+    folders = [c / "share" / "deadend" / "examples" for c in candidates]
+    folders.append(Path(__file__).resolve().parent.parent / "examples")
+    return next((f for f in folders if any(f.glob("*.lua"))), None)
+
+
+def run_examples(args: argparse.Namespace) -> int:
+    folder = shipped_examples()
+    if folder is None:
+        return _fail("no example scripts are installed with this deadend")
+    print(folder)
+    return 0
 
 
 # --- check -----------------------------------------------------------------------------------------
