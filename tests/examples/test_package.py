@@ -66,7 +66,7 @@ def test_the_wheel_installs_and_serves_its_examples(dist: Path, tmp_path: Path) 
     (wheel,) = dist.glob(f"{DISTRIBUTION}-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
+    python = str(venv / "bin" / "python")
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True,
@@ -85,7 +85,7 @@ def test_the_wheel_installs_and_serves_its_examples(dist: Path, tmp_path: Path) 
         cwd=tmp_path,
     ).stdout
     assert where.count(str(venv)) == 2, where  # the wheel's modules, not this checkout's
-    deadend = venv / "bin" / "deadend"
+    deadend = str(venv / "bin" / "deadend")
     examples = Path(
         subprocess.run([deadend, "examples"], capture_output=True, text=True, check=True).stdout.strip()
     )
