@@ -152,6 +152,9 @@ def run(key_type: str, sessions: int, rounds: int, folder: Path) -> list[tuple[s
     argv = [sys.executable, "-m", "deadend", "broker", "--scripts", str(folder), "--host", HOST]
     argv += ["--log-format", "json", "--tls-key-type", key_type, "--tls-name", "www.example.com"]
     argv += ["--max-per-ip", "1000", "--metrics", f"{HOST}:{metrics}"]
+    # CPU is read over one zygote, which must not be replaced mid-run; the call throttles are lifted, as
+    # bench/run.py lifts them, so that they do not set the pace
+    argv += ["--zygote-forks", "1000000000", "--call-rate", "10000000", "--call-rate-total", "1e8"]
     argv += ["--allow-root"] if os.geteuid() == 0 else []
     served = Served(f"deadend ({key_type})", argv, warm=4)
     served.start([PLAIN, TLS])
