@@ -194,7 +194,7 @@ class ClientConnection:
         if self._buffer:
             data = bytes(self._buffer[:n])
             del self._buffer[:n]
-            if self._tls is not None and not (self._eof or self._failed):
+            if self._tls is not None and self._tls.established and not (self._eof or self._failed):
                 self._decrypt()
             self._after_input()
             return data

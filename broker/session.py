@@ -249,6 +249,8 @@ class Session:
                 handshake = await self.conn.start_tls(context, self.ceilings.tls_handshake_timeout)
         except TlsCertError as e:  # a context for a new ALPN choice: the chain loaded at start-up, again
             handshake = Handshake(error=str(e))
+        if handshake.error and self.shutting_down:  # it ended the connection, not the client
+            handshake.error = "the broker shut down during the TLS handshake"
         now = self.loop.time()
         self._log_tls(handshake, now - started)
         if self.recording is not None and handshake.info is not None:
