@@ -54,7 +54,8 @@ def test_the_sdist_and_the_wheel_hold_what_deadend_needs(dist: Path) -> None:
         entry_points = whl.read(next(n for n in files if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "Name: deadend-honeypot" in metadata
     assert "deadend = deadend.cli:main" in entry_points
-    data = f"{DISTRIBUTION}-0.1.0.data/data/share/deadend/examples"
+    (data,) = {n.split("/share/", 1)[0] + "/share/deadend/examples" for n in files if "/share/deadend/" in n}
+    assert re.fullmatch(rf"{DISTRIBUTION}-[\w.]+\.data/data/share/deadend/examples", data), data
     for example in EXAMPLES.glob("*.lua"):
         assert f"{data}/{example.name}" in files
     assert any(name.startswith(f"{data}/transcripts/") for name in files)
