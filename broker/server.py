@@ -223,7 +223,10 @@ class Server:
                 (s.name for s in self.scripts.values() if self.tls.service(s.port) is service),
                 key=lambda name: int(name.partition(".")[0]),
             )
-            shown = ", ".join(scripts) or "scripts added later"
+            if len(scripts) == len(self.scripts) > 1:
+                shown = "every script"
+            else:
+                shown = ", ".join(scripts) or "scripts added later"
             text = service.certificate.description
             self.log.info(
                 BROKER,
