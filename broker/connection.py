@@ -106,8 +106,12 @@ class ClientConnection:
     def _on_readable(self) -> None:
         if self.sock is None:
             return
+        room = self._room()
+        if room <= 0:  # the bound changed under a registered reader (a hello handed to OpenSSL)
+            self._watch()
+            return
         try:
-            data = self.sock.recv(self._room())
+            data = self.sock.recv(room)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -247,11 +251,6 @@ class ClientConnection:
             del self._out[: self.sock.send(self._out)]
 
     # --- TLS ---------------------------------------------------------------------------------------
-
-    @property
-    def tls(self) -> bool:
-        """TLS carries the connection (a handshake completed)."""
-        return self._tls is not None and self._tls.established
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> Handshake:
         """Read the ClientHello, then complete the server's handshake with `context`, within `timeout`
