@@ -206,7 +206,10 @@ class ClientConnection:
             return b""
         return None
 
-    async def send(self, data: bytes) -> bool:
+    async def send(self, data: bytes, idle: float | None = None) -> bool:
+        """Send it all: False if the connection failed. TimeoutError if the client took no byte for `idle`
+        seconds (it stopped reading: its receive window and our send buffer are full). Through TLS, the
+        records that carry it."""
         if self.sock is None:
             return False
         if self._tls is not None:
@@ -214,27 +217,57 @@ class ClientConnection:
                 self._tls.write(data)
             except ssl.SSLError:
                 return False
-            return await self._flush()
-        try:
-            await self._loop.sock_sendall(self.sock, data)
-        except OSError:
+            return await self._flush(idle)
+        return await self._send_raw(data, idle)
+
+    async def _send_raw(self, data: bytes, idle: float | None) -> bool:
+        sock = self.sock
+        if sock is None:
             return False
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+            if view and not await self._writable(sock, idle):
+                raise TimeoutError
+            if self.sock is None:
+                return False
         return True
 
-    async def _flush(self) -> bool:
-        """Send every TLS record made so far, in order; False if the connection failed or closed."""
+    async def _writable(self, sock: socket.socket, timeout: float | None) -> bool:
+        """Wait until `sock` takes bytes again; False after `timeout` seconds without."""
+        ready: asyncio.Future[None] = self._loop.create_future()
+        fd = sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_writer(fd, wake)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._loop.remove_writer(fd)
+        return True
+
+    async def _flush(self, idle: float | None = None) -> bool:
+        """Send every TLS record made so far, in order; False if the connection failed or closed (and
+        TimeoutError, as `send`)."""
         assert self._tls is not None
         self._out += self._tls.output()
         while self._out:
-            if self.sock is None:
-                return False
             chunk = bytes(self._out)
             self._out.clear()
             self._sending = True
             try:
-                await self._loop.sock_sendall(self.sock, chunk)
-            except OSError:
-                return False
+                if not await self._send_raw(chunk, idle):
+                    return False
             finally:
                 self._sending = False
             self._out += self._tls.output()  # made while we waited (an alert, a key update's answer)

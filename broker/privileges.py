@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.util
 import json
 import os
 import pwd
 import select
 import signal
+import stat
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from deadend.scripts import Discovery, discover, from_json, to_json
+from sandbox import lockdown
 from sandbox.lockdown import LockdownError, switch_user
 
 PR_SET_DUMPABLE = 4
@@ -128,3 +133,33 @@ def discover_as(folder: Path, fd: int, run_as: RunAs, timeout: float = 30.0) -> 
     if not raw:
         raise OSError(errno.EIO, f"the reader running as {run_as.name} failed")
     return from_json(raw)
+
+
+def launcher_tree(run_as: RunAs, roots: Iterable[Path] | None = None) -> None:
+    """Refuse an installation --user could change. The launcher keeps root to exec the interpreter and
+    import this package whenever a zygote is (re)started; if the user the broker runs as could write the
+    interpreter, the package, or a folder they live in, a compromised broker would become root there.
+    PrivilegeError names the first such path."""
+    if roots is None:
+        package = Path(lockdown.__file__).resolve().parent  # the sandbox package the launcher imports
+        roots = {Path(os.path.realpath(sys.executable)), package}
+        for name in ("msgpack", "lupa", "pyseccomp"):  # what the launcher and the zygote import besides
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin:
+                roots.add(Path(spec.origin).resolve())
+    for root in sorted(roots):
+        for path in [root, *root.parents]:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            writable = (
+                st.st_uid == run_as.uid
+                or (st.st_mode & stat.S_IWGRP and st.st_gid == run_as.gid)
+                or (st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX)
+            )
+            if writable:
+                raise PrivilegeError(
+                    f"--user {run_as.name} could change {path}, from which the root launcher runs the "
+                    "interpreter and this package: install deadend where that user cannot write"
+                )

@@ -32,6 +32,7 @@ from broker.privileges import (
     discover_as,
     drop_privileges,
     forbid_tracing,
+    launcher_tree,
     resolve_user,
 )
 from broker.sandboxes import Sandboxes, SandboxSet
@@ -136,6 +137,10 @@ class Server:
         if spawner is None and run_as is not None:
             # The broker is about to drop to --user: keep a launcher that may start fresh zygotes later.
             launcher = LauncherSpawner()
+            try:
+                launcher_tree(run_as)
+            except PrivilegeError as e:
+                raise StartupError(str(e)) from e
             try:
                 await launcher.start(run_as)
             except (ZygoteLost, OSError) as e:

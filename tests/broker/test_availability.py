@@ -257,3 +257,18 @@ def test_zygotes_are_renewed_after_zygote_forks_without_refusing_anyone(
     assert len(bases) >= 3, [hex(base) for base in bases]
     assert "refused" not in "\n".join(b.lines)
     assert len(re.findall(r"session end reason=done", "\n".join(b.lines))) >= 59
+
+
+def test_a_client_that_stops_reading_ends_idle(make_broker: Callable[..., Broker]) -> None:
+    """A script sending 1 MiB replies to a client that never reads: once the socket buffers are full its
+    send takes nothing for --idle-timeout, and the session ends `idle` instead of holding the sandbox for
+    --session-time."""
+    script = 'while deadend.send(string.rep("x", 1048576)) do end'
+    b = make_broker({"7.lua": script}, "--idle-timeout", "2", "--warm", "0")
+    c = b.connect(7, source="127.0.0.40")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    started = time.monotonic()
+    reason, ended = end_of(b, "127.0.0.40", 15)
+    assert reason == "idle", reason
+    assert ended - started < 8, ended - started
+    c.close()

@@ -253,6 +253,17 @@ def test_the_idle_timeout_counts_plaintext(make_broker) -> None:
     assert (end["reason"], end["limit"]) == ("idle", "idle-timeout")
 
 
+FLOOD = "deadend.starttls() local chunk = ('x'):rep(65536) while deadend.send(chunk) do end"
+
+
+def test_a_client_that_stops_reading_tls_ends_idle(make_broker) -> None:
+    b = make_broker({"7.lua": FLOOD}, "--log-format", "json", "--idle-timeout", "1")
+    with tls_connect(b, 7):  # the handshake, then never a read: the records pile up, then nothing moves
+        end = wait_event(b, "session.end", timeout=20)
+    assert (end["reason"], end["limit"]) == ("idle", "idle-timeout")
+    assert end["ja4"] is not None and end["bytes_out"] > 0
+
+
 def test_tls_metrics(make_broker) -> None:
     mport = free_port()
     b = make_broker({"7.lua": FAILS}, "--metrics", f"{HOST}:{mport}")
