@@ -109,8 +109,12 @@ def usage(pid: int) -> Usage:
 
 
 def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    """The parent of pid, or 0 when it has already gone (a worker may exit between listing and reading)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
 
 
 def idle_usage(b: Broker, warm: int = 4, timeout: float = SETTLE_TIMEOUT) -> Usage:
