@@ -14,10 +14,12 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from deadend.config import Ceilings, Config
-from deadend.logs import EventLog, sanitize
+from deadend.logs import EventLog, Where, sanitize
+from deadend.reasons import Reason
 from deadend.scripts import Script, port_of
 from deadend.transcript import Transcript, TranscriptError, load
 
@@ -54,8 +56,8 @@ class _Lines(io.TextIOBase):
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from broker.audit import Report, check, render, scripts_in
     from broker.sandboxes import standalone
+    from broker.staticcheck import Report, check, render, scripts_in
     from broker.zygote import ZygoteLost
 
     missing = [str(p) for p in args.paths if not p.exists()]
@@ -96,6 +98,13 @@ def run_try(args: argparse.Namespace) -> int:
         return _fail(script)
     config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     log = EventLog(sys.stderr, level="debug")
+    ended: list[object] = []  # the session's end reason, from its session-end event
+
+    def observe(event: str, _where: Where, fields: Mapping[str, object]) -> None:
+        if event == "session.end":
+            ended.append(fields["reason"])
+
+    log.observers.append(observe)
     ours, theirs = socket.socketpair()
 
     def pump_in() -> None:  # stdin -> the script
@@ -130,7 +139,9 @@ def run_try(args: argparse.Namespace) -> int:
         out.join(2)
         ours.close()
         log.close()
-    return 0
+    # A script error or a ceiling is a failed try (a script under development, a CI smoke test); the
+    # session-end line on stderr says which.
+    return 0 if ended == [Reason.DONE] else 1
 
 
 # --- test ------------------------------------------------------------------------------------------
