@@ -31,7 +31,10 @@ compromised) worker are the same numbers.
 
 from __future__ import annotations
 
+import array
 import enum
+import functools
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -77,8 +80,64 @@ BASE_FUNCTIONS: Final = (
     "xpcall",
     "_VERSION",
 )
-LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend")
+LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend", "std")  # std: sandbox/std.lua
 CLOCK_FUNCTIONS: Final = ("time", "date", "clock", "difftime")  # os.*, with the operator's clock option
+
+# --- what a log line shows as an escape --------------------------------------------------------------
+# The broker's log (deadend.logs.sanitize) and the sandbox's `std.quote` escape the same characters, so a
+# script can quote a value exactly as the log would show it. Characters are escaped by Unicode category:
+# control (Cc), format (Cf: bidi controls, zero-width characters, the tag block), surrogate (Cs),
+# private-use (Co), unassigned (Cn), line and paragraph separators (Zl, Zp) and spaces other than the ASCII
+# space (Zs); and the ranges below.
+UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) outside UNSAFE_CATEGORIES: characters
+# that render as nothing, so they could hide text (Hangul fillers, variation selectors, the combining
+# grapheme joiner, Khmer inherent vowels, Mongolian free variation selectors).
+IGNORABLE_RANGES: Final = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180D),
+    (0x180F, 0x180F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0000, 0xE0FFF),  # the tag block and its neighbours, whatever their category in this Python
+)
+
+
+@functools.cache
+def unsafe_ranges() -> tuple[tuple[int, int], ...]:
+    """Every non-ASCII code point the log escapes, as (first, last) ranges, by this Python's Unicode data.
+
+    `str.isprintable()` is false exactly for UNSAFE_CATEGORIES (Python's own definition of printable; a test
+    checks it code point by code point), which makes this a scan at C speed: about 0.1 s, once per process
+    (the zygote's, before its first fork).
+    """
+    text = array.array("I", range(0x80, 0x110000)).tobytes().decode("utf-32-le", "surrogatepass")
+    ranges: list[tuple[int, int]] = []
+    code = 0x80
+    for printable, run in itertools.groupby(map(str.isprintable, text)):
+        n = sum(1 for _ in run)
+        if not printable:
+            ranges.append((code, code + n - 1))
+        code += n
+    for lo, hi in IGNORABLE_RANGES:
+        ranges.append((lo, hi))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return tuple(merged)
+
+
+@functools.cache
+def packed_unsafe_ranges() -> bytes:
+    """unsafe_ranges() for Lua: each range as two 3-byte little-endian code points (string.unpack "<I3I3")."""
+    return b"".join(lo.to_bytes(3, "little") + hi.to_bytes(3, "little") for lo, hi in unsafe_ranges())
+
 
 # --- framing limits --------------------------------------------------------------------------------
 

@@ -403,6 +403,35 @@ local function safe_setmetatable(t, mt)
   return setmetatable(t, mt)
 end
 
+-- [std] The scripts' standard library (sandbox/std.lua), loaded at its first use: a script that never
+-- touches `std` pays nothing for it (dense mode holds thousands of sessions). Its compiled chunk is the
+-- driver's own answer to the internal "std" call, never the broker's and never the script's; it is loaded
+-- into an environment of pristine, metered library functions and plain data, so it has no power a script
+-- lacks, and it runs on the script's thread, under its hook. Like an API call, its first use yields, so it
+-- cannot be inside a callback of a C function (a gsub or sort callback).
+local rawlen, rawset, tonumber, math_huge = rawlen, rawset, tonumber, math.huge
+local function library(api, fetch)
+  local std, loaded = {}, false
+  local function load_library()
+    if loaded then return end
+    loaded = true
+    local chunk, unsafe = fetch()
+    local build = load(chunk, "=std", "b", {
+      string = string, table = { concat = concat, sort = sort },
+      math = { type = math_type, tointeger = math_tointeger, random = math_random, huge = math_huge },
+      type = type, select = select, error = error, pcall = pcall, tostring = tostring, tonumber = tonumber,
+      next = next, rawget = rawget, rawlen = rawlen, rawequal = rawequal, setmetatable = safe_setmetatable,
+      UNSAFE = unsafe, RECV_MAX = RECV_MAX, SEND_MAX = SEND_MAX, SLEEP_MAX = SLEEP_MAX, TARPIT_MAX = TARPIT_MAX,
+    })()
+    for name, value in next, build(api) do rawset(std, name, value) end
+  end
+  return setmetatable(std, {
+    __metatable = false,
+    __index = function(_, name) load_library() return rawget(std, name) end,
+    __pairs = function() load_library() return next, std, nil end,
+  })
+end
+
 local function value_type(v, present)
   if not present then return "no value" end
   return type(v)
@@ -535,6 +564,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
   env.print = print
   env.string, env.table, env.math, env.utf8 = string_lib, table_lib, math_lib, utf8_lib
   env.deadend = deadend
+  env.std = library(deadend, function() return co_yield(TOKEN, "std") end)
   env._G = env
   if with_clock then
     -- read-only clock subset only (SPEC.md): nothing else of os, ever

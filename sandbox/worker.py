@@ -21,6 +21,7 @@ from deadend import wire
 from sandbox.lockdown import Rlimits, lockdown
 
 BOOTSTRAP = resources.files("sandbox").joinpath("bootstrap.lua").read_bytes()
+STD_SOURCE = resources.files("sandbox").joinpath("std.lua").read_bytes()
 HOLD_LIMIT = 0.05  # seconds a dense worker may hold finished frames while it works through its input
 # The Lua heap cap until the start message says otherwise; set_max_memory needs one at construction.
 INITIAL_MEMORY = 64 << 20
@@ -46,6 +47,28 @@ def new_runtime() -> Any:
     args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
     start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
     return lua, start
+
+
+def _compiled_library() -> tuple[bytes, bytes]:
+    """The scripts' standard library, compiled once per process (in the zygote, before any fork): the
+    chunk without debug information, and std.quote's table of the characters the log escapes. A state
+    gets both only when its script first uses `std` (the bootstrap's internal "std" call)."""
+    lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    compile = b"local source = ... return string.dump(assert(load(source, '=std', 't')), true)"
+    chunk = lua.execute(compile, STD_SOURCE)
+    assert isinstance(chunk, bytes)
+    return chunk, wire.packed_unsafe_ranges()
+
+
+LIBRARY = _compiled_library()
+
+
+def resume(step: Any, *reply: Any) -> tuple[Any, ...]:
+    """Resume a script with `reply`; what it asks next. The library it asks for is answered here."""
+    out = _as_tuple(step(*reply))
+    while out[0] == b"call" and out[1] == b"std":
+        out = _as_tuple(step(*LIBRARY))
+    return out
 
 
 def _write_all(packed: bytes) -> None:
@@ -182,7 +205,7 @@ class ScriptRun:
         return self._advance(())
 
     def _advance(self, reply: tuple[Any, ...]) -> Outcome:
-        out = _as_tuple(self.step(*reply))
+        out = resume(self.step, *reply)
         kind = out[0]
         if kind != b"call":
             message = _text(out[1]) if len(out) > 1 else b""

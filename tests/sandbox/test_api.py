@@ -817,7 +817,7 @@ BASE_FUNCTIONS = [
     "xpcall",
     "print",
 ]
-LIBRARIES = ["string", "table", "math", "utf8", "deadend"]
+LIBRARIES = ["string", "table", "math", "utf8", "deadend", "std"]
 UNAVAILABLE = [
     "io",
     "os",
