@@ -22,32 +22,12 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 -- Bounded line reader (CRLF or bare LF): the line, or nil and "closed" / "too-long".
-local inbuf = ""
-local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > MAX_LINE then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > MAX_LINE then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-end
+local input = std.reader()
+local function read_line() return input:line(MAX_LINE) end
 
 local function reply(text)
   return deadend.send(text .. "\r\n")

@@ -24,17 +24,12 @@ local peer = deadend.get_ip()
 local IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 local OPT_ECHO, OPT_SGA, OPT_NAWS = 1, 3, 31
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
--- Telnet input: bytes from the socket go through an IAC filter into `data`, which holds only what the
--- user typed. The filter keeps its state across reads, so a sequence split between two reads is fine.
-local data = ""
+-- Telnet input: bytes from the socket go through an IAC filter into the reader (below), which then holds
+-- only what the user typed. The filter keeps its state across reads, so a sequence split between two
+-- reads is fine.
 local iac_state = "data"   -- data | iac | option | sb | sb-iac
 local subneg, subneg_len = nil, 0
 local options_seen = 0
@@ -80,45 +75,44 @@ end
 -- One line of user input; bytes are echoed as they are consumed when `echo` is set (the tty echo the
 -- user would see). A line ends at CR (CR LF and CR NUL count once) or LF; BS and DEL erase; the line is
 -- cut at MAX_LINE. Returns the line, or nil when the client left.
+local input = std.reader(function()
+  local chunk = deadend.recv(1024)
+  return chunk and filter(chunk)
+end)
 local pending_cr = false
 local function read_line(echo)
   local line, out = {}, {}
   while true do
-    while #data > 0 do
-      local c = data:sub(1, 1)
-      data = data:sub(2)
-      if pending_cr and (c == "\n" or c == "\0") then
-        pending_cr = false
-      else
-        pending_cr = false
-        if c == "\r" or c == "\n" then
-          pending_cr = c == "\r"
-          if echo then out[#out + 1] = "\r\n" end
-          if #out > 0 then deadend.send(table.concat(out)) end
-          return table.concat(line)
-        elseif c == "\3" or (c == "\4" and #line == 0) then  -- ^C, or ^D on an empty line: login exits
-          if #out > 0 then deadend.send(table.concat(out)) end
-          return nil
-        elseif c == "\b" or c == "\127" then
-          if #line > 0 then
-            line[#line] = nil
-            if echo then out[#out + 1] = "\b \b" end
-          end
-        elseif c:byte() >= 32 or c == "\t" then
-          if #line < MAX_LINE then
-            line[#line + 1] = c
-            if echo then out[#out + 1] = c end
-          end
-        end
-      end
-    end
-    if #out > 0 then
+    if #out > 0 and input:buffered() == 0 then  -- about to wait for the user: show the echo so far
       deadend.send(table.concat(out))
       out = {}
     end
-    local chunk = deadend.recv(1024)
-    if not chunk then return nil end
-    data = data .. filter(chunk)
+    local c = input:some(1)
+    if not c then return nil end
+    if pending_cr and (c == "\n" or c == "\0") then
+      pending_cr = false
+    else
+      pending_cr = false
+      if c == "\r" or c == "\n" then
+        pending_cr = c == "\r"
+        if echo then out[#out + 1] = "\r\n" end
+        if #out > 0 then deadend.send(table.concat(out)) end
+        return table.concat(line)
+      elseif c == "\3" or (c == "\4" and #line == 0) then  -- ^C, or ^D on an empty line: login exits
+        if #out > 0 then deadend.send(table.concat(out)) end
+        return nil
+      elseif c == "\b" or c == "\127" then
+        if #line > 0 then
+          line[#line] = nil
+          if echo then out[#out + 1] = "\b \b" end
+        end
+      elseif c:byte() >= 32 or c == "\t" then
+        if #line < MAX_LINE then
+          line[#line + 1] = c
+          if echo then out[#out + 1] = c end
+        end
+      end
+    end
   end
 end
 

@@ -24,70 +24,19 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
+local b64decode = std.base64.decode
 
--- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then  -- "xx=="
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then     -- "xxx="
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
-
--- Line reader: input may arrive split or joined; lines end in LF or CRLF. The buffer never holds more
--- than MAX_LINE bytes plus one read. read_line() returns the line, or nil and "closed" / "too-long".
--- With `partial` set, an over-long line is handed out in MAX_LINE pieces instead (the DATA phase).
-local inbuf = ""
+-- Input may arrive split or joined; lines end in LF or CRLF, at most MAX_LINE bytes. read_line()
+-- returns the line, or nil and "closed" / "too-long". With `partial` set, an over-long line is handed out
+-- in MAX_LINE pieces instead (the DATA phase): the text and "line" or "piece".
+local input = std.reader()
 local function read_line(partial)
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      if #line > MAX_LINE and not partial then return nil, "too-long" end
-      return line, "line"
-    end
-    if #inbuf > MAX_LINE then
-      if not partial then
-        inbuf = ""
-        return nil, "too-long"
-      end
-      local piece = inbuf:sub(1, MAX_LINE)
-      inbuf = inbuf:sub(MAX_LINE + 1)
-      return piece, "piece"
-    end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
+  if not partial then return input:line(MAX_LINE) end
+  local text, whole = input:piece(MAX_LINE)
+  if text == nil then return nil, whole end
+  return text, whole and "line" or "piece"
 end
 
 local function reply(text)

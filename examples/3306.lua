@@ -35,13 +35,8 @@ local SERVER_CAPABILITIES = 0xdfffffff & ~(CLIENT_SSL | CLIENT_COMPRESS | CLIENT
 local CHARSET_UTF8MB4_0900_AI_CI = 255
 local SERVER_STATUS_AUTOCOMMIT = 0x0002
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
@@ -63,23 +58,15 @@ local function packet(seq, payload)
   return string.pack("<I3B", #payload, seq) .. payload
 end
 
--- Input: a buffer, and a reader for one whole packet (nil and why when there is none).
-local inbuf = ""
+-- Input: one whole packet at a time (nil and why when there is none).
+local input = std.reader()
 local function read_packet()  -- the payload and its sequence id, or nil and "closed" / "too-big"
-  while #inbuf < 4 do
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-  local len, seq = string.unpack("<I3B", inbuf)
+  local header = input:exactly(4)
+  if not header then return nil, "closed" end
+  local len, seq = string.unpack("<I3B", header)
   if len > MAX_PACKET then return nil, "too-big" end
-  while #inbuf < 4 + len do
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-  local payload = inbuf:sub(5, 4 + len)
-  inbuf = inbuf:sub(5 + len)
+  local payload = input:exactly(len)
+  if not payload then return nil, "closed" end
   return payload, seq
 end
 

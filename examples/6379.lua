@@ -27,13 +27,8 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.time) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 -- ---------------------------------------------------------------------------------------------------
 -- Replies, in RESP2 until the client asks for RESP3 with HELLO 3.
@@ -63,41 +58,10 @@ end
 local OK = simple("OK")
 
 -- ---------------------------------------------------------------------------------------------------
--- Input. A buffer and a cursor; everything is bounded by the constants above.
-
-local inbuf = ""
-
-local function fill()
-  local chunk = deadend.recv(16384)
-  if not chunk then return false end
-  inbuf = inbuf .. chunk
-  return true
-end
-
--- A line ending in LF (CR stripped); nil and "closed" / "too-long".
-local function read_line(max)
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > max then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > max then return nil, "too-long" end
-    if not fill() then return nil, "closed" end
-  end
-end
-
-local function read_exactly(n)
-  while #inbuf < n do
-    if not fill() then return nil end
-  end
-  local out = inbuf:sub(1, n)
-  inbuf = inbuf:sub(n + 1)
-  return out
-end
+-- Input, bounded by the constants above.
+local input = std.reader(16384)
+local function read_line(max) return input:line(max) end
+local function read_exactly(n) return input:exactly(n) end
 
 -- Redis' sdssplitargs: words separated by blanks; "..." with \n \r \t \b \a \\ \" \xHH escapes; '...'
 -- with \' only. A closing quote must be followed by a blank. nil on unbalanced quotes.
@@ -144,8 +108,9 @@ end
 
 -- One command: its arguments, {} for an empty one (ignored), or nil and "closed" or a protocol error.
 local function read_command()
-  if #inbuf == 0 and not fill() then return nil, "closed" end
-  if inbuf:sub(1, 1) ~= "*" then
+  local first = input:peek(1)  -- RESP or inline: the first byte says
+  if not first then return nil, "closed" end
+  if first ~= "*" then
     local line, why = read_line(MAX_INLINE)
     if not line then
       return nil, why == "too-long" and "Protocol error: too big inline request" or why

@@ -21,13 +21,8 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 -- The stock index.html of nginx 1.24.0 (615 bytes; its ETag and Last-Modified are those of the release).
 local INDEX = [[
@@ -70,42 +65,29 @@ local function error_page(status, title)
     .. "</h1></center>\r\n<hr><center>" .. SERVER .. "</center>\r\n</body>\r\n</html>\r\n"
 end
 
--- Input buffer and a bounded line reader (CRLF or bare LF). Returns the line, or nil and "closed" /
--- "too-long" (the line, or the head so far, went past MAX_HEAD).
-local inbuf = ""
+-- A bounded line reader (CRLF or bare LF) over the input. Returns the line, or nil and "closed" /
+-- "too-long" (the line, or the head so far, went past MAX_HEAD) / "garbage".
+local input = std.reader()
 local head_used = 0
 local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      head_used = head_used + nl
-      if head_used > MAX_HEAD then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if head_used + #inbuf > MAX_HEAD then return nil, "too-long" end
+  if head_used == 0 then
     -- nginx answers as soon as the method cannot be a method: a TLS ClientHello, binary junk...
-    local first = inbuf:match("^[\r\n]*(.)")
-    if first and head_used == 0 and not first:match("[A-Z_%-]") then return nil, "garbage" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
+    local first = input:peek()
+    if not first then return nil, "closed" end
+    if not first:match("[A-Z_%-\r\n]") then return nil, "garbage" end
   end
+  if head_used >= MAX_HEAD then return nil, "too-long" end
+  local line, why = input:line(MAX_HEAD - head_used)
+  if line then head_used = head_used + #line + 2 end
+  return line, why
 end
 
--- Read and discard n body bytes; false when the client left.
+-- Read and discard n body bytes, a read at a time; false when the client left.
 local function discard(n)
   while n > 0 do
-    if #inbuf == 0 then
-      local chunk = deadend.recv(math.min(n, 16384))
-      if not chunk then return false end
-      inbuf = chunk
-    end
-    local take = math.min(n, #inbuf)
-    inbuf = inbuf:sub(take + 1)
-    n = n - take
+    local piece = input:some(math.min(n, 16384))
+    if not piece then return false end
+    n = n - #piece
   end
   return true
 end
@@ -147,7 +129,8 @@ local function serve(nth)
       if nth == 1 then deadend.log("client closed without a request") end
       return false
     end
-    deadend.log(string.format("bad request (%s) %s", why, q(inbuf:sub(1, 64))), "warn")
+    local held = why == "garbage" and " " .. q(input:peek(64)) or ""  -- an over-long line is dropped
+    deadend.log(string.format("bad request (%s)%s", why, held), "warn")
     if why == "too-long" then respond(414) else respond(400) end
     return false
   end

@@ -24,13 +24,8 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 local function html_escape(s)
   return (s:gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;",
@@ -38,33 +33,7 @@ local function html_escape(s)
 end
 
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
+local b64decode = std.base64.decode
 
 -- application/x-www-form-urlencoded: "+" is a space, %XX a byte.
 local function urldecode(s)
@@ -178,36 +147,16 @@ end
 
 -- A bounded line reader (CRLF or bare LF) over the head of one request: the line, or nil and "closed" /
 -- "too-long" (the head so far went past MAX_HEAD).
-local inbuf = ""
+local input = std.reader()
 local head_used = 0
 local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      head_used = head_used + nl
-      if head_used > MAX_HEAD then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if head_used + #inbuf > MAX_HEAD then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
+  if head_used >= MAX_HEAD then return nil, "too-long" end
+  local line, why = input:line(MAX_HEAD - head_used)
+  if line then head_used = head_used + #line + 2 end
+  return line, why
 end
 
-local function read_exactly(n)
-  while #inbuf < n do
-    local chunk = deadend.recv(math.min(16384, n - #inbuf))
-    if not chunk then return nil end
-    inbuf = inbuf .. chunk
-  end
-  local out = inbuf:sub(1, n)
-  inbuf = inbuf:sub(n + 1)
-  return out
-end
+local function read_exactly(n) return input:exactly(n) end
 
 -- A chunked body, at most MAX_BODY bytes; nil and why ("closed", "too-big", "bad").
 local function read_chunked()

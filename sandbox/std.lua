@@ -342,11 +342,14 @@ return function(api)
     local scanned = 1  -- where the search for a delimiter goes on from (no byte is searched twice)
     local skipping = nil  -- the delimiter that ends an over-long line being dropped
 
-    -- One more read into the buffer; false at the end of input.
+    -- One more read into the buffer (a source may give "": it is asked again); false at the end of input.
     local function fill()
-      local chunk = read()
-      if chunk == nil then return false end
-      if type(chunk) ~= "string" then error("std.reader: the source returned a " .. type(chunk), 0) end
+      local chunk
+      repeat
+        chunk = read()
+        if chunk == nil then return false end
+        if type(chunk) ~= "string" then error("std.reader: the source returned a " .. type(chunk), 0) end
+      until chunk ~= ""
       if pos > 1 then
         buf, scanned, pos = sub(buf, pos) .. chunk, scanned - pos + 1, 1
       else
@@ -466,6 +469,15 @@ return function(api)
       local out = sub(buf, pos, pos + n - 1)
       drop_through(pos + n)
       return out
+    end
+
+    -- Up to `n` of the bytes held, without consuming them (to tell protocols apart by their first
+    -- bytes); one read first if nothing is held. It never waits for more than one read.
+    function r.peek(_, n)
+      n = integer("peek", 1, n, 1, nil, 1)
+      if skipping and not skip() then return nil, "closed" end
+      if #buf < pos and not fill() then return nil, "closed" end
+      return sub(buf, pos, pos + n - 1)
     end
 
     -- What is held already (at most `max` bytes, default 65535), or else what one read brings; nil and

@@ -179,6 +179,18 @@ print(r:exactly(1))
     assert {args for op, args in script.calls if op == "recv"} == {(10, None)}  # the read size it was given
 
 
+def test_peek_reads_without_consuming() -> None:
+    source = """
+local r = std.reader()
+print(r:peek(), r:peek(4), r:line())
+print(r:peek(10))
+print(r:some())
+print(r:peek(), r:line())
+"""
+    # one read when nothing is held, never more: peek(4) shows the one byte the first read brought
+    assert printed(source, b"*", b"3\r\nab", b"c") == ["*\t*\t*3", "ab", "ab", "c\tnil\tclosed"]
+
+
 def test_a_source_function_replaces_recv() -> None:
     # a Telnet-like filter: reads may yield nothing of the user's text, and the reader asks again
     source = """
