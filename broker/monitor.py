@@ -202,9 +202,13 @@ class Monitor:
         self._busy = False
         return Reply(None)
 
-    def slept(self, ms: int) -> Reply:
-        """A sleep is over, after `ms` milliseconds (fewer than asked when the peer left meanwhile)."""
+    def slept(self, ms: int, cut: bool = False) -> Reply:
+        """A sleep is over, after `ms` milliseconds. `cut`: it ended early (or at once) because the peer
+        had left: the script is told so by the short sleep, as by a recv that returns nil, so a close it
+        makes next does not take the credit."""
         self._busy = False
+        if cut and self.closed_by is None:
+            self.closed_by = ClosedBy.PEER
         return Reply(ms)
 
     def tarpit_delay(self) -> float:

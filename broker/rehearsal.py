@@ -12,6 +12,7 @@ import dataclasses
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker.sandboxes import Sandboxes, standalone
@@ -43,7 +44,12 @@ class Rehearsal:
         await self._sandboxes.__aexit__(None, None, None)
 
     def start_session(
-        self, script: Script, sock: socket.socket, peer_ip: str, allow_clock: bool
+        self,
+        script: Script,
+        sock: socket.socket,
+        peer_ip: str,
+        allow_clock: bool,
+        seed: tuple[int, int] | None = None,
     ) -> asyncio.Task[None]:
         settings = SessionSettings(self.config.ceilings, allow_clock, self.config.shutdown_grace)
         where = Where(script.port, "rehearsal", peer_ip)
@@ -52,7 +58,7 @@ class Rehearsal:
 
         async def run() -> None:
             lease = await pool.acquire(script, asyncio.get_running_loop().time() + 10.0)
-            await Session(sock, where, script, settings, self.log).run(lease)
+            await Session(sock, where, script, settings, self.log, seed=seed).run(lease)
 
         return asyncio.get_running_loop().create_task(run())
 
@@ -191,6 +197,28 @@ async def _run_step(client: _Client, step: Step, previous: float) -> None:
         raise _Mismatch(f"arrived after {waited:.0f} ms, sooner than {step.after_ms:.0f} ms")
 
 
+@dataclass
+class Played:
+    failure: str  # empty when every step was met
+    received: bytes  # the last bytes the script sent (RECEIVED_KEPT at most)
+
+
+async def play(sock: socket.socket, transcript: Transcript, steps: Sequence[Step] | None = None) -> Played:
+    """Play the client's side of `steps` (default: all of the transcript's) over a non-blocking `sock`;
+    stop at the first mismatch. The socket stays open: the caller closes it."""
+    client = _Client(sock, transcript.timeout_ms / 1000)
+    failure = ""
+    previous = time.monotonic()
+    for step in transcript.steps if steps is None else steps:
+        try:
+            await _run_step(client, step, previous)
+        except (_Mismatch, OSError) as e:
+            failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
+            break
+        previous = time.monotonic()
+    return Played(failure, client.received)
+
+
 async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, lines: list[str]) -> Replay:
     """Play the client's side of `transcript` against `script`; stop at the first mismatch.
 
@@ -201,18 +229,10 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
     ours.setblocking(False)
     theirs.setblocking(False)
     first_log = len(lines)
-    task = rehearsal.start_session(script, theirs, transcript.peer_ip, transcript.allow_clock)
-    client = _Client(ours, transcript.timeout_ms / 1000)
-    failure = ""
-    previous = time.monotonic()
+    seed = transcript.seed
+    task = rehearsal.start_session(script, theirs, transcript.peer_ip, transcript.allow_clock, seed)
     try:
-        for step in transcript.steps:
-            try:
-                await _run_step(client, step, previous)
-            except (_Mismatch, OSError) as e:
-                failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
-                break
-            previous = time.monotonic()
+        played = await play(ours, transcript)
     finally:
         ours.close()
         try:
@@ -222,6 +242,7 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     rehearsal.log.flush()
+    failure = played.failure
     script_lines = []
     for line in lines[first_log:]:
         m = SCRIPT_LINE.match(line)
@@ -233,4 +254,4 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
                 where = f"{sanitize(transcript.path)}:{expectation.line}: {expectation.source}"
                 failure = f"{where}\n    no script log line matches"
                 break
-    return Replay(not failure, failure, client.received, lines[first_log:])
+    return Replay(not failure, failure, played.received, lines[first_log:])

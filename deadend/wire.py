@@ -50,6 +50,7 @@ SLEEP_MAX_MS: Final = 3_600_000
 TARPIT_MAX_MS: Final = 60_000
 SEND_MAX: Final = 1 << 20  # bytes per send() call (decided)
 LIMIT_MAX: Final = (1 << 63) - 1  # set_limits takes any non-negative Lua integer
+SEED_MAX: Final = (1 << 63) - 1  # each half of a session's PRNG seed (math.randomseed takes Lua integers)
 LOG_MAX: Final = 4096  # a log message is cut here (after escaping), with a marker
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
