@@ -82,6 +82,12 @@ class Monitor:
         self.tarpit_jitter = 0
         self.calls_after_close = 0
         self.logs_dropped = 0
+        # What the script did, for `deadend audit`: API calls by name, log lines and bytes it asked for
+        # (dropped ones too), and the usage its worker reported at the end (peak heap, instructions, CPU).
+        self.calls: dict[str, int] = {}
+        self.log_lines = 0
+        self.log_bytes = 0
+        self.usage: tuple[int, int, int] | None = None
         self._logs = TokenBucket(ceilings.log_rate, ceilings.log_burst, now)
         self._calls = TokenBucket(ceilings.call_rate, ceilings.call_burst, now)
         self._busy = False  # a request is being carried out; a second one is a violation
@@ -98,6 +104,7 @@ class Monitor:
         handler = self._handlers.get(req.op)
         if handler is None:  # a row permitted only outside sessions (`dump`): parse_request refused it
             raise wire.ProtocolViolation(f"{req.op!r} is not permitted in a session")
+        self.calls[req.op] = self.calls.get(req.op, 0) + 1
         if wire.ROWS[req.op].io and not self._connection_usable(req.op):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
@@ -142,6 +149,8 @@ class Monitor:
     def _on_log(self, a: tuple[object, ...], now: float) -> Action:
         message, level = a
         assert isinstance(message, bytes) and isinstance(level, str)
+        self.log_lines += 1
+        self.log_bytes += len(message)
         if not self._logs.take(now):
             self.logs_dropped += 1
             return Reply(None)
@@ -157,6 +166,12 @@ class Monitor:
         calls, nbytes = a
         assert isinstance(calls, int) and isinstance(nbytes, int)
         self.calls_limit, self.bytes_limit = calls, nbytes
+        return Reply(None)
+
+    def _on_usage(self, a: tuple[object, ...], now: float) -> Action:
+        peak, instructions, cpu_us = a
+        assert isinstance(peak, int) and isinstance(instructions, int) and isinstance(cpu_us, int)
+        self.usage = peak, instructions, cpu_us
         return Reply(None)
 
     def _on_close(self, a: tuple[object, ...], now: float) -> Action:

@@ -13,6 +13,7 @@ Three channels, four dialects, all msgpack:
       ──▶ ["start", {Start}]                          mode "run": the session begins at once
       ──▶ ["start", {Start, mode "prepare"}]  ◀── ["prepared"]  ──▶ ["go", seed_hi, seed_lo]   [PREPARE/GO]
       ◀── [op, arg...]  ──▶ reply                     one request, then the worker waits for its reply
+      ◀── ["usage", peak, instructions, cpu_us]  ──▶ nil    Start with measure (`deadend audit`) only
       ◀── ["done", kind, message]                    the last frame; the worker then exits
 
     broker ◀──pipe pair──▶ dense worker, up to K sessions (--sessions-per-worker)            [DENSE]
@@ -227,6 +228,7 @@ class Start:
     memory: int  # bytes of Lua heap
     instructions: int  # VM instructions allowed between two API calls
     clock: bool  # expose the read-only os clock subset
+    measure: bool = False  # `deadend audit`: report the session's usage (a "usage" request) before "done"
 
     def to_frame(self) -> list[Any]:
         fields = asdict(self)
@@ -247,6 +249,7 @@ class Start:
             memory=f["memory"],
             instructions=f["instructions"],
             clock=f["clock"],
+            measure=f.get("measure", False),
         )
         if (
             start.mode not in {m.value for m in START_MODES}
@@ -255,6 +258,7 @@ class Start:
             or not isinstance(start.memory, int)
             or not isinstance(start.instructions, int)
             or not isinstance(start.clock, bool)
+            or not isinstance(start.measure, bool)
         ):
             raise ValueError("malformed start frame")
         return start
@@ -357,6 +361,10 @@ def _check_limits(a: tuple[Any, ...]) -> bool:
     return all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
+def _check_usage(a: tuple[Any, ...]) -> bool:
+    return all(_int_in(v, 0, LIMIT_MAX) for v in a)
+
+
 def _check_dump(a: tuple[Any, ...]) -> bool:
     return type(a[0]) is bytes
 
@@ -391,6 +399,9 @@ REQUESTS: Final = (
     RequestRow("set_tarpit", 2, _check_tarpit, SESSION),
     RequestRow("set_limits", 2, _check_limits, SESSION),
     RequestRow("close", 0, _check_none, SESSION),
+    # `deadend audit` (a Start with measure set): the session's peak Lua heap in bytes, its instructions
+    # (counted as the budget counts them) and its CPU time in microseconds, once, just before "done".
+    RequestRow("usage", 3, _check_usage, frozenset({Mode.RUN})),
     RequestRow("dump", 1, _check_dump, frozenset({Mode.CHECK})),  # the compiled chunk, for `deadend check`
     RequestRow("done", 2, _check_done, EVERY_MODE),
 )

@@ -22,6 +22,7 @@ local string_sub, string_format, string_gsub, string_gmatch = string.sub, string
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
 local c_rep, c_move, string_dump = string.rep, table.move, string.dump
+local gc_count = collectgarbage  -- "count" only, for `deadend audit`'s measurements; never a script's
 
 -- The C library initialises its time zone on first use, by opening files. Do it now: after lockdown an
 -- open() kills the process. The zygote fixed TZ=UTC, so local time and UTC agree.
@@ -66,6 +67,19 @@ end
 local function charge(n)
   used = used + n
   if exceeded or used > budget then over() end
+end
+-- `deadend audit` (a Start with measure set) also wants the instructions of the whole session and the
+-- peak Lua heap: the heap is sampled each time the hook fires and at every API call.
+local total, peak = 0, 0
+local function measuring_hook()
+  local kib = gc_count("count")
+  if kib > peak then peak = kib end
+  hook()
+end
+local function usage()
+  local kib = gc_count("count")
+  if kib > peak then peak = kib end
+  return math_tointeger(peak * 1024 // 1), total + used
 end
 -- The iterations of a C loop from `from` to `to`: past the whole budget (or past what an integer
 -- holds), the limit is reached at once.
@@ -457,7 +471,7 @@ local function checkint(fname, i, v, present, lo, hi)
   return v
 end
 
-local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, with_clock)
+local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, with_clock, measure)
   local env = {}
   local TOKEN = {}
   local co
@@ -588,7 +602,11 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
 
   -- The driver's only entry point: resume the script with the broker's reply; report what it did next.
   local function step(...)
-    if not exceeded then used = 0 end
+    if not exceeded then
+      total = total + used
+      used = 0
+    end
+    if measure then usage() end  -- a heap sample at every API call
     local ok, a, op, x, y = co_resume(co, ...)
     if not ok then
       if exceeded then return "instructions", "instruction limit exceeded" end
@@ -606,8 +624,8 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
     co = co_create(fn)
     metered = co
     -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
-    debug_sethook(co, hook, "", STEP)
-    return "ready", step
+    debug_sethook(co, measure and measuring_hook or hook, "", STEP)
+    return "ready", step, usage
   end
 
   -- A warm child prepared for one script compiles now and runs when a connection comes (GO).

@@ -155,6 +155,8 @@ class ScriptRun:
         self.step: Any = None
         self.go_fn: Any = None  # mode "prepare": compiled, waiting for the session's seed
         self.dumped = False
+        self.usage_fn: Any = None  # the bootstrap's (peak heap, instructions) of this session
+        self.cpu_started = time.process_time()
 
     def begin(self) -> Outcome:
         return self._guarded(self._begin)
@@ -178,6 +180,7 @@ class ScriptRun:
                 start.seed[1],
                 start.instructions,
                 start.clock,
+                start.measure,
             )
         )
         if result[0] == b"compile":
@@ -190,8 +193,21 @@ class ScriptRun:
         if result[0] == b"prepared":
             self.go_fn = result[1]
             return list(wire.PREPARED)
-        self.step = result[1]
+        self.step, self.usage_fn = result[1], result[2]
         return self._advance(())
+
+    def usage_frame(self) -> list[Any] | None:
+        """The "usage" request of a measured session (`deadend audit`), once it is over; else None."""
+        if not self.start.measure or self.usage_fn is None:
+            return None
+        try:
+            peak, instructions = _as_tuple(self.usage_fn())
+        except Exception:  # a state that broke (memory) reports nothing rather than crash the worker
+            return None
+        cpu_us = round((time.process_time() - self.cpu_started) * 1e6)
+        if not (type(peak) is int and type(instructions) is int):
+            return None
+        return ["usage", max(0, peak), max(0, instructions), max(0, cpu_us)]
 
     def go(self, frame: Any) -> Outcome:
         """A prepared script's session starts: ["go", seed_hi, seed_lo]."""
@@ -201,7 +217,7 @@ class ScriptRun:
         return self._guarded(lambda: self._started(go_fn(frame[1], frame[2])))
 
     def _started(self, result: Any) -> Outcome:
-        self.step = _as_tuple(result)[1]
+        _ready, self.step, self.usage_fn = _as_tuple(result)
         return self._advance(())
 
     def _advance(self, reply: tuple[Any, ...]) -> Outcome:
@@ -254,6 +270,10 @@ def serve(rlimits: Rlimits, parent_pid: int, seccomp_filter: Any) -> NoReturn:
             while isinstance(outcome, list):
                 pipe.write(outcome)
                 outcome = run.resume(pipe.read())
+            usage = run.usage_frame()
+            if usage is not None:  # `deadend audit`: one more request, answered with nil
+                pipe.write(usage)
+                pipe.read()
         except (EOFError, BrokenPipeError):
             os._exit(0)  # the broker ended the session; nothing to report to
         except Exception as exc:  # a malformed start message: still a report, not a traceback

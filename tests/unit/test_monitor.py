@@ -45,6 +45,7 @@ REQUESTS = {
     "set_tarpit": req("set_tarpit", 1, 0),
     "set_limits": req("set_limits", 0, 0),
     "close": req("close"),
+    "usage": req("usage", 1 << 20, 5000, 1200),
     "done": req("done", "return", b""),
 }
 SEND, RECV, SLEEP = m.Send(b"x"), m.Recv(5), m.Sleep(0.005)
@@ -59,6 +60,7 @@ CLOSED_ROW: dict[str, m.Action] = {
     "set_tarpit": NIL,
     "set_limits": NIL,
     "close": NIL,
+    "usage": NIL,
     "done": DONE,
 }
 # state -> request -> the action; the rows are the whole contract of SPEC.md "The functions" per state
