@@ -12,6 +12,7 @@ local NEGOTIATE = true          -- send BusyBox telnetd's opening options
 local MAX_ATTEMPTS = 3          -- BusyBox login gives up after three bad passwords
 local MAX_EMPTY = 10            -- empty user names before giving up (BusyBox: EMPTY_USERNAME_COUNT)
 local MAX_LINE = 256            -- longer input lines are cut (BusyBox login reads 64 bytes)
+local MAX_INPUT = 4096          -- bytes without a line end before the script gives up on the client
 local MAX_SUBNEG = 512          -- an IAC SB ... IAC SE longer than this is dropped
 local FAIL_DELAY_MS = 1000      -- BusyBox waits 3 s (LOGIN_FAIL_DELAY); a honeypot can be quicker
 local TARPIT_BASE, TARPIT_JITTER = 100, 200
@@ -74,21 +75,24 @@ end
 
 -- One line of user input; bytes are echoed as they are consumed when `echo` is set (the tty echo the
 -- user would see). A line ends at CR (CR LF and CR NUL count once) or LF; BS and DEL erase; the line is
--- cut at MAX_LINE. Returns the line, or nil when the client left.
+-- cut at MAX_LINE. Returns the line, or nil and why: the client left, or sent MAX_INPUT bytes without a
+-- line end (a flood: read at the tarpit's pace it would hold the sandbox long after the client left).
 local input = std.reader(function()
   local chunk = deadend.recv(1024)
   return chunk and filter(chunk)
 end)
 local pending_cr = false
 local function read_line(echo)
-  local line, out = {}, {}
+  local line, out, taken = {}, {}, 0
   while true do
     if #out > 0 and input:buffered() == 0 then  -- about to wait for the user: show the echo so far
       deadend.send(table.concat(out))
       out = {}
     end
     local c = input:some(1)
-    if not c then return nil end
+    if not c then return nil, "left" end
+    taken = taken + 1
+    if taken > MAX_INPUT then return nil, "flood" end
     if pending_cr and (c == "\n" or c == "\0") then
       pending_cr = false
     else
@@ -135,9 +139,9 @@ end
 
 while state ~= STATE_DONE do
   if state == STATE_LOGIN then
-    local line = read_line(true)
+    local line, why = read_line(true)
     if not line then
-      ending = "client disconnected at login prompt"
+      ending = why == "flood" and "input without a line end" or "client disconnected at login prompt"
       break
     end
     user = line:match("^%s*(%S+)")  -- BusyBox login takes the first word
@@ -153,10 +157,10 @@ while state ~= STATE_DONE do
       deadend.send("Password: ")
     end
   elseif state == STATE_PASSWORD then
-    local password = read_line(false)
+    local password, why = read_line(false)
     if not password then
       deadend.log(string.format("client left at the password prompt user=%s", q(user)), "warn")
-      ending = "client disconnected at password prompt"
+      ending = why == "flood" and "input without a line end" or "client disconnected at password prompt"
       break
     end
     attempts = attempts + 1
