@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import re
 import socket
 import time
@@ -24,6 +25,7 @@ from deadend.transcript import LOOKAHEAD, Step, Transcript
 
 END_WAIT = 5.0  # seconds a script may take to finish after the client is done with it
 RECEIVED_KEPT = 4096  # the last bytes the script sent, kept for the report
+HEAD_KEPT = 64 << 10  # the first bytes the script sent, kept for `deadend audit --diff`
 SEND_BLOCK = 65536  # a repeated send goes out in blocks of about this size
 
 
@@ -83,6 +85,9 @@ class _Client:
         self.timeout = timeout
         self.buffer = b""
         self.received = b""
+        self.first_at: float | None = None  # when the first byte came (monotonic)
+        self.digest = hashlib.sha256()  # of every byte that came
+        self.head = b""  # the first HEAD_KEPT of them
         self.eof = False
         self.window_ms = timeout * 1000  # the current step's time budget, for messages
         self.loop = asyncio.get_running_loop()
@@ -103,6 +108,11 @@ class _Client:
             raise _Mismatch("the script closed the connection")
         self.buffer += chunk
         self.received = (self.received + chunk)[-RECEIVED_KEPT:]
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.digest.update(chunk)
+        if len(self.head) < HEAD_KEPT:
+            self.head += chunk[: HEAD_KEPT - len(self.head)]
 
     async def send(self, data: bytes, repeat: int, deadline: float) -> None:
         """`data` `repeat` times, in blocks; the script must take it all before the deadline."""
@@ -201,6 +211,9 @@ async def _run_step(client: _Client, step: Step, previous: float) -> None:
 class Played:
     failure: str  # empty when every step was met
     received: bytes  # the last bytes the script sent (RECEIVED_KEPT at most)
+    head: bytes = b""  # the first bytes it sent (HEAD_KEPT at most)
+    digest: str = ""  # SHA-256 of everything it sent
+    first_at: float | None = None  # when the first byte came (monotonic)
 
 
 async def play(sock: socket.socket, transcript: Transcript, steps: Sequence[Step] | None = None) -> Played:
@@ -216,7 +229,7 @@ async def play(sock: socket.socket, transcript: Transcript, steps: Sequence[Step
             failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
             break
         previous = time.monotonic()
-    return Played(failure, client.received)
+    return Played(failure, client.received, client.head, client.digest.hexdigest(), client.first_at)
 
 
 async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, lines: list[str]) -> Replay:

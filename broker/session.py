@@ -38,6 +38,7 @@ class SessionSettings:
     allow_clock: bool
     shutdown_grace: float
     calls: TokenBucket | None = None  # the API calls of all sessions together (--call-rate-total)
+    measure: bool = False  # `deadend audit`: the worker reports its usage at the end (wire "usage")
 
 
 class Session:
@@ -313,6 +314,7 @@ def start_message(
         memory=settings.ceilings.memory_bytes,
         instructions=settings.ceilings.instructions,
         clock=settings.allow_clock,
+        measure=settings.measure,
     )
 
 

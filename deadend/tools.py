@@ -1,4 +1,5 @@
-"""`deadend check`, `deadend try` and `deadend test`: the tools for script authors and auditors.
+"""`deadend check`, `deadend audit`, `deadend try` and `deadend test`: the tools for script authors and
+auditors.
 
 Each runs scripts only in the real, locked-down sandbox, never in this process.
 """
@@ -14,7 +15,9 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 from deadend.config import Ceilings, Config
@@ -85,6 +88,59 @@ def run_check(args: argparse.Namespace) -> int:
         bad = sum(not r.clean for r in reports)
         print(f"{len(reports)} file(s) checked, {bad} with problems")
     return 0 if reports and all(r.clean for r in reports) else 1
+
+
+# --- audit -----------------------------------------------------------------------------------------
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from broker.auditrun import Auditor
+    from broker.staticcheck import scripts_in
+    from broker.zygote import ZygoteLost
+    from deadend import audit
+    from deadend.cli import AUDIT_CEILING_OPTIONS
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        return _fail(f"no such file or folder: {', '.join(missing)}")
+    if args.diff and (len(args.paths) != 2 or not all(p.is_file() for p in args.paths)):
+        return _fail("--diff compares two scripts: deadend audit --diff OLD NEW")
+    files = list(args.paths) if args.diff else scripts_in(args.paths)
+    if not files:
+        return _fail(f"no .lua file in {', '.join(str(p) for p in args.paths)}")
+    ceilings = Ceilings.from_values(vars(args))
+    budget = {o.name: getattr(ceilings, o.field) for o in AUDIT_CEILING_OPTIONS}
+
+    async def main() -> list[audit.Report]:
+        async with Auditor(ceilings, args.workers, args.seed, args.allow_clock) as auditor:
+            return list(await asyncio.gather(*(auditor.audit(path, args.transcripts) for path in files)))
+
+    started = time.monotonic()
+    try:
+        reports = asyncio.run(main())
+    except (ZygoteLost, OSError) as e:
+        return _fail(f"cannot start the sandbox: {e}")
+    elapsed = time.monotonic() - started
+    if args.diff:
+        changes = audit.diff(reports[0], reports[1])
+        if args.format == "json":
+            old, new = (r.to_json(budget) for r in reports)
+            print(json.dumps({"old": old, "new": new, "changes": [asdict(c) for c in changes]}, indent=2))
+        else:
+            print(audit.budget_line(budget, args.seed))
+            print(audit.render_diff(str(files[0]), str(files[1]), changes))
+        return 1 if changes else 0
+    if args.format == "json":
+        print(json.dumps([r.to_json(budget) for r in reports], indent=2))
+    else:
+        print(audit.budget_line(budget, args.seed))
+        for report in reports:
+            print(audit.render(report))
+        counts = {v: sum(r.verdict == v for r in reports) for v in ("ok", "warn", "fail")}
+        shown = ", ".join(f"{n} {v}" for v, n in counts.items())
+        print(f"{len(reports)} script(s) audited in {elapsed:.1f} s: {shown}")
+    worst = audit.SEVERITY_ORDER[args.fail_on]
+    return 1 if any(audit.SEVERITY_ORDER[r.verdict] >= worst for r in reports) else 0
 
 
 # --- try -------------------------------------------------------------------------------------------
