@@ -80,7 +80,8 @@ class Doorman:
     def admit(self, conn: socket.socket, addr: tuple[str, int], port: int, script: Script) -> None:
         """Called for each accepted socket: refuse it at once, or start handling it."""
         loop = asyncio.get_running_loop()
-        where = Where(port, secrets.token_hex(6), peer_ip(addr[0]), addr[1])
+        local = conn.getsockname()  # the address the client reached (a wildcard listener has many)
+        where = Where(port, secrets.token_hex(6), peer_ip(addr[0]), addr[1], peer_ip(local[0]), local[1])
         scope, cap = self.per_ip_cap(self.sandboxes.pool_for(script))
         if self.config.proxy_protocol:
             ip = None  # the real peer, the one to count and to classify, comes in the header
@@ -147,6 +148,10 @@ class Doorman:
             a.proxy = a.where.peer
             ip, port = header.source  # already in the form scripts see (deadend.proxy.peer_text)
             a.where = dataclasses.replace(a.where, peer=ip, peer_port=port)
+            if header.destination is not None:  # the address the client reached, behind the proxy
+                a.where = dataclasses.replace(
+                    a.where, dst_ip=header.destination[0], dst_port=header.destination[1]
+                )
         a.where = self._classify(a.where)
         scope, cap = self.per_ip_cap(self.sandboxes.pool_for(a.script))
         refused, a.counted = self.gate.admit_source(a.where.peer, scope, cap)

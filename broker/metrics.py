@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from deadend import __version__
 from deadend.logs import Where
 from deadend.reasons import REFUSED, Reason
+from deadend.sinks import SinkStats
 
 DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0)
 
@@ -98,6 +99,7 @@ class LiveState:
     sandbox_starts: int = 0
     recording_bytes: int = 0
     log_lines_dropped: int = 0
+    sinks: Sequence[SinkStats] = ()
 
 
 class _LiveCollector(Collector):
@@ -126,6 +128,30 @@ class _LiveCollector(Collector):
             "deadend_log_lines_dropped", "Log lines lost to a slow log reader", value=s.log_lines_dropped
         )
         yield InfoMetricFamily("deadend_build", "deadend version", value={"version": __version__})
+        yield from _sink_metrics(s.sinks)
+
+
+def _sink_metrics(sinks: Sequence[SinkStats]) -> Iterator[Metric]:
+    """Per --sink: labelled by its name (the URL without its query), a handful of series each."""
+    up = GaugeMetricFamily("deadend_sink_up", "1 while the sink's collector takes events", labels=["sink"])
+    queued = GaugeMetricFamily("deadend_sink_queued", "Events waiting in memory", labels=["sink"])
+    spooled = GaugeMetricFamily("deadend_sink_spooled", "Events waiting on disk only", labels=["sink"])
+    delivered = CounterMetricFamily(
+        "deadend_sink_delivered", "Events the collector confirmed", labels=["sink"]
+    )
+    dropped = CounterMetricFamily(
+        "deadend_sink_dropped", "Events given up (queue or spool full, too large)", labels=["sink"]
+    )
+    error = InfoMetricFamily("deadend_sink_last_error", "Why the sink was last down", labels=["sink"])
+    for stats in sinks:
+        labels = [stats.name]
+        up.add_metric(labels, 1 if stats.up else 0)
+        queued.add_metric(labels, stats.queued)
+        spooled.add_metric(labels, stats.spooled)
+        delivered.add_metric(labels, stats.delivered)
+        dropped.add_metric(labels, stats.dropped)
+        error.add_metric(labels, {"error": stats.last_error or ""})
+    yield from (up, queued, spooled, delivered, dropped, error)
 
 
 class BrokerMetrics:

@@ -47,6 +47,7 @@ class Log:
     level: str
     message: bytes
     cut: bool
+    fields: tuple[tuple[str, bytes | int | bool], ...] = ()  # in key order; strings cut when shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +148,17 @@ class Monitor:
         return Reply(self.peer_ip)
 
     def _on_log(self, a: tuple[object, ...], now: float) -> Action:
-        message, level = a
-        assert isinstance(message, bytes) and isinstance(level, str)
+        message, level, pairs = a
+        assert isinstance(message, bytes) and isinstance(level, str) and isinstance(pairs, list)
         self.log_lines += 1
         self.log_bytes += len(message)
         if not self._logs.take(now):
             self.logs_dropped += 1
             return Reply(None)
-        return Log(level, message[: wire.LOG_MAX], len(message) > wire.LOG_MAX)
+        fields = tuple(
+            (key.decode("ascii"), value) for key, value in zip(pairs[0::2], pairs[1::2], strict=True)
+        )
+        return Log(level, message[: wire.LOG_MAX], len(message) > wire.LOG_MAX, fields)
 
     def _on_set_tarpit(self, a: tuple[object, ...], now: float) -> Action:
         base, jitter = a

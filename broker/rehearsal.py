@@ -260,7 +260,8 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
     for line in lines[first_log:]:
         m = SCRIPT_LINE.match(line)
         if m:
-            script_lines.append(f"{m.group(1).lower()} {unquote(m.group(2))}")
+            # "LEVEL MESSAGE", then the fields as the text line shows them: ` user="root" tries=3`
+            script_lines.append(f"{m.group(1).lower()} {unquote(m.group(2))}{m.group(3)}")
     if not failure:
         for expectation in transcript.logs:
             if not any(expectation.pattern.search(line) for line in script_lines):

@@ -24,6 +24,7 @@ from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
 from broker.metrics import BrokerMetrics, LiveState
 from broker.net import bind_addresses, ipv6_unavailable, open_listener
+from broker.outbox import Outbox, OutboxError
 from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
 from broker.sandboxes import Sandboxes, SandboxSet
 from broker.session import Session, SessionSettings, start_message
@@ -67,6 +68,7 @@ class Server:
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
+    outbox: Outbox | None = None  # the events' way to the --sink collectors
     background: Background | None = None
     fatal: str | None = None  # why the broker stopped on its own, if it did
     _stop: asyncio.Event | None = None
@@ -81,6 +83,11 @@ class Server:
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         self.background = Background(self.log, self._stop_fatally)
+        try:
+            if self.config.sink:  # first, so that the sinks get every event from here on
+                self.outbox = Outbox(self.config, self.log)
+        except OutboxError as e:
+            raise StartupError(str(e)) from e
         try:
             for sock in inherited_listeners():
                 self.spare.setdefault(address_of(sock).port, []).append(sock)
@@ -160,7 +167,7 @@ class Server:
         gate = self._make_gate()
         await self._start_metrics()
         self._prepare_record_folder(run_as)
-        self._drop_privileges(run_as)
+        await self._start_sinks(run_as)
         self._start_recorder(run_as)
         self.doorman = Doorman(self.config, self.log, self.sandboxes, gate, self.recorder)
         loop = asyncio.get_running_loop()
@@ -168,6 +175,8 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            if self.outbox is not None:
+                loop.add_signal_handler(signal.SIGUSR1, self.outbox.reopen)
         assert self.background is not None
         self.background.spawn(self._reload_on_request(), "reload")
         for listener in self.listeners:
@@ -327,6 +336,7 @@ class Server:
             sandbox_starts=sandboxes.started if sandboxes else 0,
             recording_bytes=self.recorder.total_bytes if self.recorder else 0,
             log_lines_dropped=self.log.dropped_total,
+            sinks=self.outbox.stats() if self.outbox else (),
         )
 
     def _drop_privileges(self, run_as: RunAs | None) -> None:
@@ -355,6 +365,21 @@ class Server:
             os.chown(folder, run_as.uid, run_as.gid)
         except OSError as e:
             raise StartupError(f"cannot create the recording folder {folder}: {e.strerror or e}") from e
+
+    async def _start_sinks(self, run_as: RunAs | None) -> None:
+        """Drop privileges, then start the sinks as --user (their spool's files are its own)."""
+        outbox = self.outbox
+        try:
+            if outbox is not None:
+                outbox.prepare_spool(*((run_as.uid, run_as.gid) if run_as else (None, None)))
+            self._drop_privileges(run_as)
+            if outbox is not None:
+                await outbox.start()
+        except OutboxError as e:
+            hint = (
+                f" (it must be writable by user {run_as.name})" if run_as and outbox and outbox.spool else ""
+            )
+            raise StartupError(f"{e}{hint}") from e
 
     def _start_recorder(self, run_as: RunAs | None) -> None:
         c = self.config
@@ -540,7 +565,7 @@ class Server:
             self.log.info(BROKER, "broker.stopping", "shutting down")
         if self.handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         # 2. Stop accepting: listeners closed (systemd's kept by systemd), no new sandbox for anyone (queued
         # connections are refused with reason shutdown), reloads and other tasks stopped.
@@ -566,3 +591,7 @@ class Server:
             self.recorder.close()
         if self.metrics is not None:
             await self.metrics.stop()
+        # 6. Last, the sinks: every session's end is in them; they deliver what they can in a few seconds,
+        # and the rest stays in the spool for the next start.
+        if self.outbox is not None:
+            await self.outbox.close()

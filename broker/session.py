@@ -244,7 +244,7 @@ class Session:
 
     def _script_log(self, action: m.Log) -> None:
         self._report_dropped_logs()
-        if not self.log.script_line(action.level, self.where, action.message, action.cut):
+        if not self.log.script_line(action.level, self.where, action.message, action.cut, action.fields):
             self.monitor.logs_dropped += 1  # the log queue holds too much of this session already
 
     def _report_dropped_logs(self) -> None:

@@ -20,6 +20,7 @@ numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import zlib
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from deadend.logs import sanitize
+from deadend.options import OPTIONS
 from deadend.reasons import Reason
 
 # --- the budget -------------------------------------------------------------------------------------------
@@ -48,6 +50,13 @@ BUDGET: Final[Mapping[str, float]] = {
     "log-burst": 100_000,
     "call-rate": 1000,
 }
+
+# The ceiling flags of `deadend audit`: the broker's, with the budget's defaults.
+BUDGET_OPTIONS: Final = tuple(
+    dataclasses.replace(o, default=(int if o.kind == "int" else float)(BUDGET[o.name]))
+    for o in OPTIONS
+    if o.ceiling
+)
 
 # --- thresholds: past these a run earns a warning -----------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import io
 import os
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from deadend import __version__, options
-from deadend.audit import BUDGET
+from deadend.audit import BUDGET_OPTIONS
 from deadend.config import Config
 from deadend.configfile import ConfigFileError, read_config_file
 from deadend.logs import EventLog
@@ -33,11 +32,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 CEILING_OPTIONS = tuple(option for option in options.OPTIONS if option.ceiling)
-# `deadend audit`'s ceilings: the same flags, tightened (deadend/audit.py's BUDGET)
-AUDIT_CEILING_OPTIONS = tuple(
-    dataclasses.replace(o, default=(int if o.kind == "int" else float)(BUDGET[o.name]))
-    for o in CEILING_OPTIONS
-)
 
 
 def _bounded(lo: int, hi: int) -> Callable[[str], int]:
@@ -111,7 +105,7 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
         "script is always looked in)",
     )
     audit_.add_argument("--allow-clock", action="store_true", help="give the scripts the read-only clock")
-    options.add_to_parser(audit_, AUDIT_CEILING_OPTIONS)
+    options.add_to_parser(audit_, BUDGET_OPTIONS)
 
     test = commands.add_parser(
         "test",
@@ -189,7 +183,9 @@ def run_broker(config: Config) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Whatever the locale, never lose a line to an encoding error: escape what cannot be encoded.
         sys.stdout.reconfigure(errors="backslashreplace")
-    log = EventLog(level=config.log_level, fmt=config.log_format)
+    log = EventLog(
+        level=config.log_level, fmt=config.log_format, sensor=config.sensor or options.default_sensor()
+    )
     server = Server(config, log)
     try:
         if config.event_loop == "uvloop":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deadend.options import BY_NAME, OPTIONS, PER_PORT, Network, effective
+from deadend.sinks.urls import SinkSpec
 
 
 def _default(name: str) -> Any:
@@ -75,7 +76,13 @@ class Config:
     port_offset: int = _default("port-offset")
     allow_clock: bool = _default("allow-clock")
     log_level: str = _default("log-level")
-    log_format: str = _default("log-format")  # or "json": one object per line (deadend/events.py)
+    log_format: str = _default("log-format")  # "json" or "ecs": one object per line (deadend/events.py)
+    sensor: str | None = None  # None: the host name
+    sink: tuple[SinkSpec, ...] = ()  # where events go besides stdout (docs/sinks.md)
+    spool: Path | None = None  # each sink's on-disk spool lives below it
+    spool_max_bytes: int = _default("spool-max-bytes")
+    sink_queue: int = _default("sink-queue")
+    nats_stream: str = _default("nats-stream")
     event_loop: str = _default("event-loop")  # or "uvloop" (an optional extra)
     workers: int = _default("workers")  # sandbox processes alive at once, all ports together
     sessions_per_worker: int = _default("sessions-per-worker")  # dense mode above 1 (SECURITY.md)
@@ -104,7 +111,7 @@ class Config:
     def from_values(cls, values: Mapping[str, Any], ports: Mapping[int, Mapping[str, Any]]) -> Config:
         """From option fields to values (the parser's namespace), and each port's own settings."""
         own = {o.field: values[o.field] for o in OPTIONS if not o.ceiling}
-        for name in ("host", "ignore"):
+        for name in ("host", "ignore", "sink"):
             own[name] = tuple(own[name])
         for value in ports.values():
             if set(value) - set(PER_PORT):  # the config file checks its keys; this guards other callers

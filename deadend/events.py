@@ -13,8 +13,9 @@ import sys
 from typing import Any, Final
 
 from deadend.reasons import ClosedBy, Reason
+from deadend.wire import FIELD_KEY, FIELDS_MAX
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 # JSON Schema type for each field kind used below.
 _TYPES: Final[dict[str, dict[str, Any]]] = {
@@ -27,6 +28,13 @@ _TYPES: Final[dict[str, dict[str, Any]]] = {
     "str?": {"type": ["string", "null"]},
     "int?": {"type": ["integer", "null"]},
     "strs": {"type": "array", "items": {"type": "string"}},
+    # deadend.log's fields (deadend/wire.py holds the rules): escaped strings, integers, booleans
+    "fields": {
+        "type": "object",
+        "maxProperties": FIELDS_MAX,
+        "propertyNames": {"pattern": "^" + FIELD_KEY.pattern.decode() + "$"},
+        "additionalProperties": {"type": ["string", "integer", "boolean"]},
+    },
 }
 
 # name -> (what it means, {field: kind}). Every field listed is always present in the JSON object.
@@ -72,7 +80,10 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "queued": ("all sandboxes busy; the connection waits", {"waiting": "int"}),
     "dequeued": ("a queued connection got a sandbox", {"waited_ms": "int"}),
     "refused": ("no sandbox for this connection", {"reason": "reason"}),
-    "script.log": ("a line the script logged with deadend.log(): `msg` is its text, escaped", {}),
+    "script.log": (
+        "a line the script logged with deadend.log(): `msg` is its text, escaped; `fields` what it named",
+        {"fields": "fields"},
+    ),
     "script.log_dropped": (
         "script log lines dropped: past --log-rate, or too much of this session's waiting for stdout",
         {"dropped": "int"},
@@ -95,17 +106,25 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     # side channels
     "log.dropped": ("log lines dropped because the log output was too slow", {"dropped": "int"}),
     "record.warning": ("a session recording problem (cap reached, write error)", {}),
+    "sink.report": (
+        "an event sink changed state: down (spooling), up again, dropping, spool trouble (docs/sinks.md)",
+        {},
+    ),
 }
 
 BASE_FIELDS: Final[dict[str, str]] = {
     "v": "int",
+    "id": "str",  # UUIDv7, unique per event and time-ordered: de-duplicate an at-least-once stream by it
     "time": "str",
     "level": "str",
     "event": "str",
+    "sensor": "str",  # --sensor, the host name by default
     "port": "int?",
     "conn": "str?",
     "peer": "str?",
     "peer_port": "int?",
+    "dst_ip": "str?",  # the address the client reached (with --proxy-protocol, the header's)
+    "dst_port": "int?",
     "msg": "str",
 }
 
@@ -114,6 +133,10 @@ def build_schema() -> dict[str, Any]:
     """A JSON Schema (2020-12) for one JSON log line."""
     base = {name: dict(_TYPES[kind]) for name, kind in BASE_FIELDS.items()}
     base["v"] = {"const": SCHEMA_VERSION}
+    base["id"] = {
+        "type": "string",
+        "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
+    }
     base["level"] = {"enum": ["debug", "info", "warn", "error"]}
     base["event"] = {"enum": sorted(EVENTS)}
     per_event = []
@@ -138,6 +161,15 @@ def build_schema() -> dict[str, Any]:
         "required": sorted(BASE_FIELDS),
         "allOf": per_event,
     }
+
+
+def events_table() -> str:
+    """docs/events.md's table of events, generated: a test keeps the document equal to it."""
+    rows = ["| event | when | fields |", "|---|---|---|"]
+    for name, (meaning, fields) in EVENTS.items():
+        shown = ", ".join(f"`{f}` ({kind})" for f, kind in fields.items()) or "—"
+        rows.append(f"| `{name}` | {meaning.replace('|', '/')} | {shown} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ r"""Log events: one line per event on stdout, in a form an attacker cannot break
 Text line (the default): `<ISO-8601 UTC time> <LEVEL> port=<port> conn=<id> peer=<ip> <message>`; a
 script's own line reads `... script: "<its text>"`, quoted, so no script text can pass for the broker's
 fields. JSON line (`--log-format json`): one object with the event's name and fields (deadend/events.py),
-encoded ASCII-only so no raw control, bidi or line-separator character can reach the output.
+encoded ASCII-only so no raw control, bidi or line-separator character can reach the output. ECS line
+(`--log-format ecs`): the same object in Elastic Common Schema's names (deadend/ecs.py). Every event also
+goes to the sinks (`forward`), as JSON whatever stdout shows.
 
 Whatever a script or a client controls is escaped by Unicode category, not by a list: control (Cc),
 format (Cf: bidi controls, zero-width characters, the tag block), surrogate (Cs: undecodable bytes),
@@ -25,12 +27,14 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TextIO
 
+from deadend.ecs import ecs_document
 from deadend.events import EVENTS, SCHEMA_VERSION
-from deadend.wire import IGNORABLE_RANGES, LOG_LEVELS, LOG_MAX, UNSAFE_CATEGORIES
+from deadend.ids import uuid7
+from deadend.wire import FIELD_MAX, IGNORABLE_RANGES, LOG_LEVELS, LOG_MAX, UNSAFE_CATEGORIES
 
 BATCH_DELAY: Final = 0.005  # seconds the writer waits after a first line for more to join it
 
@@ -115,9 +119,9 @@ def sanitize(
     return s + CUT_MARKER if cut else s
 
 
-# A script's line in the text format, and how its quoted text reads back (every backslash in it starts an
-# escape, so the quotes' escapes can be undone alone, left to right).
-SCRIPT_LINE: Final = re.compile(r'^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: "(.*)"$')
+# A script's line in the text format (its fields, if any, after the quoted text), and how that text reads
+# back (every backslash in it starts an escape, so the quotes' escapes can be undone alone, left to right).
+SCRIPT_LINE: Final = re.compile(r'^\S+ (\w+)\s+port=\S+ conn=\S+ peer=\S+ script: "((?:[^"\\]|\\.)*)"(.*)$')
 _QUOTE_ESCAPE: Final = re.compile(r"\\(.)")
 
 
@@ -139,37 +143,81 @@ class Where:
     conn: str = "-"
     peer: str = "-"
     peer_port: int | None = None
+    # The address the client reached: the accepted socket's own, or what a PROXY header names.
+    dst_ip: str | None = None
+    dst_port: int | None = None
     quiet: bool = False  # a peer in an --ignore network: its events reach observers but are not written
 
 
 BROKER: Final = Where()
 
 Fields = Mapping[str, object]
+ScriptFields = Sequence[tuple[str, bytes | int | bool]]  # deadend.log's third argument, checked (wire.py)
+
+
+def _shown(value: object) -> str:
+    """A script field's value in a text line: strings (escaped already) quoted, the rest as Lua shows them."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 Observer = Callable[[str, Where, Fields], None]  # (event, where, fields), called in the emitting thread
 
 
-def text_line(time: str, level: str, where: Where, event: str, message: str, fields: Fields) -> str:
+# A formatter: (id, time, level, sensor, where, event, message, fields) -> one line.
+Formatter = Callable[[str, str, str, str, Where, str, str, Fields], str]
+
+
+def text_line(
+    ident: str, time: str, level: str, sensor: str, where: Where, event: str, message: str, fields: Fields
+) -> str:
     port = "-" if where.port is None else str(where.port)
     return f"{time} {level.upper():5} port={port} conn={where.conn} peer={where.peer} {message}\n"
 
 
-def json_line(time: str, level: str, where: Where, event: str, message: str, fields: Fields) -> str:
+def json_record(
+    ident: str, time: str, level: str, sensor: str, where: Where, event: str, message: str, fields: Fields
+) -> dict[str, object]:
+    """The event as one JSON object: the base fields of deadend/events.py, then the event's own."""
     record: dict[str, object] = {
         "v": SCHEMA_VERSION,
+        "id": ident,
         "time": time,
         "level": level,
         "event": event,
+        "sensor": sensor,
         "port": where.port,
         "conn": None if where.conn == "-" else where.conn,
         "peer": None if where.peer == "-" else where.peer,
         "peer_port": where.peer_port,
+        "dst_ip": where.dst_ip,
+        "dst_port": where.dst_port,
         "msg": message,
     }
     record.update(fields)  # field names come from EVENTS, never from input, and never shadow the above
+    return record
+
+
+def json_line(
+    ident: str, time: str, level: str, sensor: str, where: Where, event: str, message: str, fields: Fields
+) -> str:
+    record = json_record(ident, time, level, sensor, where, event, message, fields)
     return json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
-FORMATTERS: Final = {"text": text_line, "json": json_line}
+def ecs_line(
+    ident: str, time: str, level: str, sensor: str, where: Where, event: str, message: str, fields: Fields
+) -> str:
+    document = ecs_document(json_record(ident, time, level, sensor, where, event, message, fields))
+    return json.dumps(document, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+FORMATTERS: Final[dict[str, Formatter]] = {"text": text_line, "json": json_line, "ecs": ecs_line}
+# What the sinks carry: the JSON object of the stdout format when it is one, else the deadend JSON form.
+_BODY: Final[dict[str, Formatter]] = {"text": json_line, "json": json_line, "ecs": ecs_line}
+# (id, time, level, event name, body): an event on its way to the sinks (ASCII JSON, no newline)
+Forward = Callable[[str, str, str, str, bytes], None]
 
 
 class EventLog:
@@ -186,10 +234,17 @@ class EventLog:
     SCRIPT_SHARE = QUEUE_BYTES * 3 // 4
     SESSION_SHARE = QUEUE_BYTES // 16
 
-    def __init__(self, stream: TextIO | None = None, level: str = "info", fmt: str = "text") -> None:
+    def __init__(
+        self, stream: TextIO | None = None, level: str = "info", fmt: str = "text", sensor: str = "-"
+    ) -> None:
         self.stream = stream or sys.stdout
         self.threshold = LEVEL_ORDER[level]
         self.format = FORMATTERS[fmt]
+        self.body = _BODY[fmt]
+        self.sensor = sensor
+        # Every event written, also handed here (the sinks), in the emitting thread, before the stdout
+        # queue's shares are applied: a stuck stdout must not cost the collectors their events.
+        self.forward: Forward | None = None
         self.quoted = fmt == "text"  # a script's text is shown between quotes
         self.observers: list[Observer] = []  # e.g. the metrics: they see every event, quiet ones included
         self._queue: queue.SimpleQueue[tuple[str, str | None] | threading.Event | None] = queue.SimpleQueue()
@@ -206,12 +261,18 @@ class EventLog:
         """Log one event. `message` and string fields must already be safe (use `sanitize`)."""
         self._emit(level, where, event, message, fields, None)
 
-    def script_line(self, level: str, where: Where, text: bytes, cut: bool) -> bool:
+    def script_line(
+        self, level: str, where: Where, text: bytes, cut: bool, fields: ScriptFields = ()
+    ) -> bool:
         """A line a script logged (escaped and cut here); False if it was dropped: its session already
         has SESSION_SHARE waiting, or scripts together have SCRIPT_SHARE."""
         shown = sanitize(text, quote=self.quoted, cut=cut)
-        message = f'script: "{shown}"' if self.quoted else shown
-        return self._emit(level, where, "script.log", message, {}, where.conn)
+        values = {k: sanitize(v, FIELD_MAX, quote=self.quoted) if type(v) is bytes else v for k, v in fields}
+        if self.quoted:
+            message = f'script: "{shown}"' + "".join(f" {k}={_shown(v)}" for k, v in values.items())
+        else:
+            message = shown
+        return self._emit(level, where, "script.log", message, {"fields": values}, where.conn)
 
     def _emit(
         self, level: str, where: Where, event: str, message: str, fields: Fields, session: str | None
@@ -221,7 +282,15 @@ class EventLog:
             observe(event, where, fields)
         if where.quiet or LEVEL_ORDER[level] < self.threshold:
             return True
-        line = self.format(utc_timestamp(), level, where, event, message, fields)
+        ident, stamp = uuid7(), utc_timestamp()
+        line = self.format(ident, stamp, level, self.sensor, where, event, message, fields)
+        if self.forward is not None:
+            body = (
+                line
+                if self.body is self.format
+                else self.body(ident, stamp, level, self.sensor, where, event, message, fields)
+            )
+            self.forward(ident, stamp, level, event, body.rstrip("\n").encode("ascii"))
         size = len(line)
         with self._lock:
             if self._queued_bytes + size > self.QUEUE_BYTES or (
@@ -260,8 +329,9 @@ class EventLog:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
                 message = f"log output too slow: {dropped} lines dropped"
+                ident, stamp, sensor = uuid7(), utc_timestamp(), self.sensor
                 text += self.format(
-                    utc_timestamp(), "warn", BROKER, "log.dropped", message, {"dropped": dropped}
+                    ident, stamp, "warn", sensor, BROKER, "log.dropped", message, {"dropped": dropped}
                 )
             try:
                 self.stream.write(text)

@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Final
 
 from deadend.logs import FORMATTERS
 from deadend.scripts import PORT_MAX
+from deadend.sinks.urls import parse_sink_url
 from deadend.wire import LOG_LEVELS
 
 LOG_FORMATS: Final = tuple(FORMATTERS)
@@ -35,6 +37,24 @@ def parse_network(text: str) -> Network:
         raise ValueError(f"{text!r} is not an IP network (e.g. 10.0.0.0/8, 2001:db8::/32)") from None
 
 
+SENSOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def parse_sensor(text: str) -> str:
+    # It becomes syslog's HOSTNAME and a header in NATS and hpfeeds: a host-name-like token.
+    if not SENSOR_NAME.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a sensor name (1 to 63 of A-Z a-z 0-9 . _ -, a letter or digit first)"
+        )
+    return text
+
+
+def default_sensor() -> str:
+    """The host name, as a sensor name (what --sensor would not take is left out)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "", socket.gethostname()).lstrip("._-")[:63]
+    return name or "deadend"
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -48,7 +68,7 @@ class Option:
     """One broker option. `field` is the Config (or Ceilings) attribute it sets."""
 
     name: str  # the flag without "--", and the config file's key
-    kind: str  # int | float | bool | path | str | choice | network | hostport
+    kind: str  # int | float | bool | path | str | choice | network | hostport | sensor | sink
     default: Any  # None: unset (the option is off, or computed: see `help`)
     help: str
     group: str
@@ -96,6 +116,10 @@ class Option:
             return parse_network(text)
         if self.kind == "hostport":
             return parse_host_port(text)
+        if self.kind == "sensor":
+            return parse_sensor(text)
+        if self.kind == "sink":
+            return parse_sink_url(text)
         return text
 
     def shown_default(self) -> str:
@@ -121,6 +145,7 @@ LOGS = "logs"
 POOL = "pool, queue and connection caps"
 CEILINGS = "ceilings (per session; each ends only the session that hits it)"
 OPS = "recording, metrics, proxies, privileges"
+SINKS = "event sinks"
 
 OPTIONS: Final[tuple[Option, ...]] = (
     # --- what to serve
@@ -176,9 +201,67 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "choice",
         "text",
         "F",
-        "`text`, or `json`: one object per line ([docs/events.md](docs/events.md))",
+        "`text`, `json` (an object per line) or `ecs` (Elastic Common Schema): "
+        "[docs/events.md](docs/events.md)",
         group=LOGS,
         choices=LOG_FORMATS,
+    ),
+    _opt(
+        "sensor",
+        "sensor",
+        None,
+        "NAME",
+        "this sensor's name on every event (fleets tell their sensors apart by it)",
+        group=LOGS,
+        readme_default="the host name",
+    ),
+    _opt(
+        "sink",
+        "sink",
+        (),
+        "URL",
+        "deliver every event there too (repeatable): `syslog+tcp://`, `syslog+tls://`, `nats://`, "
+        "`hpfeeds://`, `file://` ([docs/sinks.md](docs/sinks.md))",
+        group=SINKS,
+        repeatable=True,
+    ),
+    _opt(
+        "spool",
+        "path",
+        None,
+        "DIR",
+        "keep each sink's undelivered events on disk there: they survive an outage and a restart",
+        group=SINKS,
+        readme_default="off (memory only)",
+    ),
+    _opt(
+        "spool-max-bytes",
+        "int",
+        1 << 30,
+        "N",
+        "cap on each sink's spool; past it the oldest events are dropped and counted",
+        group=SINKS,
+        lo=256 << 10,
+        hi=2**62,
+        readme_default="1 GiB",
+    ),
+    _opt(
+        "sink-queue",
+        "int",
+        10_000,
+        "N",
+        "events each sink holds in memory (with a spool: before writing them to it)",
+        group=SINKS,
+        lo=1,
+        hi=10**7,
+    ),
+    _opt(
+        "nats-stream",
+        "str",
+        "DEADEND",
+        "NAME",
+        "the JetStream stream `nats://` sinks publish to, created for their subject if missing",
+        group=SINKS,
     ),
     _opt(
         "event-loop",
@@ -592,6 +675,8 @@ def show(option: Option, value: Any) -> str:
     if option.kind == "hostport":
         host, port = value
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if option.kind == "sink":
+        return ",".join(spec.name for spec in value) or "-"  # the URL without its query
     if option.repeatable:
         return ",".join(str(v) for v in value) or "-"
     if isinstance(value, bool):

@@ -98,7 +98,6 @@ def run_audit(args: argparse.Namespace) -> int:
     from broker.staticcheck import scripts_in
     from broker.zygote import ZygoteLost
     from deadend import audit
-    from deadend.cli import AUDIT_CEILING_OPTIONS
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
@@ -109,7 +108,7 @@ def run_audit(args: argparse.Namespace) -> int:
     if not files:
         return _fail(f"no .lua file in {', '.join(str(p) for p in args.paths)}")
     ceilings = Ceilings.from_values(vars(args))
-    budget = {o.name: getattr(ceilings, o.field) for o in AUDIT_CEILING_OPTIONS}
+    budget = {o.name: getattr(ceilings, o.field) for o in audit.BUDGET_OPTIONS}
 
     async def main() -> list[audit.Report]:
         async with Auditor(ceilings, args.workers, args.seed, args.allow_clock) as auditor:

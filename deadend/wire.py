@@ -37,6 +37,7 @@ import enum
 import functools
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -54,6 +55,13 @@ LIMIT_MAX: Final = (1 << 63) - 1  # set_limits takes any non-negative Lua intege
 SEED_MAX: Final = (1 << 63) - 1  # each half of a session's PRNG seed (math.randomseed takes Lua integers)
 LOG_MAX: Final = 4096  # a log message is cut here (after escaping), with a marker
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
+# deadend.log's optional third argument (decided): what the attacker did, as named values a SIEM can
+# query. Keys are lower-case dotted names; values strings (cut at FIELD_MAX bytes after escaping, like a
+# message), integers or booleans.
+FIELDS_MAX: Final = 16
+FIELD_MAX: Final = 1024
+FIELD_KEY_MAX: Final = 32
+FIELD_KEY: Final = re.compile(rb"[a-z][a-z0-9_.]{0,31}")
 
 # Caps on C loops that never reach the Lua hook: string.rep with an empty result and table.move loop in C
 # without executing a VM instruction, so their size is checked before the call.
@@ -153,6 +161,7 @@ MAX_BROKER_FRAME: Final = MAX_SCRIPT_BYTES + 4096
 # next (dense workers batch frames of several sessions into one write).
 READ_CHUNK: Final = 1 << 16
 SLOT_PREFIX_MAX: Final = 9  # a msgpack integer's largest encoding
+MAX_ARRAY: Final = 2 * FIELDS_MAX  # the longest array in a request: log's fields, a key and a value each
 
 
 class ProtocolViolation(Exception):
@@ -164,11 +173,12 @@ def pack(obj: Any) -> bytes:
 
 
 def _flat_list(items: list[Any]) -> list[Any]:
-    # Requests carry scalars only. Refusing nested arrays as soon as the innermost one is built keeps a
-    # 1 MiB frame of nested empty arrays from inflating into tens of MiB of Python lists first.
+    # Requests carry scalars, and at most one level of arrays of scalars (deadend.log's fields). Refusing
+    # deeper nesting as soon as an array is built, with every array at most MAX_ARRAY long, keeps a 1 MiB
+    # frame of nested empty arrays from inflating into tens of MiB of Python lists first.
     for item in items:
-        if isinstance(item, list):
-            raise ValueError("nested array in a request")
+        if isinstance(item, list) and any(isinstance(inner, list) for inner in item):
+            raise ValueError("arrays nested more than one deep in a request")
     return items
 
 
@@ -180,7 +190,7 @@ def worker_unpacker() -> msgpack.Unpacker:
         max_buffer_size=MAX_WORKER_FRAME + SLOT_PREFIX_MAX + READ_CHUNK,
         max_bin_len=SEND_MAX,
         max_str_len=64,
-        max_array_len=4,
+        max_array_len=MAX_ARRAY,
         max_map_len=0,
         max_ext_len=0,
         strict_map_key=True,
@@ -348,9 +358,26 @@ def _check_none(a: tuple[Any, ...]) -> bool:
     return True
 
 
+def _check_field_value(v: Any) -> bool:
+    # Lua integers are 64-bit and msgpack keeps them so; strings come one byte past the cap, as messages.
+    return type(v) is bool or _is_int(v) or (type(v) is bytes and len(v) <= FIELD_MAX + 1)
+
+
+def _check_fields(pairs: Any) -> bool:
+    """[key, value, key, value, ...]: at most FIELDS_MAX pairs, keys distinct and well formed."""
+    if type(pairs) is not list or len(pairs) % 2 or len(pairs) > 2 * FIELDS_MAX:
+        return False
+    keys = pairs[0::2]
+    return (
+        all(type(k) is bytes and FIELD_KEY.fullmatch(k) for k in keys)
+        and len(set(keys)) == len(keys)
+        and all(_check_field_value(v) for v in pairs[1::2])
+    )
+
+
 def _check_log(a: tuple[Any, ...]) -> bool:
     # The worker sends at most LOG_MAX + 1 bytes so the broker can tell a cut message from a full one.
-    return type(a[0]) is bytes and len(a[0]) <= LOG_MAX + 1 and a[1] in LOG_LEVELS
+    return type(a[0]) is bytes and len(a[0]) <= LOG_MAX + 1 and a[1] in LOG_LEVELS and _check_fields(a[2])
 
 
 def _check_tarpit(a: tuple[Any, ...]) -> bool:
@@ -395,7 +422,7 @@ REQUESTS: Final = (
     RequestRow("recv", 1, _check_recv, SESSION, io=True),
     RequestRow("sleep", 1, _check_sleep, SESSION),
     RequestRow("get_ip", 0, _check_none, SESSION),
-    RequestRow("log", 2, _check_log, SESSION),
+    RequestRow("log", 3, _check_log, SESSION),
     RequestRow("set_tarpit", 2, _check_tarpit, SESSION),
     RequestRow("set_limits", 2, _check_limits, SESSION),
     RequestRow("close", 0, _check_none, SESSION),
@@ -555,6 +582,9 @@ def lua_constants() -> dict[str, int | str]:
         "LOG_MAX": LOG_MAX,
         "REP_MAX": REP_MAX,
         "MOVE_MAX": MOVE_MAX,
+        "FIELDS_MAX": FIELDS_MAX,
+        "FIELD_MAX": FIELD_MAX,
+        "FIELD_KEY_MAX": FIELD_KEY_MAX,
         # "_G" and "print" are built by the bootstrap itself; the rest are copied from the real state
         "BASE_NAMES": ",".join(name for name in BASE_FUNCTIONS if name not in ("setmetatable", "xpcall")),
     }

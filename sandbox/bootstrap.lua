@@ -7,7 +7,8 @@
 -- Nothing here hands a Python object to Lua, and nothing here calls a script function outside the
 -- hooked script coroutine.
 
-local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX, BASE_NAMES = ...
+local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX,
+  FIELDS_MAX, FIELD_MAX, FIELD_KEY_MAX, BASE_NAMES = ...
 
 -- Captured before the globals are wiped.
 local debug_sethook, debug_getregistry, debug_getmetatable = debug.sethook, debug.getregistry, debug.getmetatable
@@ -191,10 +192,14 @@ local function remove(t, ...)
   return v
 end
 
+-- unpack's results must fit the Lua stack (LUAI_MAXSTACK, a million slots): past that the C function
+-- refuses at once ("too many results to unpack"), so only a range it will loop over is charged.
+local STACK_MAX = 1000000
 local function unpack(t, i, j)
   local from = i == nil and 1 or checkinteger("unpack", 2, i)
   local to = j == nil and length("unpack", t) or checkinteger("unpack", 3, j)
-  charge_range(from, to)
+  local n = to - from  -- wraps below zero when the range spans more than an integer holds
+  if from <= to and n >= 0 and n < STACK_MAX then charge(n + 1) end
   return rethrow_tail(pcall(c_unpack, t, from, to))
 end
 
@@ -477,9 +482,9 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
   local co
   budget = instructions
 
-  local function call(op, a, b)
+  local function call(op, a, b, c)
     if exceeded then error("instruction limit exceeded", 0) end
-    return co_yield(TOKEN, op, a, b)
+    return co_yield(TOKEN, op, a, b, c)
   end
 
   local function log_text(fname, i, v, present)
@@ -517,16 +522,52 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
     return call("get_ip")
   end
 
+  -- deadend.log's fields: checked here, so a mistake is an error at the script's line; sent as a plain
+  -- array {k1, v1, ...} in key order (the broker checks them again, as every argument). `next` is raw:
+  -- no __pairs runs, and at most FIELDS_MAX + 1 entries are looked at, however big the table.
+  local NO_FIELDS = {}
+  local function log_fields(fields)
+    if fields == nil then return NO_FIELDS end
+    if type(fields) ~= "table" then argerror(3, "log", "table expected, got " .. type(fields), 4) end
+    local keys, values, n = {}, {}, 0
+    local k, v = next(fields)
+    while k ~= nil do
+      n = n + 1
+      if n > FIELDS_MAX then argerror(3, "log", string_format("more than %d fields", FIELDS_MAX), 4) end
+      if type(k) ~= "string" or #k > FIELD_KEY_MAX or not string_find(k, "^[a-z][a-z0-9_.]*$") then
+        argerror(3, "log", string_format("field names are 1 to %d characters of a-z, 0-9, '_' and '.', "
+          .. "starting with a letter; got %s", FIELD_KEY_MAX, type(k) == "string" and "'"
+          .. string_sub(k, 1, 40) .. "'" or "a " .. type(k)), 4)
+      end
+      local t = type(v)
+      if t == "string" then
+        v = string_sub(v, 1, FIELD_MAX + 1)  -- the broker cuts and marks, as for messages
+      elseif t == "number" then
+        local i = math_tointeger(v)
+        if i == nil then argerror(3, "log", "field '" .. k .. "': number has no integer representation", 4) end
+        v = i
+      elseif t ~= "boolean" then
+        argerror(3, "log", "field '" .. k .. "': string, integer or boolean expected, got " .. t, 4)
+      end
+      keys[n], values[k] = k, v
+      k, v = next(fields, k)
+    end
+    c_sort(keys)
+    local pairs_ = {}
+    for i = 1, n do pairs_[2 * i - 1], pairs_[2 * i] = keys[i], values[keys[i]] end
+    return pairs_
+  end
+
   local LEVELS = { debug = true, info = true, warn = true, error = true }
   function deadend.log(...)
-    local message, level = ...
+    local message, level, fields = ...
     message = log_text("log", 1, message, select("#", ...) > 0)
     if level == nil then
       level = "info"
     elseif type(level) ~= "string" or not LEVELS[level] then
       argerror(2, "log", "level must be 'debug', 'info', 'warn' or 'error'")
     end
-    call("log", message, level)
+    call("log", message, level, log_fields(fields))
   end
 
   function deadend.set_tarpit(...)
@@ -551,7 +592,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
   local function print(...)
     local n, parts = select("#", ...), {}
     for i = 1, n do parts[i] = tostring((select(i, ...))) end
-    call("log", string_sub(table_concat(parts, "\t"), 1, LOG_MAX + 1), "info")
+    call("log", string_sub(table_concat(parts, "\t"), 1, LOG_MAX + 1), "info", NO_FIELDS)
   end
 
   -- [vector: xpcall message handler] the real handler would run inside the hook with hooks off. Run it
@@ -607,7 +648,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
       used = 0
     end
     if measure then usage() end  -- a heap sample at every API call
-    local ok, a, op, x, y = co_resume(co, ...)
+    local ok, a, op, x, y, z = co_resume(co, ...)
     if not ok then
       if exceeded then return "instructions", "instruction limit exceeded" end
       if rawequal(a, "not enough memory") then return "memory", "not enough memory" end
@@ -615,7 +656,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
     end
     if co_status(co) == "dead" then return "return" end
     if not rawequal(a, TOKEN) then return "error", "script yielded outside the API" end
-    return "call", op, x, y
+    return "call", op, x, y, z
   end
 
   local function go(go_hi, go_lo)

@@ -43,7 +43,19 @@ def new_runtime() -> Any:
         unpack_returned_tuples=False,
     )
     constants = wire.lua_constants()
-    order = ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX", "REP_MAX", "MOVE_MAX")
+    order = (
+        "RECV_MIN",
+        "RECV_MAX",
+        "SLEEP_MAX",
+        "TARPIT_MAX",
+        "SEND_MAX",
+        "LOG_MAX",
+        "REP_MAX",
+        "MOVE_MAX",
+        "FIELDS_MAX",
+        "FIELD_MAX",
+        "FIELD_KEY_MAX",
+    )
     args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
     start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")
     return lua, start
@@ -230,6 +242,10 @@ class ScriptRun:
         args = list(out[2 : 2 + wire.ROWS[op].arity])
         if op == "log":
             args[1] = args[1].decode()  # the level is a name; everything else stays bytes
+            # The fields: a plain array {k1, v1, k2, v2, ...} the bootstrap built (no metatable), read by
+            # raw index into a list.
+            fields = args[2]
+            args[2] = [fields[i] for i in range(1, len(fields) + 1)]
         return [op, *args]
 
     @staticmethod

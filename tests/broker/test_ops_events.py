@@ -214,17 +214,17 @@ def emitted_events() -> list[tuple[str, str, set[str] | None]]:
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             receiver, method = ast.unparse(node.func.value), node.func.attr
-            if method == "script_line" and receiver.endswith(".log"):  # a script's own line: no fields
-                found.append((f"{path.relative_to(REPO)}:{node.lineno}", "script.log", set()))
+            if method == "script_line" and receiver.endswith(".log"):  # a script's own line: its fields
+                found.append((f"{path.relative_to(REPO)}:{node.lineno}", "script.log", {"fields"}))
                 continue
             if method in LOG_METHODS and (receiver == "log" or receiver.endswith(".log")):
                 index = LOG_METHODS[method]
                 fields: set[str] | None = {k.arg for k in node.keywords if k.arg is not None}
                 if any(k.arg is None for k in node.keywords):
                     fields = None  # **kwargs: the wrappers in logs.py
-            elif method == "format" and receiver == "self" and len(node.args) == 6:
-                index = 3  # EventLog._drain's own log.dropped line: fields are a dict literal
-                literal = node.args[5]
+            elif method == "format" and receiver == "self" and len(node.args) == 8:
+                index = 5  # EventLog._drain's own log.dropped line: fields are a dict literal
+                literal = node.args[7]
                 fields = {k.value for k in literal.keys} if isinstance(literal, ast.Dict) else None  # type: ignore[union-attr]
             else:
                 continue

@@ -28,8 +28,14 @@ SINGLE_FRAMES = {
     "sleep-too-long": ["sleep", 3_600_001],
     "tarpit-range": ["set_tarpit", 60001, 0],
     "limits-negative": ["set_limits", -1, 0],
-    "log-level": ["log", b"x", "critical"],
-    "log-huge": ["log", b"x" * 5000, "info"],
+    "log-level": ["log", b"x", "critical", []],
+    "log-huge": ["log", b"x" * 5000, "info", []],
+    "log-no-fields": ["log", b"x", "info"],
+    "log-field-name": ["log", b"x", "info", [b"Bad Name", b"v"]],
+    "log-field-float": ["log", b"x", "info", [b"n", 1.5]],
+    "log-field-twice": ["log", b"x", "info", [b"n", 1, b"n", 2]],
+    "log-fields-17": ["log", b"x", "info", [x for i in range(17) for x in (b"k%d" % i, i)]],
+    "log-field-huge": ["log", b"x", "info", [b"v", b"x" * 2000]],
     "extra-args": ["get_ip", b"other connection"],
     "done-kind": ["done", "pwned", b""],
     "not-an-array": 42,
@@ -44,6 +50,8 @@ RAW = {
     "ext": msgpack.packb(msgpack.ExtType(1, b"pickle?")),
     # a 1 MiB frame of nested 4-element arrays: must be refused before it is built
     "nested": b"\x94" * 300_000 + b"\x90" * 4,
+    # arrays nest one deep at most: the fields of a log request, never deeper
+    "nested-fields": msgpack.packb(["log", b"x", "info", [[b"k", b"v"]]], use_bin_type=True),
 }
 
 

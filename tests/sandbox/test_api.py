@@ -8,6 +8,7 @@ broker writes to its log. Scripts report their findings back over the socket (`k
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import socket
 import time
@@ -419,6 +420,66 @@ def test_log_argument_errors(make_broker):
         assert_arg_error(got[key], "log", 1)
     assert got["nillevel"] == "ok"
     assert script_lines(b, conn_id(b)) == ["fine"]
+
+
+def test_log_fields_argument_errors_are_raised_in_the_script(make_broker):
+    b = make_broker(
+        {
+            "7.lua": script(
+                "out('str', try(deadend.log, 'm', 'info', 'user=root'))\n"
+                "out('upper', try(deadend.log, 'm', 'info', {User = 'x'}))\n"
+                "out('digit', try(deadend.log, 'm', 'info', {['1a'] = 'x'}))\n"
+                "out('dash', try(deadend.log, 'm', 'info', {['a-b'] = 'x'}))\n"
+                "out('long', try(deadend.log, 'm', 'info', {[string.rep('k', 33)] = 'x'}))\n"
+                "out('numkey', try(deadend.log, 'm', 'info', {'x'}))\n"
+                "out('float', try(deadend.log, 'm', 'info', {n = 1.5}))\n"
+                "out('table', try(deadend.log, 'm', 'info', {t = {}}))\n"
+                "out('func', try(deadend.log, 'm', 'info', {f = print}))\n"
+                "local many = {} for i = 1, 17 do many['k' .. i] = i end\n"
+                "out('many', try(deadend.log, 'm', 'info', many))\n"
+                "local lying = setmetatable({}, {__pairs = function() error('ran') end,\n"
+                "  __index = function() return 1 end})\n"
+                "out('meta', try(deadend.log, 'meta', 'info', lying))\n"
+                "out('intfloat', try(deadend.log, 'intfloat', 'info', {n = 2.0}))\n"
+                "out('nilfields', try(deadend.log, 'nilfields', 'info', nil))\n"
+            )
+        }
+    )
+    got = results(run(b))
+    for key in ("str", "upper", "digit", "dash", "long", "numkey", "float", "table", "func", "many"):
+        assert_arg_error(got[key], "log", 3)
+    assert "field 'n': number has no integer representation" in got["float"]
+    assert "field 't': string, integer or boolean expected, got table" in got["table"]
+    assert "more than 16 fields" in got["many"]
+    assert got["meta"] == got["intfloat"] == got["nilfields"] == "ok"  # raw: no metamethod runs
+    lines = [line for line in conn_lines(b, conn_id(b)) if "script:" in line]
+    assert [line.split("script: ", 1)[1] for line in lines] == ['"meta"', '"intfloat" n=2', '"nilfields"']
+
+
+def test_log_fields_largest_legal_in_json(make_broker):
+    """16 fields of 32-character names and values past 1 KiB, with a message past 4 KiB: every field
+    arrives, strings cut at 1 KiB with the marker, integers at the edges of 64 bits, booleans."""
+    b = make_broker(
+        {
+            "7.lua": (
+                "local f = {}\n"
+                "for i = 1, 13 do\n"
+                "  f[string.format('k%02d', i) .. string.rep('_', 29)] = string.rep('v', 2000)\n"
+                "end\n"
+                "f.big, f.small, f.yes = math.maxinteger, math.mininteger, true\n"
+                "deadend.log(string.rep('m', 5000), 'warn', f)\n"
+            )
+        },
+        "--log-format",
+        "json",
+    )
+    run(b)
+    record = b.wait_for(r'^\{.*"event":"script\.log".*$').group(0)
+    fields = json.loads(record)["fields"]
+    assert len(fields) == 16
+    assert fields["big"] == (1 << 63) - 1 and fields["small"] == -(1 << 63) and fields["yes"] is True
+    long_values = [v for k, v in fields.items() if k.startswith("k")]
+    assert len(long_values) == 13 and all(v == "v" * 1024 + "\u2026[cut]" for v in long_values)
 
 
 def test_log_escapes_control_characters(make_broker):

@@ -81,8 +81,10 @@ DONE_REASON = {
     "crash": "sandbox-crash",
 }
 # The reader's bounds on one frame from a child (what a frame may hold before it is unreadable).
-# Requests carry values only: an array inside a frame is refused as soon as it is read.
-STR_MAX, ARRAY_MAX = 64, 4
+# Requests carry values, and arrays of values one deep at most (log's fields: 16 names and values): an
+# array inside an array inside a frame is refused as soon as it is read.
+STR_MAX, ARRAY_MAX = 64, 32
+FIELDS_MAX, FIELD_MAX = 16, 1024
 
 CPU_SLICE = 0.3
 LINGER_CALLS = 50
@@ -91,6 +93,8 @@ LANES = 4  # sessions run at once, one port each
 PIPE_BUF = 4096  # a write up to this size reaches the pipe in one piece
 HELLO = b"hello"  # what every client sends first (a valid recv gets some of it)
 MAX_INT64, MIN_INT64 = (1 << 64) - 1, -(1 << 63)
+field_names = st.from_regex(rb"\A[a-z][a-z0-9_.]{0,31}\Z")
+field_values = st.one_of(st.booleans(), st.integers(MIN_INT64, MAX_INT64), st.binary(max_size=FIELD_MAX + 1))
 
 VERBOSE = os.environ.get("DEADEND_FUZZ_VERBOSE") == "1"
 
@@ -190,10 +194,28 @@ BAD_ARGS: dict[str, st.SearchStrategy[list[Any]]] = {
     "get_ip": wrong_arity(1, 2, 3),
     "close": wrong_arity(1, 2, 3),
     "log": st.one_of(
-        wrong_arity(0, 1, 3),
-        st.tuples(not_type(bytes), values).map(list),
-        st.tuples(st.binary(max_size=32), not_level).map(list),
-        st.tuples(long_text, st.sampled_from(LOG_LEVELS)).map(list),
+        wrong_arity(0, 1, 2, 4),
+        st.tuples(not_type(bytes), values, st.just([])).map(list),
+        st.tuples(st.binary(max_size=32), not_level, st.just([])).map(list),
+        st.tuples(long_text, st.sampled_from(LOG_LEVELS), st.just([])).map(list),
+        # fields that break a rule: not an array, an odd count, a bad name, a bad value
+        st.tuples(st.just(b"m"), st.just("info"), values.filter(lambda v: not isinstance(v, list))).map(list),
+        st.tuples(st.just(b"m"), st.just("info"), st.lists(field_names, min_size=1, max_size=1)).map(list),
+        st.tuples(
+            st.just(b"m"),
+            st.just("info"),
+            st.tuples(
+                values.filter(
+                    lambda v: not (isinstance(v, bytes) and re.fullmatch(rb"[a-z][a-z0-9_.]{0,31}", v))
+                ),
+                field_values,
+            ).map(list),
+        ).map(list),
+        st.tuples(
+            st.just(b"m"),
+            st.just("info"),
+            st.tuples(field_names, st.one_of(st.none(), st.floats(), st.text(max_size=8))).map(list),
+        ).map(list),
     ),
     "set_tarpit": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, TARPIT_MAX), bad_int(0, TARPIT_MAX))),
     "set_limits": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, LIMIT_MAX), bad_int(0, LIMIT_MAX))),
@@ -243,7 +265,9 @@ def valid_moves(draw: st.DrawFn) -> tuple[Any, ...]:
         limit = st.one_of(st.integers(0, 8), st.integers(0, LIMIT_MAX), st.just(LIMIT_MAX))
         return ("limits", draw(limit), draw(limit))
     if kind == "log":
-        return ("log", draw(st.binary(max_size=64)), draw(st.sampled_from(LOG_LEVELS)))
+        fields = draw(st.dictionaries(field_names, field_values, max_size=3))
+        pairs = [x for kv in fields.items() for x in kv]
+        return ("log", draw(st.binary(max_size=64)), draw(st.sampled_from(LOG_LEVELS)), pairs)
     if kind == "sleep":
         return ("sleep", draw(st.integers(0, 3)))
     if kind == "recv":
@@ -268,12 +292,20 @@ def deliveries(draw: st.DrawFn) -> tuple[int, tuple[int, ...], int]:
 boundary_moves = st.sampled_from(
     [
         ("sendmax",),
-        ("log", b"L" * LOG_MAX, "debug"),
-        ("log", b"L" * (LOG_MAX + 1), "error"),
+        ("log", b"L" * LOG_MAX, "debug", []),
+        ("log", b"L" * (LOG_MAX + 1), "error", []),
         (
             "log",
             b"x\n2099-01-01T00:00:00.000Z ERROR port=1 conn=x peer=y forged\r\xc2\x85\xe2\x80\xa8",
             "warn",
+            [b"user", b'root" peer=6.6.6.6\n2099-01-01T00:00:00.000Z forged'],
+        ),
+        # the largest legal log request
+        (
+            "log",
+            b"L" * (LOG_MAX + 1),
+            "info",
+            [x for i in range(FIELDS_MAX) for x in (b"k%02d" % i + b"_" * 29, b"v" * (FIELD_MAX + 1))],
         ),
         ("recv", 1),
         ("recv", RECV_MAX),
@@ -357,14 +389,14 @@ def hostile_endings(draw: st.DrawFn) -> tuple[Any, ...]:
 
 @st.composite
 def nested_frames(draw: st.DrawFn) -> bytes:
-    """Frames with an array inside (requests carry values only), shallow or deep, small or 1 MiB."""
+    """Frames with arrays nested two deep or more (one deep is log's fields), small or 1 MiB."""
     choice = draw(st.integers(0, 9))
     if choice == 0:  # the nested-array bomb: 300 kB that would inflate into a million lists
         return b"\x94" * 300_000 + b"\x90" * 4
     if choice <= 3:  # [[[...[nil]...]]]: nothing but nesting
         return b"\x91" * draw(st.integers(2, 2000)) + b"\xc0"
     inner = draw(st.lists(values, max_size=ARRAY_MAX))
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(1, 3))):  # an array of values is readable; one inside it is not
         inner = [inner]
     op = draw(st.sampled_from(OPS))
     place = draw(st.integers(0, 2))
@@ -919,7 +951,7 @@ def campaign(b: Broker, rounds: int, examples: int, min_frames: int, trace: bool
 PREFIX = [
     (("send", b"abc"), (0, (), 0)),
     (("get_ip",), (1, (3,), 100)),
-    (("log", b"hi\n", "info"), (3, (), 0)),
+    (("log", b"hi\n", "info", [b"user", b"root"]), (3, (), 0)),
 ]
 # Every ending at least once, whatever hypothesis happens to draw.
 CATALOGUE: list[tuple[Any, ...]] = [
@@ -928,8 +960,13 @@ CATALOGUE: list[tuple[Any, ...]] = [
     ("badargs", "recv", [True], 0),
     ("badargs", "send", ["text, not bytes"], 1),
     ("badargs", "send", [b"x" * 70_000, 1], 2),
-    ("badargs", "log", [b"x", "critical"], 0),
-    ("badargs", "log", [b"m" * (LOG_MAX + 2), "info"], 0),
+    ("badargs", "log", [b"x", "critical", []], 0),
+    ("badargs", "log", [b"m" * (LOG_MAX + 2), "info", []], 0),
+    ("badargs", "log", [b"x", "info"], 0),
+    ("badargs", "log", [b"x", "info", [b"Bad", 1]], 0),
+    ("badargs", "log", [b"x", "info", [b"a", 1, b"a", 2]], 0),
+    ("badargs", "log", [b"x", "info", [b"a", 1.0]], 0),
+    ("badargs", "log", [b"x", "info", [b"a", b"v" * (FIELD_MAX + 2)]], 0),
     ("badargs", "set_limits", [-1, 0], 3),
     ("badargs", "set_limits", [LIMIT_MAX + 1, 0], 3),
     ("badargs", "set_tarpit", [0, TARPIT_MAX + 1], 0),
@@ -951,14 +988,15 @@ CATALOGUE: list[tuple[Any, ...]] = [
     ("overlimit", enc(["s" * (STR_MAX + 1)])),
     ("overlimit", msgpack.packb({"op": "send"})),
     ("overlimit", msgpack.packb(msgpack.ExtType(1, b"pickle?"))),
-    ("overlimit", enc(["send", 1, 2, 3, 4])),
+    ("overlimit", enc(["send", *range(ARRAY_MAX)])),
     ("nested", b"\x94" * 300_000 + b"\x90" * 4),
     ("nested", b"\x91" * 1000 + b"\xc0"),
-    ("nested", enc(["send", [b"x"]])),
+    ("nested", enc(["send", [[b"x"]]])),
+    ("nested", enc(["log", b"x", "info", [[b"k", b"v"]]])),
     ("random", b"\xc1\xc1\xc1"),
     ("random", b"\xc4\x80abc"),
     *[("truncated", ("send", b"abc"), 1, 4, how) for how in [("exit", 3), ("silent",), ("close-out",)]],
-    ("truncated", ("log", b"x" * 60, "warn"), 0, 30, ("signal", signal.SIGSEGV)),
+    ("truncated", ("log", b"x" * 60, "warn", []), 0, 30, ("signal", signal.SIGSEGV)),
     ("two", ("get_ip",), ("get_ip",), 0),
     ("two", ("send", b"a"), ("done", "return", b""), 3),
     ("ahead", 100, ("send", b"early"), 0),

@@ -125,3 +125,38 @@ def test_one_session_cannot_push_out_the_others() -> None:
     log.close()
     text = "".join(stream.text)
     assert 'script: "still here"' in text and "session end" in text
+
+
+def test_script_fields_in_text_and_json() -> None:
+    """Fields are escaped like the message: in the text line `name="value"` pairs after the quoted text
+    (no forged `peer=` or line), in JSON an object of the same values."""
+    fields = ((b"password", b'x" peer=6.6.6.6\n2099 forged'), (b"tries", 3), (b"ok", False))
+    named = tuple((k.decode(), v) for k, v in fields)
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        log = EventLog(out, fmt=fmt)
+        assert log.script_line("warn", Where(25, "c1", "192.0.2.1", 4000), b"login", False, named)
+        log.flush()
+        line = out.getvalue()
+        assert line.count("\n") == 1
+        if fmt == "text":
+            found = SCRIPT_LINE.match(line.rstrip("\n"))
+            assert found and unquote(found.group(2)) == "login"
+            assert found.group(3) == ' password="x\\" peer=6.6.6.6\\x0a2099 forged" tries=3 ok=false'
+        else:
+            record = json.loads(line)
+            assert record["fields"] == {
+                "password": 'x" peer=6.6.6.6\\x0a2099 forged',
+                "tries": 3,
+                "ok": False,
+            }
+            assert record["msg"] == "login"
+
+
+def test_a_field_value_is_cut_at_1_kib_with_the_marker() -> None:
+    out = io.StringIO()
+    log = EventLog(out, fmt="json")
+    log.script_line("info", Where(25, "c1", "192.0.2.1", 4000), b"m", False, (("v", b"\x01" * 2000),))
+    log.flush()
+    value = json.loads(out.getvalue())["fields"]["v"]
+    assert value.endswith(CUT_MARKER) and len(value.removesuffix(CUT_MARKER).encode()) <= 1024

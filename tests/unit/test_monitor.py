@@ -41,7 +41,7 @@ REQUESTS = {
     "recv": req("recv", 5),
     "sleep": req("sleep", 5),
     "get_ip": req("get_ip"),
-    "log": req("log", b"hi", "warn"),
+    "log": req("log", b"hi", "warn", [b"user", b"root", b"n", 3]),
     "set_tarpit": req("set_tarpit", 1, 0),
     "set_limits": req("set_limits", 0, 0),
     "close": req("close"),
@@ -50,7 +50,7 @@ REQUESTS = {
 }
 SEND, RECV, SLEEP = m.Send(b"x"), m.Recv(5), m.Sleep(0.005)
 IP_REPLY, NIL, FALSE = m.Reply(IP.encode()), m.Reply(None), m.Reply(False)
-LOG, DONE = m.Log("warn", b"hi", False), m.End(Reason.DONE, b"")
+LOG, DONE = m.Log("warn", b"hi", False, (("user", b"root"), ("n", 3))), m.End(Reason.DONE, b"")
 CLOSED_ROW: dict[str, m.Action] = {
     "send": FALSE,
     "recv": NIL,
@@ -164,17 +164,17 @@ def test_log_rate_drops_and_counts() -> None:
     mon = monitor(log_rate=1.0, log_burst=2)
     results = []
     for _ in range(5):
-        results.append(mon.handle(req("log", b"x", "info"), 0.0))
+        results.append(mon.handle(req("log", b"x", "info", []), 0.0))
         if isinstance(results[-1], m.Log):
             mon.carried_out()
     assert sum(isinstance(r, m.Log) for r in results) == 2
     assert mon.take_dropped_logs() == 3 and mon.take_dropped_logs() == 0
-    assert isinstance(mon.handle(req("log", b"x", "info"), 1.5), m.Log)  # refilled
+    assert isinstance(mon.handle(req("log", b"x", "info", []), 1.5), m.Log)  # refilled
 
 
 def test_log_message_is_cut_with_a_flag() -> None:
     mon = monitor()
-    action = mon.handle(req("log", b"y" * (wire.LOG_MAX + 1), "warn"), 0)
+    action = mon.handle(req("log", b"y" * (wire.LOG_MAX + 1), "warn", []), 0)
     assert isinstance(action, m.Log) and action.cut and len(action.message) == wire.LOG_MAX
 
 
@@ -244,3 +244,9 @@ def test_a_sleep_cut_short_by_the_peer_tells_the_script_who_left() -> None:
     assert mon.slept(0, cut=True) == m.Reply(0)
     mon.handle(req("close"), 1.1)  # the script closes once it saw the short sleep
     assert mon.final_closed_by() == ClosedBy.PEER
+
+
+def test_log_fields_reach_the_action_named_and_in_order() -> None:
+    action = monitor().handle(req("log", b"m", "info", [b"ok", True, b"tries", 3, b"user", b"root"]), 0)
+    assert isinstance(action, m.Log)
+    assert action.fields == (("ok", True), ("tries", 3), ("user", b"root"))

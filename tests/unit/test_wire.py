@@ -20,8 +20,17 @@ VALID = [
     ["sleep", 0],
     ["sleep", 3_600_000],
     ["get_ip"],
-    ["log", b"m", "debug"],
-    ["log", b"m" * (wire.LOG_MAX + 1), "error"],
+    ["log", b"m", "debug", []],
+    ["log", b"m" * (wire.LOG_MAX + 1), "error", []],
+    ["log", b"m", "info", [b"user", b"root", b"tries", 3, b"ok", False, b"http.path", b""]],
+    # the largest legal log request: 16 fields of the longest names and values, the longest message
+    [
+        "log",
+        b"m" * (wire.LOG_MAX + 1),
+        "warn",
+        [x for i in range(16) for x in (b"k" + b"%02d" % i + b"." * 29, b"v" * (wire.FIELD_MAX + 1))],
+    ],
+    ["log", b"m", "info", [b"n", -(1 << 63), b"m", (1 << 64) - 1]],
     ["set_tarpit", 0, 60000],
     ["set_limits", 0, (1 << 63) - 1],
     ["close"],
@@ -52,9 +61,23 @@ INVALID: list[object] = [
     ["sleep", -1],
     ["sleep", 3_600_001],
     ["get_ip", 1],
-    ["log", b"m", "critical"],
-    ["log", "m", "info"],
-    ["log", b"m" * (wire.LOG_MAX + 2), "info"],
+    ["log", b"m", "critical", []],
+    ["log", "m", "info", []],
+    ["log", b"m" * (wire.LOG_MAX + 2), "info", []],
+    ["log", b"m", "info"],  # the fields are always sent, empty or not
+    ["log", b"m", "info", None],
+    ["log", b"m", "info", [b"user"]],  # a name without its value
+    ["log", b"m", "info", [b"User", b"x"]],
+    ["log", b"m", "info", [b"1user", b"x"]],
+    ["log", b"m", "info", [b"user-name", b"x"]],
+    ["log", b"m", "info", [b"k" * 33, b"x"]],
+    ["log", b"m", "info", ["user", b"x"]],  # names are bytes, as Lua strings
+    ["log", b"m", "info", [b"user", b"x", b"user", b"y"]],
+    ["log", b"m", "info", [b"user", 1.5]],
+    ["log", b"m", "info", [b"user", None]],
+    ["log", b"m", "info", [b"user", "text"]],
+    ["log", b"m", "info", [b"user", b"x" * (wire.FIELD_MAX + 2)]],
+    ["log", b"m", "info", [x for i in range(17) for x in (b"k%d" % i, i)]],
     ["set_tarpit", 60001, 0],
     ["set_tarpit", 0],
     ["set_limits", -1, 0],
@@ -98,7 +121,7 @@ SAMPLE_ARGS: dict[str, list[object]] = {
     "recv": [10],
     "sleep": [5],
     "get_ip": [],
-    "log": [b"m", "info"],
+    "log": [b"m", "info", [b"user", b"root"]],
     "set_tarpit": [1, 2],
     "set_limits": [3, 4],
     "close": [],
@@ -150,12 +173,51 @@ def test_unpacker_refuses_odd_frames() -> None:
         msgpack.packb({"a": 1}),  # maps are never sent by a worker
         msgpack.packb(msgpack.ExtType(1, b"x")),
         msgpack.packb(["send", b"x" * (wire.SEND_MAX + 1)]),  # a bin past SEND_MAX
-        msgpack.packb(["send", [b"nested"]]),
+        msgpack.packb(["log", b"m", "info", [[b"nested"]]]),  # arrays nest one deep at most
+        msgpack.packb(["log", b"m", "info", list(range(wire.MAX_ARRAY + 1))]),
     ):
         unpacker = wire.worker_unpacker()
         unpacker.feed(data)
         with pytest.raises(ValueError):
             list(unpacker)
+
+
+_KEY = st.from_regex(rb"\A[a-z][a-z0-9_.]{0,31}\Z")
+_VALUE = st.one_of(
+    st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=wire.FIELD_MAX + 1)
+)
+
+
+@given(st.dictionaries(_KEY, _VALUE, max_size=wire.FIELDS_MAX))
+def test_any_legal_fields_pass_through_the_decoder_and_the_table(fields: dict[bytes, object]) -> None:
+    frame = ["log", b"m", "info", [x for kv in fields.items() for x in kv]]
+    unpacker = wire.worker_unpacker()
+    unpacker.feed(wire.pack(frame))
+    (decoded,) = list(unpacker)
+    assert wire.parse_request(decoded, Mode.RUN).args[2] == frame[3]
+
+
+@given(
+    st.lists(
+        st.one_of(st.binary(max_size=40), st.text(max_size=5), st.integers(), st.floats(), st.none()),
+        max_size=wire.MAX_ARRAY,
+    )
+)
+def test_fields_the_table_takes_follow_the_rules(pairs: list[object]) -> None:
+    """Whatever a compromised worker sends as fields, the table takes it only if every rule holds."""
+    keys, values = pairs[0::2], pairs[1::2]
+    legal = (
+        len(pairs) % 2 == 0
+        and all(type(k) is bytes and wire.FIELD_KEY.fullmatch(k) for k in keys)
+        and len(set(keys)) == len(keys)
+        and all(type(v) in (bool, int) or (type(v) is bytes and len(v) <= wire.FIELD_MAX + 1) for v in values)
+    )
+    try:
+        wire.parse_request(["log", b"m", "info", pairs], Mode.RUN)
+    except wire.ProtocolViolation:
+        assert not legal
+    else:
+        assert legal
 
 
 def test_largest_frame_with_the_next_read_behind_it_fits() -> None:

@@ -1,2 +1,2 @@
 -- expect: done not enough memory
-local x = ("x"):rep(100) local ok, e = pcall(function() local t = {} for i = 1, 1e9 do t[i] = x .. i end end) t = nil deadend.send(tostring(e))
+local ok, e = pcall(function() local t = {} for i = 1, 1e9 do t[i] = "x" .. i end end) t = nil deadend.send(tostring(e))
