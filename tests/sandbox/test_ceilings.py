@@ -167,3 +167,15 @@ def test_api_call_rate_throttles_spinning_scripts(make_broker) -> None:
     assert max(counts) <= 400 + 200 * elapsed + 100, (max(counts), elapsed)
     assert max(counts) >= 200  # it did run
     s.close()
+
+
+def test_cpu_deadline_on_a_freshly_forked_worker_comes_on_time(make_broker) -> None:
+    # The worker's READY was awaited with a longer timeout; the first --cpu-slice deadline of its session
+    # must still fire on time, not when that earlier timer comes due.
+    pattern = "local found = ('a'):rep(40):find(('a*'):rep(30) .. 'b')"
+    b = make_broker({"7.lua": GOOD, "8.lua": pattern}, "--cpu-slice", "1", "--warm", "0")
+    s = b.connect(8)
+    found = b.wait_for(rf"port={b.port(8)} .*session end reason=cpu-deadline duration=(\S+)s", 15)
+    assert float(found.group(1)) < 2.5
+    s.close()
+    assert _good(b) == b"good:ping"
