@@ -490,7 +490,7 @@ def budget_line(budget: Mapping[str, float], seed: int) -> str:
 
 @dataclass(slots=True)
 class Change:
-    code: str  # calls | end | logs | memory | instructions | cpu | bytes | verdict
+    code: str  # calls | end | logs | memory | instructions | cpu | bytes
     text: str
 
 
@@ -513,8 +513,6 @@ def _first_difference(a: bytes, b: bytes) -> int | None:
 def diff(old: Report, new: Report) -> list[Change]:
     """What the new version does differently, run by run (the runs are paired by name)."""
     changes: list[Change] = []
-    if old.verdict != new.verdict:
-        changes.append(Change("verdict", f"verdict {old.verdict} → {new.verdict}"))
     old_calls = {name for run in old.runs for name in run.calls}
     new_calls = {name for run in new.runs for name in run.calls}
     for name in sorted(new_calls - old_calls):
@@ -551,12 +549,12 @@ def _run_changes(was: Run, run: Run) -> list[Change]:
         out.append(Change("cpu", f"uses {run.cpu:.2f} s of CPU instead of {was.cpu:.2f} s {w}"))
     at = _first_difference(was.got, run.got)
     if at is not None:
-        out.append(Change("bytes", f"sends different bytes {w} (from byte {at:,})"))
+        out.append(Change("bytes", f"sends different bytes {w} (from offset {at:,})"))
     return out
 
 
-def render_diff(old_file: str, new_file: str, changes: Sequence[Change]) -> str:
-    head = f"{sanitize(old_file)} → {sanitize(new_file)}: "
+def render_diff(old: Report, new: Report, changes: Sequence[Change]) -> str:
+    head = f"{sanitize(old.file)} ({old.verdict}) → {sanitize(new.file)} ({new.verdict}): "
     if not changes:
         return head + "no change in behaviour"
     return "\n".join([head + f"{len(changes)} change(s)", *(f"  ~ {c.text}" for c in changes)])

@@ -127,7 +127,7 @@ def run_audit(args: argparse.Namespace) -> int:
             print(json.dumps({"old": old, "new": new, "changes": [asdict(c) for c in changes]}, indent=2))
         else:
             print(audit.budget_line(budget, args.seed))
-            print(audit.render_diff(str(files[0]), str(files[1]), changes))
+            print(audit.render_diff(reports[0], reports[1], changes))
         return 1 if changes else 0
     if args.format == "json":
         print(json.dumps([r.to_json(budget) for r in reports], indent=2))
