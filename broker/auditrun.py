@@ -22,14 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.rehearsal import play
+from broker.rehearsal import as_logged, play
 from broker.sandboxes import Sandboxes, standalone
 from broker.session import Session, SessionSettings
 from broker.staticcheck import check
 from deadend import audit, wire
 from deadend.audit import Act, Behaviour, Run
 from deadend.config import Ceilings, Config
-from deadend.logs import SCRIPT_LINE, EventLog, Where, sanitize, unquote
+from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import Reason
 from deadend.scripts import Script, port_of
 from deadend.transcript import Transcript, TranscriptError, load
@@ -49,13 +49,13 @@ class _Logs(io.TextIOBase):
 
     def write(self, s: str) -> int:
         for line in s.splitlines():
-            found = SCRIPT_LINE.match(line)
-            if found is None:
+            seen = as_logged(line)
+            if seen is None:
                 continue
             conn = line.split(" conn=", 1)[1].split(" ", 1)[0]
             kept = self.lines.get(conn)
             if kept is not None and len(kept) < LOG_LINES_KEPT:
-                kept.append(f"{found.group(1).lower()} {unquote(found.group(2))}")
+                kept.append(seen)
         return len(s)
 
 

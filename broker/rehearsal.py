@@ -207,6 +207,13 @@ async def _run_step(client: _Client, step: Step, previous: float) -> None:
         raise _Mismatch(f"arrived after {waited:.0f} ms, sooner than {step.after_ms:.0f} ms")
 
 
+def as_logged(line: str) -> str | None:
+    """A script's log line as a transcript's `~ log` sees it: "LEVEL MESSAGE", then the fields as the text
+    line shows them (` user="root" tries=3`); None for the broker's own lines."""
+    m = SCRIPT_LINE.match(line)
+    return None if m is None else f"{m.group(1).lower()} {unquote(m.group(2))}{m.group(3)}"
+
+
 @dataclass
 class Played:
     failure: str  # empty when every step was met
@@ -256,12 +263,7 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
             await asyncio.gather(task, return_exceptions=True)
     rehearsal.log.flush()
     failure = played.failure
-    script_lines = []
-    for line in lines[first_log:]:
-        m = SCRIPT_LINE.match(line)
-        if m:
-            # "LEVEL MESSAGE", then the fields as the text line shows them: ` user="root" tries=3`
-            script_lines.append(f"{m.group(1).lower()} {unquote(m.group(2))}{m.group(3)}")
+    script_lines = [seen for line in lines[first_log:] if (seen := as_logged(line)) is not None]
     if not failure:
         for expectation in transcript.logs:
             if not any(expectation.pattern.search(line) for line in script_lines):

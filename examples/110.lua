@@ -19,9 +19,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
 local b64decode = std.base64.decode
 
@@ -47,8 +44,8 @@ local ending = nil
 -- Log and refuse one set of credentials; false when the client must now be dropped.
 local function refuse(mech, username, password)
   attempts = attempts + 1
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, attempts, q(username),
-    q(password)), "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, attempts), "warn",
+    { user = username, password = password })
   deadend.sleep(FAIL_DELAY_MS)
   user, state = nil, STATE_AUTHORIZATION
   reply("-ERR [AUTH] Authentication failed.")
@@ -89,10 +86,10 @@ local function do_auth(arg)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed message", "warn", { data = blob })
         return reply("-ERR [AUTH] Authentication failed.")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       username, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -104,14 +101,14 @@ local function do_auth(arg)
     end
     if username then password, why = sasl_step("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return reply("-ERR Unsupported authentication mechanism.")
   end
   if why == "closed" or why == "too-long" then
-    deadend.log(string.format("auth %s client left mid-exchange user=%s", mech, q(username)), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = username })
     return false
   elseif why == "aborted" then
-    deadend.log(string.format("auth %s aborted by client user=%s", mech, q(username)))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = username })
     return reply("-ERR Authentication aborted by client.")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
@@ -129,7 +126,7 @@ local function handle(line)
   elseif verb == "USER" then
     if arg == "" then return reply("-ERR No username given.") end
     user, state = arg, STATE_USER
-    deadend.log("user " .. q(arg))
+    deadend.log("user", "info", { user = arg })
     return reply("+OK")
   elseif verb == "PASS" then
     if state ~= STATE_USER then return reply("-ERR No username given.") end
@@ -137,7 +134,7 @@ local function handle(line)
   elseif verb == "AUTH" then
     return do_auth(arg)
   elseif verb == "APOP" then
-    deadend.log("apop " .. q(arg), "warn")
+    deadend.log("apop", "warn", { apop = arg })
     return reply("-ERR APOP not enabled.")
   elseif verb == "STLS" then
     return reply("-ERR TLS support isn't enabled.")
@@ -147,7 +144,7 @@ local function handle(line)
     return false
   end
   bad = bad + 1
-  deadend.log("unknown command " .. q(line), "warn")
+  deadend.log("unknown command", "warn", { command = line })
   if bad >= MAX_BAD then
     reply("-ERR Too many bad commands.")
     ending = "too many bad commands"
@@ -185,6 +182,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) user=%s commands=%d auth_attempts=%d", ending or "?", q(user),
-  commands, attempts))
+deadend.log(string.format("disconnect (%s) commands=%d auth_attempts=%d", ending or "?", commands, attempts),
+  "info", { user = user })
 deadend.close()

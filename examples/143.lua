@@ -24,9 +24,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
 local b64decode = std.base64.decode
 
@@ -120,8 +117,8 @@ end
 local function refuse(tag, mech, user, password)
   attempts = attempts + 1
   last_user = user
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, attempts, q(user), q(password)),
-    "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, attempts), "warn",
+    { user = user, password = password })
   deadend.sleep(FAIL_DELAY_MS)
   tagged(tag, "NO [AUTHENTICATIONFAILED] Authentication failed.")
   if attempts >= MAX_AUTH then
@@ -159,10 +156,10 @@ local function authenticate(tag, args)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed message", "warn", { data = blob })
         return tagged(tag, "NO [AUTHENTICATIONFAILED] Authentication failed.")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       user, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -174,14 +171,14 @@ local function authenticate(tag, args)
     end
     if user then password, why = sasl_step("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return tagged(tag, "NO Unsupported authentication mechanism.")
   end
   if why == "closed" or why == "too-long" then
-    deadend.log(string.format("auth %s client left mid-exchange user=%s", mech, q(user)), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = user })
     return false
   elseif why == "aborted" then
-    deadend.log(string.format("auth %s aborted by client user=%s", mech, q(user)))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = user })
     return tagged(tag, "BAD Authentication aborted by client.")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
@@ -200,7 +197,7 @@ local function id(tag, args)
       if not is_string(args[i]) then return nil end
       fields[#fields + 1] = args[i].value
     end
-    deadend.log("client id " .. q(table.concat(fields, " ")))
+    deadend.log("client id", "info", { client_id = table.concat(fields, " ") })
   else
     return nil
   end
@@ -270,11 +267,11 @@ if send("* OK [CAPABILITY " .. CAPABILITIES .. "] Dovecot ready.") then
     for i = 3, #toks do args[#args + 1] = toks[i] end
     local ok
     if tokens and tag ~= "*" then
-      deadend.log(string.format("command %s %s", q(tag), q(command)))
+      deadend.log("command", "info", { tag = tag, command = command })
       ok = execute(tag, command, args)
     end
     if ok == nil then
-      deadend.log("bad command " .. q(tag .. " " .. command), "warn")
+      deadend.log("bad command", "warn", { tag = tag, command = command })
       if tag:upper() == "LOGIN" then
         ok = bad_command(tag, "First parameter in line is IMAP's command tag, not the command name. Add "
           .. "that before the command, like: a login user pass")
@@ -291,6 +288,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) user=%s commands=%d auth_attempts=%d", ending or "?",
-  q(last_user), commands, attempts))
+deadend.log(string.format("disconnect (%s) commands=%d auth_attempts=%d", ending or "?", commands, attempts),
+  "info", { user = last_user })
 deadend.close()

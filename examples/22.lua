@@ -57,5 +57,5 @@ end
 
 -- held_ms counts the sleeps, so it needs no clock.
 deadend.log(string.format("tarpit end: %s, held %s, %d lines, %d bytes", outcome, seconds(held_ms), lines,
-  bytes))
+  bytes), "info", { held_ms = held_ms })
 deadend.close()

@@ -25,9 +25,6 @@ local peer = deadend.get_ip()
 local IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 local OPT_ECHO, OPT_SGA, OPT_NAWS = 1, 3, 31
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 -- Telnet input: bytes from the socket go through an IAC filter into the reader (below), which then holds
 -- only what the user typed. The filter keeps its state across reads, so a sequence split between two
 -- reads is fine.
@@ -159,13 +156,12 @@ while state ~= STATE_DONE do
   elseif state == STATE_PASSWORD then
     local password, why = read_line(false)
     if not password then
-      deadend.log(string.format("client left at the password prompt user=%s", q(user)), "warn")
+      deadend.log("client left at the password prompt", "warn", { user = user })
       ending = why == "flood" and "input without a line end" or "client disconnected at password prompt"
       break
     end
     attempts = attempts + 1
-    deadend.log(string.format("login attempt %d user=%s password=%s", attempts, q(user), q(password)),
-      "warn")
+    deadend.log("login attempt " .. attempts, "warn", { user = user, password = password })
     deadend.send("\r\n")  -- the newline the unechoed Enter did not show
     deadend.sleep(FAIL_DELAY_MS)
     if not deadend.send("\r\nLogin incorrect\r\n") then

@@ -24,8 +24,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
 local b64decode = std.base64.decode
 
 -- Input may arrive split or joined; lines end in LF or CRLF, at most MAX_LINE bytes. read_line()
@@ -127,10 +125,10 @@ local function do_auth(arg)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed blob " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed blob", "warn", { data = blob })
         return fail("535 5.7.8 Error: authentication failed: authentication failure")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       user, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -142,22 +140,22 @@ local function do_auth(arg)
     end
     if user then password, why = auth_response("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return fail("535 5.7.8 Error: authentication failed: Invalid authentication mechanism")
   end
 
   if why == "closed" or why == "too-long" then
-    deadend.log("auth " .. mech .. " client left mid-exchange user=" .. q(user), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = user })
     return false
   elseif why == "aborted" then
-    deadend.log("auth " .. mech .. " aborted by client user=" .. q(user))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = user })
     return fail("501 5.7.0 Authentication aborted")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
     return fail("501 5.5.2 Cannot decode response")
   end
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, auth_attempts, q(user),
-    q(password)), "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, auth_attempts), "warn",
+    { user = user, password = password })
   return fail("535 5.7.8 Error: authentication failed: authentication failure")
 end
 
@@ -192,8 +190,8 @@ local function do_data()
     return fail("552 5.3.4 Message size exceeds fixed limit")
   end
   local id = queue_id()
-  deadend.log(string.format("message %s queued from=%s rcpts=%d size=%d lines=%d subject=%s", id,
-    q(from), count, size, lines, q(subject)))
+  deadend.log(string.format("message %s queued rcpts=%d size=%d lines=%d", id, count, size, lines), "info",
+    { ["email.from"] = from, subject = subject })
   return reply("250 2.0.0 Ok: queued as " .. id)
 end
 
@@ -219,7 +217,7 @@ local function handle(line)
     helo_name = arg
     reset_transaction()
     state = STATE_READY
-    deadend.log(verb .. " " .. q(arg))
+    deadend.log(verb, "info", { helo = arg })
     if verb == "HELO" then return reply("250 " .. HOSTNAME) end
     return deadend.send(table.concat(EHLO_LINES, "\r\n") .. "\r\n")
   elseif verb == "MAIL" then
@@ -232,7 +230,7 @@ local function handle(line)
       return fail("552 5.3.4 Message size exceeds fixed limit")
     end
     mail_from, state = addr, STATE_MAIL
-    deadend.log("mail from=" .. q(addr) .. (params ~= "" and " params=" .. q(params) or ""))
+    deadend.log("mail", "info", { ["email.from"] = addr, params = params ~= "" and params or nil })
     return reply("250 2.1.0 Ok")
   elseif verb == "RCPT" then
     if state ~= STATE_MAIL and state ~= STATE_RCPT then
@@ -243,7 +241,7 @@ local function handle(line)
     if #rcpts >= MAX_RCPT then return fail("452 4.5.3 Error: too many recipients") end
     rcpts[#rcpts + 1] = addr
     state = STATE_RCPT
-    deadend.log("rcpt to=" .. q(addr))
+    deadend.log("rcpt", "info", { ["email.to"] = addr })
     return reply("250 2.1.5 Ok")
   elseif verb == "DATA" then
     if state == STATE_GREETING then return fail("503 5.5.1 Error: send HELO/EHLO first") end
@@ -267,12 +265,12 @@ local function handle(line)
   elseif verb == "GET" or verb == "POST" or verb == "CONNECT" or not verb:match("^%a") then
     -- Postfix's smtpd_forbidden_commands (CONNECT GET POST, and anything not starting with a letter):
     -- someone is talking HTTP, a proxy probe or binary to port 25.
-    deadend.log("non-SMTP command " .. q(line), "warn")
+    deadend.log("non-SMTP command", "warn", { command = line })
     reply("221 2.7.0 Error: I can break rules, too. Goodbye.")
     ending = "non-SMTP command"
     return false
   end
-  deadend.log("unknown command " .. q(line), "warn")
+  deadend.log("unknown command", "warn", { command = line })
   return fail("502 5.5.2 Error: command not recognized")
 end
 
@@ -306,6 +304,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) helo=%s commands=%d messages=%d auth_attempts=%d errors=%d",
-  ending or "?", q(helo_name), commands, messages, auth_attempts, errors))
+deadend.log(string.format("disconnect (%s) commands=%d messages=%d auth_attempts=%d errors=%d", ending or "?",
+  commands, messages, auth_attempts, errors), "info", { helo = helo_name })
 deadend.close()

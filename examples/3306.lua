@@ -35,9 +35,6 @@ local SERVER_CAPABILITIES = 0xdfffffff & ~(CLIENT_SSL | CLIENT_COMPRESS | CLIENT
 local CHARSET_UTF8MB4_0900_AI_CI = 255
 local SERVER_STATUS_AUTOCOMMIT = 0x0002
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
@@ -193,7 +190,7 @@ else
     end
     local reply_seq = (seq + 1) & 0xff
     if not r or seq ~= 1 then
-      deadend.log(string.format("bad handshake seq=%d payload=%s", seq, q(payload:sub(1, 64))), "warn")
+      deadend.log("bad handshake seq=" .. seq, "warn", { data = payload:sub(1, 64) })
       deadend.send(err_packet(reply_seq, 1043, "08S01", "Bad handshake"))
       ending = "bad handshake"
     elseif r.ssl_request then
@@ -201,10 +198,12 @@ else
       ending = "ssl request"
     else
       state = "refused"
-      deadend.log(string.format("auth attempt user=%s auth_response=%s database=%s plugin=%s scramble=%s "
-        .. "caps=0x%08x charset=%d", q(r.user), hex(r.auth), q(r.database), q(r.plugin), hex(salt), r.caps,
-        r.charset or 0), "warn")
-      if #r.attrs > 0 then deadend.log("client attributes " .. q(table.concat(r.attrs, " "))) end
+      deadend.log(string.format("auth attempt scramble=%s caps=0x%08x charset=%d", hex(salt), r.caps,
+        r.charset or 0), "warn", { user = r.user, auth_response = hex(r.auth), database = r.database,
+        plugin = r.plugin })
+      if #r.attrs > 0 then
+        deadend.log("client attributes", "info", { attributes = table.concat(r.attrs, " ") })
+      end
       local message = string.format("Access denied for user '%s'@'%s' (using password: %s)", r.user, peer,
         #r.auth > 0 and "YES" or "NO")
       deadend.send(err_packet(reply_seq, 1045, "28000", message, r.old))

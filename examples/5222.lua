@@ -207,12 +207,12 @@ end
 local function plain_credentials(blob)
   local authzid, authcid, password = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
   if not authzid then
-    deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+    deadend.log("auth PLAIN malformed message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
-  deadend.log(string.format("auth PLAIN attempt %d authzid=%s authcid=%s password=%s", auth_attempts,
-    q(authzid), q(authcid), q(password)), "warn")
+  deadend.log("auth PLAIN attempt " .. auth_attempts, "warn",
+    { authzid = authzid, user = authcid, password = password })
   return auth_refused()
 end
 
@@ -233,12 +233,12 @@ local function scram_first(blob)
   local cbind, authzid, bare = blob:match("^([nyp][^,]*),([^,]*),(.*)$")
   local user, cnonce = (bare or ""):match("^n=([^,]*),r=([^,]+)")
   if not user then
-    deadend.log("auth SCRAM-SHA-1 malformed first message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed first message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
   if cbind:sub(1, 1) == "p" then
-    deadend.log("auth SCRAM-SHA-1 asks for channel binding " .. q(cbind), "warn")
+    deadend.log("auth SCRAM-SHA-1 asks for channel binding", "warn", { cbind = cbind })
     return auth_refused()
   end
   local server_first = string.format("r=%s%s,s=%s,i=%d", cnonce, b64encode(random_bytes(18)),
@@ -246,20 +246,20 @@ local function scram_first(blob)
   scram = { user = saslname(user), authzid = authzid, client_first_bare = bare,
             server_first = server_first }
   state = STATE_SCRAM
-  deadend.log(string.format("auth SCRAM-SHA-1 attempt %d user=%s", auth_attempts, q(scram.user)))
+  deadend.log("auth SCRAM-SHA-1 attempt " .. auth_attempts, "info", { user = scram.user })
   return deadend.send("<challenge xmlns='" .. SASL_NS .. "'>" .. b64encode(server_first) .. "</challenge>")
 end
 
 local function scram_final(blob)
   local without_proof, proof = blob:match("^(.*),p=([^,]+)$")
   if not without_proof then
-    deadend.log("auth SCRAM-SHA-1 malformed final message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed final message", "warn", { data = blob })
     return auth_refused()
   end
   -- Enough to test password guesses offline: SaltedPassword from the salt and count in server_first,
   -- then ClientProof over AuthMessage (RFC 5802 section 3).
-  deadend.log(string.format("auth SCRAM-SHA-1 user=%s auth_message=%s proof=%s", q(scram.user),
-    q(scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof), q(proof)), "warn")
+  deadend.log("auth SCRAM-SHA-1 proof", "warn", { user = scram.user, proof = proof,
+    auth_message = scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof })
   return auth_refused()
 end
 
@@ -268,7 +268,7 @@ local function on_auth(el)
   auth_attempts = auth_attempts + 1
   local mech = el.attrs.mechanism or ""
   if mech ~= "PLAIN" and mech ~= "SCRAM-SHA-1" then
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return sasl_failure("invalid-mechanism")
   end
   local data = sasl_data(el.text)
@@ -309,7 +309,7 @@ local function handle(tok)
     if tok.kind == "decl" then return true end
     if tok.kind ~= "open" then return stream_error("not-well-formed", "no stream header") end
     local a = tok.attrs
-    deadend.log(string.format("stream open to=%s from=%s version=%s", q(a.to), q(a.from), q(a.version)))
+    deadend.log("stream open", "info", { to = a.to, from = a.from, version = a.version })
     if a.to then
       local to = a.to:lower()
       if #to > 253 or not to:match("^[%w][%w%.%-]*$") then
@@ -347,7 +347,7 @@ local function handle(tok)
       ending = "starttls refused"
       return false
     end
-    deadend.log("stanza before authentication: " .. q(name), "warn")
+    deadend.log("stanza before authentication", "warn", { stanza = name })
     return stream_error("not-authorized", "<" .. name .. "> before authentication")
   end
   -- In a SASL exchange (STATE_PLAIN or STATE_SCRAM).

@@ -27,9 +27,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.time) == "function"
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 -- ---------------------------------------------------------------------------------------------------
 -- Replies, in RESP2 until the client asks for RESP3 with HELLO 3.
 
@@ -338,8 +335,7 @@ end
 
 local function auth_reply(user, password)
   auth_attempts = auth_attempts + 1
-  deadend.log(string.format("auth attempt %d user=%s password=%s", auth_attempts, q(user), q(password)),
-    "warn")
+  deadend.log("auth attempt " .. auth_attempts, "warn", { user = user, password = password })
   if user == nil then
     return err("ERR AUTH <password> called without any password configured for the default user. "
       .. "Are you sure your configuration is correct?")
@@ -513,8 +509,9 @@ local function execute(args)
     table.concat(shown)))
 end
 
--- The command as one log field, in redis-cli's notation: an argument with blanks, quotes, backslashes or
--- unprintable bytes is double-quoted with \n, \r, \t, \", \\ and \xHH escapes (Redis' sdscatrepr).
+-- The command as a log field's value, in redis-cli's notation: an argument with blanks, quotes,
+-- backslashes or unprintable bytes is double-quoted with \n, \r, \t, \", \\ and \xHH escapes (Redis'
+-- sdscatrepr).
 local REPR = { ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t", ['"'] = '\\"', ["\\"] = "\\\\" }
 local function repr(a)
   if a ~= "" and not a:find("[^%w%p]") and not a:find('["\\]') then return a end
@@ -557,7 +554,8 @@ while true do
   if #args > 0 then
     local name = args[1]:upper()
     if name == "POST" or name == "HOST:" then
-      deadend.log("Possible SECURITY ATTACK detected: HTTP sent to Redis: " .. describe(args), "warn")
+      deadend.log("Possible SECURITY ATTACK detected: HTTP sent to Redis", "warn",
+        { command = describe(args) })
       ending = "http request"
       break
     end
@@ -566,7 +564,7 @@ while true do
         or (name == "SET" and payload(args[3])) then
       level = "warn"
     end
-    if name ~= "AUTH" then deadend.log("command " .. describe(args), level) end
+    if name ~= "AUTH" then deadend.log("command", level, { command = describe(args) }) end
     local r = execute(args)
     if not r then break end
     if not deadend.send(r) then

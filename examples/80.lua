@@ -21,9 +21,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
-
 -- The stock index.html of nginx 1.24.0 (615 bytes; its ETag and Last-Modified are those of the release).
 local INDEX = [[
 <!DOCTYPE html>
@@ -129,8 +126,8 @@ local function serve(nth)
       if nth == 1 then deadend.log("client closed without a request") end
       return false
     end
-    local held = why == "garbage" and " " .. q(input:peek(64)) or ""  -- an over-long line is dropped
-    deadend.log(string.format("bad request (%s)%s", why, held), "warn")
+    local held = why == "garbage" and input:peek(64) or nil  -- an over-long line is dropped
+    deadend.log("bad request (" .. why .. ")", "warn", { data = held })
     if why == "too-long" then respond(414) else respond(400) end
     return false
   end
@@ -140,27 +137,27 @@ local function serve(nth)
   if not method then
     method, target = line:match("^(GET) (/%S*)$")
     if method then  -- HTTP/0.9: the body alone, then close
-      deadend.log(string.format("request %s (HTTP/0.9)", q(line)))
+      deadend.log("request (HTTP/0.9)", "info", { ["http.method"] = method, ["http.path"] = target })
       deadend.send(target == "/" and INDEX or error_page(404))
       return false
     end
-    deadend.log("bad request line " .. q(line), "warn")
+    deadend.log("bad request line", "warn", { line = line })
     respond(400)
     return false
   end
   if not method:match("^[A-Z_%-]+$") then
-    deadend.log("bad method " .. q(line), "warn")
+    deadend.log("bad method", "warn", { line = line })
     respond(400)
     return false
   end
   local major, minor = version:match("^HTTP/(%d+)%.(%d+)$")
   major, minor = tonumber(major), tonumber(minor)
   if major >= 2 then
-    deadend.log("unsupported version " .. q(line), "warn")
+    deadend.log("unsupported version", "warn", { line = line })
     respond(505)
     return false
   elseif major ~= 1 or minor > 1 then
-    deadend.log("bad version " .. q(line), "warn")
+    deadend.log("bad version", "warn", { line = line })
     respond(400)
     return false
   end
@@ -171,10 +168,10 @@ local function serve(nth)
     local hline, hwhy = read_line()
     if not hline then
       if hwhy == "closed" then
-        deadend.log("client left during headers of " .. q(line), "warn")
+        deadend.log("client left during headers", "warn", { line = line })
         return false
       end
-      deadend.log("request header too large for " .. q(line), "warn")
+      deadend.log("request header too large", "warn", { line = line })
       respond(400, { title = "400 Request Header Or Cookie Too Large" })
       return false
     end
@@ -184,7 +181,7 @@ local function serve(nth)
       local name, value = hline:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
       count = count + 1
       if not name or count > MAX_HEADERS then
-        deadend.log("bad header line " .. q(hline), "warn")
+        deadend.log("bad header line", "warn", { header = hline })
         respond(400)
         return false
       end
@@ -199,7 +196,8 @@ local function serve(nth)
   end
 
   local host, ua = headers["host"], headers["user-agent"]
-  deadend.log(string.format("request %s host=%s ua=%s", q(line), q(host), q(ua)))
+  deadend.log("request", "info", { ["http.method"] = method, ["http.path"] = target,
+    ["http.version"] = version, ["http.host"] = host, ["http.user_agent"] = ua })
   if minor == 1 and not host then
     deadend.log("HTTP/1.1 request without Host", "warn")
     respond(400)
@@ -218,7 +216,7 @@ local function serve(nth)
   if te then
     if cl then respond(400) return false end
     if te:lower() ~= "chunked" then
-      deadend.log("unsupported Transfer-Encoding " .. q(te), "warn")
+      deadend.log("unsupported Transfer-Encoding", "warn", { ["http.transfer_encoding"] = te })
       respond(501)
       return false
     end
@@ -254,7 +252,7 @@ local function serve(nth)
   if method == "POST" and not exists then
     return respond(404, { keep_alive = keep_alive }) and keep_alive
   end
-  deadend.log("method not allowed " .. q(method))
+  deadend.log("method not allowed", "info", { ["http.method"] = method })
   return respond(405, { keep_alive = keep_alive }) and keep_alive
 end
 

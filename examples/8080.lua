@@ -24,8 +24,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
-local q = std.quote
 
 local function html_escape(s)
   return (s:gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;",
@@ -262,7 +260,7 @@ local function serve(nth)
   requests = requests + 1
   local method, target, minor = line:match("^([A-Z]+) (%S+) HTTP/1%.([01])$")
   if not method then
-    deadend.log("bad request line " .. q(line), "warn")
+    deadend.log("bad request line", "warn", { line = line })
     bad_request()
     return false
   end
@@ -273,10 +271,10 @@ local function serve(nth)
     local hline, hwhy = read_line()
     if not hline then
       if hwhy == "closed" then
-        deadend.log("client left during headers of " .. q(line), "warn")
+        deadend.log("client left during headers", "warn", { line = line })
         return false
       end
-      deadend.log("request head too large for " .. q(line), "warn")
+      deadend.log("request head too large", "warn", { line = line })
       bad_request()
       return false
     end
@@ -286,7 +284,7 @@ local function serve(nth)
       local name, value = hline:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
       count = count + 1
       if not name or count > MAX_HEADERS then
-        deadend.log("bad header line " .. q(hline), "warn")
+        deadend.log("bad header line", "warn", { header = hline })
         bad_request()
         return false
       end
@@ -296,8 +294,9 @@ local function serve(nth)
   end
 
   local path = (target:match("^https?://[^/]*(/.*)$") or target):match("^[^?#]*")
-  deadend.log(string.format("request %s host=%s ua=%s", q(line), q(headers["host"]),
-    q(headers["user-agent"])))
+  deadend.log("request", "info", { ["http.method"] = method, ["http.path"] = target,
+    ["http.version"] = "HTTP/1." .. minor, ["http.host"] = headers["host"],
+    ["http.user_agent"] = headers["user-agent"] })
   if minor == "1" and not headers["host"] then
     deadend.log("HTTP/1.1 request without Host", "warn")
     bad_request()
@@ -318,10 +317,10 @@ local function serve(nth)
     local user, password = (decoded or ""):match("^([^:]*):(.*)$")
     if user then
       logins = logins + 1
-      deadend.log(string.format("auth Basic attempt %d path=%s user=%s password=%s", logins, q(path), q(user),
-        q(password)), "warn")
+      deadend.log("auth Basic attempt " .. logins, "warn",
+        { ["http.path"] = path, user = user, password = password })
     else
-      deadend.log("authorization header " .. q(auth), "warn")
+      deadend.log("authorization header", "warn", { authorization = auth })
     end
   end
 
@@ -334,7 +333,7 @@ local function serve(nth)
   end
   if te then
     if cl or te:lower() ~= "chunked" then
-      deadend.log("unsupported Transfer-Encoding " .. q(te), "warn")
+      deadend.log("unsupported Transfer-Encoding", "warn", { ["http.transfer_encoding"] = te })
       bad_request()
       return false
     end
@@ -368,7 +367,7 @@ local function serve(nth)
   local head_only = method == "HEAD"
   local is_login = path == "/login" or path == "/j_security_check"
   if #body > 0 and not (is_login and method == "POST") then
-    deadend.log(string.format("request body %d bytes %s", #body, q(body:sub(1, 200))))
+    deadend.log(string.format("request body %d bytes", #body), "info", { body = body:sub(1, 200) })
   end
   local realm, role = manager_app(path)
   if realm then
@@ -390,8 +389,8 @@ local function serve(nth)
       local user = fields.username or fields.j_username or fields.user or fields.login
       local password = fields.password or fields.j_password or fields.pass or fields.passwd
       logins = logins + 1
-      deadend.log(string.format("auth form attempt %d path=%s user=%s password=%s", logins, q(path), q(user),
-        q(password)), "warn")
+      deadend.log("auth form attempt " .. logins, "warn",
+        { ["http.path"] = path, user = user, password = password })
       return respond(200, login_page("Invalid username or password."), { keep_alive = keep_alive })
         and keep_alive
     end
@@ -408,7 +407,7 @@ local function serve(nth)
       return respond(200, "", { headers = { "Allow: GET, HEAD, POST, OPTIONS" }, keep_alive = keep_alive })
         and keep_alive
     end
-    deadend.log("method not allowed " .. q(method), "warn")
+    deadend.log("method not allowed", "warn", { ["http.method"] = method })
     return respond(405, error_page(405, "Method Not Allowed", "HTTP method " .. method .. " is not supported "
       .. "by this URL", "The method received in the request-line is known by the origin server but not "
       .. "supported by the target resource."),
@@ -416,7 +415,8 @@ local function serve(nth)
         language = true, keep_alive = keep_alive }) and keep_alive
   end
   if method == "PUT" or method == "DELETE" then
-    deadend.log(string.format("%s %s (%d bytes)", method, q(path), #body), "warn")
+    deadend.log(string.format("%s of %d bytes", method, #body), "warn",
+      { ["http.method"] = method, ["http.path"] = path })
   end
   return not_found(path, keep_alive, head_only) and keep_alive
 end
