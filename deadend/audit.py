@@ -262,7 +262,9 @@ def _linger(run: Run) -> Said | None:
         return None
     if "send/recv" in run.detail:
         return "keeps calling send/recv after the peer left", 0
-    return f"keeps running {run.after_left or 0:.0f} s after the peer left", run.after_left or 0
+    if run.after_left is None:  # the client stayed: a ceiling (--idle-timeout) closed the connection
+        return "keeps running after its connection closed", 0
+    return f"keeps running {run.after_left:.0f} s after the peer left", run.after_left
 
 
 def _late(run: Run) -> Said | None:
@@ -356,9 +358,12 @@ def findings(runs: Sequence[Run]) -> list[Finding]:
             continue
         (text, _), _run = max(said, key=lambda pair: pair[0][1])
         shown = [run.words for _, run in said]
-        text = f"{text} {_joined(shown)}"
-        if len(runs) > 2 and len(shown) > 1:
-            text += f" ({len(shown)} of {len(runs)} runs)"
+        if len(runs) > 2 and len(shown) == len(runs):
+            text = f"{text} whatever the client does ({len(runs)} of {len(runs)} runs)"
+        else:
+            text = f"{text} {_joined(shown)}"
+            if len(runs) > 2 and len(shown) > 1:
+                text += f" ({len(shown)} of {len(runs)} runs)"
         out.append(Finding(rule.code, rule.severity, text, [run.behaviour for _, run in said]))
     return out
 
@@ -435,7 +440,7 @@ COLUMNS: Final = ("run", "end", "ttfb", "cpu", "heap", "instructions", "calls", 
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.0f} s"
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _size(n: int | None) -> str:
@@ -445,7 +450,8 @@ def _size(n: int | None) -> str:
 
 
 def run_row(run: Run) -> tuple[str, ...]:
-    end = run.reason if run.reason != Reason.DONE else f"done ({run.closed_by})"
+    # who closed, when the script returned: the client first, or the script (neither: nobody)
+    end = f"done ({run.closed_by})" if run.reason == Reason.DONE and run.closed_by != "-" else run.reason
     return (
         run.behaviour,
         end,
