@@ -428,21 +428,23 @@ end
 -- into an environment of pristine, metered library functions and plain data, so it has no power a script
 -- lacks, and it runs on the script's thread, under its hook. Like an API call, its first use yields, so it
 -- cannot be inside a callback of a C function (a gsub or sort callback).
-local rawlen, rawset, tonumber, math_huge = rawlen, rawset, tonumber, math.huge
+-- Built here, in the main chunk (whose code is freed once it has run): only the table stays.
+local STD_ENV = {
+  string = string, table = { concat = concat, sort = sort },
+  math = { type = math_type, tointeger = math_tointeger, random = math_random, huge = math.huge },
+  type = type, select = select, error = error, pcall = pcall, tostring = tostring, tonumber = tonumber,
+  next = next, rawget = rawget, rawlen = rawlen, rawequal = rawequal, setmetatable = safe_setmetatable,
+  RECV_MAX = RECV_MAX, SEND_MAX = SEND_MAX, SLEEP_MAX = SLEEP_MAX, TARPIT_MAX = TARPIT_MAX,
+}
+local rawset = rawset
 local function library(api, fetch)
   local std, loaded = {}, false
   local function load_library()
     if loaded then return end
     loaded = true
-    local chunk, unsafe = fetch()
-    local build = load(chunk, "=std", "b", {
-      string = string, table = { concat = concat, sort = sort },
-      math = { type = math_type, tointeger = math_tointeger, random = math_random, huge = math_huge },
-      type = type, select = select, error = error, pcall = pcall, tostring = tostring, tonumber = tonumber,
-      next = next, rawget = rawget, rawlen = rawlen, rawequal = rawequal, setmetatable = safe_setmetatable,
-      UNSAFE = unsafe, RECV_MAX = RECV_MAX, SEND_MAX = SEND_MAX, SLEEP_MAX = SLEEP_MAX, TARPIT_MAX = TARPIT_MAX,
-    })()
-    for name, value in next, build(api) do rawset(std, name, value) end
+    local chunk
+    chunk, STD_ENV.UNSAFE = fetch()
+    for name, value in next, load(chunk, "=std", "b", STD_ENV)()(api) do rawset(std, name, value) end
   end
   return setmetatable(std, {
     __metatable = false,
