@@ -31,7 +31,7 @@ from deadend.audit import Act, Behaviour, Run
 from deadend.config import Ceilings, Config
 from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import Reason
-from deadend.scripts import Script, port_of
+from deadend.scripts import Script, port_of, read_source
 from deadend.transcript import Transcript, TranscriptError, load
 
 SEND_TIMEOUT = 3.0  # seconds a client's send may wait for the script to take the bytes
@@ -151,10 +151,11 @@ class Auditor:
             static = await check(self.sandboxes.process, path, self.ceilings)
         report = static.to_json()
         runs: list[Run] = []
-        if static.compile_error is None and not any(
-            "cannot be read" in p or "larger than" in p for p in static.problems
-        ):
-            source = path.read_bytes()
+        try:
+            source: bytes | None = read_source(path)  # as the broker reads it: check said why if not
+        except OSError:
+            source = None
+        if static.compile_error is None and source is not None:
             port = port_of(path.name)
             script = Script(port if isinstance(port, int) else 0, path, source)
             plans: list[tuple[Behaviour, Transcript | None]] = []

@@ -209,8 +209,7 @@ class WorkerChannel:
         self._waiter = self._loop.create_future()
         self._deadline = float("inf") if timeout is None else self._loop.time() + timeout
         if timeout is not None and (self._timer is None or self._timer.when() > self._deadline):
-            # A timer due later (a longer timeout before: the worker's READY) would let this deadline
-            # pass unseen until it fires: arm one for this deadline instead.
+            # A timer left from a longer wait (a worker's start-up) would fire late: bring it forward.
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_at(self._deadline, self._expire)

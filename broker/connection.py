@@ -127,13 +127,42 @@ class ClientConnection:
             return b""
         return None
 
-    async def send(self, data: bytes) -> bool:
-        if self.sock is None:
+    async def send(self, data: bytes, idle: float | None = None) -> bool:
+        """Send it all: False if the connection failed. TimeoutError if the client took no byte for `idle`
+        seconds (it stopped reading: its receive window and our send buffer are full)."""
+        sock = self.sock
+        if sock is None:
             return False
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+            if view and not await self._writable(sock, idle):
+                raise TimeoutError
+            if self.sock is None:
+                return False
+        return True
+
+    async def _writable(self, sock: socket.socket, timeout: float | None) -> bool:
+        """Wait until `sock` takes bytes again; False after `timeout` seconds without."""
+        ready: asyncio.Future[None] = self._loop.create_future()
+        fd = sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_writer(fd, wake)
         try:
-            await self._loop.sock_sendall(self.sock, data)
-        except OSError:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
             return False
+        finally:
+            self._loop.remove_writer(fd)
         return True
 
     def close(self) -> None:

@@ -46,6 +46,10 @@ class Arrival:
     counted: Counted | None  # what the gate counted against the per-IP cap
     proxy: str | None = None  # the proxy's address when the peer came in a PROXY header
     pending: bytes = b""  # client bytes that arrived with the PROXY header
+    # Its one session-end line is written (a refusal), or owed by its Session: whatever happens from
+    # here (shutdown at any moment, a task cancelled before it ran), the doorman writes it otherwise.
+    ended: bool = False
+    released: bool = False  # its place at the gate given back
 
 
 class Doorman:
@@ -61,7 +65,7 @@ class Doorman:
         # The API calls of every session together: the broker's own CPU stays bounded however many spin.
         self.calls = TokenBucket(config.call_rate_total, config.call_rate_total / 10, loop.time())
         self.sessions: set[Session] = set()
-        self.handlers: set[asyncio.Task[None]] = set()
+        self.handlers: dict[asyncio.Task[None], Arrival] = {}
         self.active_by_port: collections.Counter[int] = collections.Counter()
         self.released = asyncio.Event()  # set whenever a connection ends (descriptors came free)
         self._last_trim = float("-inf")
@@ -97,8 +101,21 @@ class Doorman:
         conn.setblocking(False)
         arrival = Arrival(conn, where, script, loop.time(), time.time(), counted)
         task = loop.create_task(self._handle(arrival))
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
+        self.handlers[task] = arrival
+        task.add_done_callback(lambda t: self._handled(arrival, t))
+
+    def _handled(self, a: Arrival, task: asyncio.Task[None]) -> None:
+        """Every accepted connection ends with exactly one session-end line: a handler cancelled at
+        shutdown before it wrote one (while reading a PROXY header, or before it even ran) writes it here."""
+        self.handlers.pop(task, None)
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:  # a broker bug: this connection ends, the broker goes on
+            self.log.error(a.where, "broker.error", f"connection handler failed: {type(failure).__name__}")
+        if not a.ended:
+            self._refuse(a, Reason.CRASH if failure is not None else Reason.SHUTDOWN)
+        if not a.released:  # cancelled before it ran
+            a.released = True
+            self.gate.release(a.counted)
 
     def _classify(self, where: Where) -> Where:
         """Mark a peer in an --ignore network: its events are neither logged nor recorded."""
@@ -118,6 +135,7 @@ class Doorman:
                 return
             await self._serve(a)
         finally:
+            a.released = True
             self.gate.release(a.counted)
             port = a.where.port or 0
             self.active_by_port[port] -= 1
@@ -127,6 +145,7 @@ class Doorman:
             self._trim_when_idle()
 
     def _refuse(self, a: Arrival, reason: Reason) -> None:
+        a.ended = True
         a.conn.close()
         duration = asyncio.get_running_loop().time() - a.started
         log_session_end(self.log, a.where, reason, duration, 0, 0, ClosedBy.NONE)
@@ -184,6 +203,7 @@ class Doorman:
             a.pending,
             seed,
         )
+        a.ended = True  # the session writes its end line, however it ends
         self.sessions.add(session)
         try:
             await session.run(lease)
@@ -254,6 +274,11 @@ class Doorman:
                 self.log.error(
                     session.where, "broker.error", f"shutdown of this session failed: {type(e).__name__}"
                 )
+        # Connections not in a session yet (reading a PROXY header, waiting for a sandbox) have no script
+        # to give grace to: they end now, each with its session-end line (reason shutdown).
+        for task, arrival in list(self.handlers.items()):
+            if not arrival.ended:
+                task.cancel()
         if self.handlers:
             _done, pending = await asyncio.wait(self.handlers, timeout=timeout)
             for task in pending:

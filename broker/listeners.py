@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from broker.net import BindAddress
@@ -34,10 +34,13 @@ class ReloadPlan:
         return bool(self.added or self.changed or self.removed)
 
 
-def plan_reload(serving: Mapping[int, Script], found: list[Script]) -> ReloadPlan:
-    """What a rescan changes, by script port; a script is changed when its bytes are."""
+def plan_reload(
+    serving: Mapping[int, Script], found: list[Script], keep: Set[int] = frozenset()
+) -> ReloadPlan:
+    """What a rescan changes, by script port; a script is changed when its bytes are. Ports in `keep`
+    (a script there that could not be read) keep what they serve."""
     plan = ReloadPlan()
-    ports = {script.port for script in found}
+    ports = {script.port for script in found} | set(keep)
     for script in found:
         current = serving.get(script.port)
         if current is None:

@@ -73,7 +73,7 @@ class Monitor:
         self.closed_by: ClosedBy | None = None
         self.peer_gone = False  # the peer sent FIN or RST, whether or not the script has seen it yet
         self.gone_at: float | None = None  # when the connection closed or the peer finished: linger from here
-        self.idled = False  # a recv waited --idle-timeout for nothing: the session ends `idle`
+        self.idled = False  # a recv or a send waited --idle-timeout for the client: the session ends `idle`
         self.recv_calls = 0  # successful recv calls (counted from the connection's start)
         self.bytes_in = 0
         self.bytes_out = 0
@@ -209,8 +209,8 @@ class Monitor:
         return Reply(data), self.tarpit_delay()
 
     def idle(self, now: float) -> Reply:
-        """A recv got no byte within --idle-timeout: it returns nil, the connection closes, and the session
-        ends `idle` (unless a ceiling ends it first)."""
+        """A recv got no byte, or a send's bytes were not taken, within --idle-timeout: the call fails (nil,
+        or false), the connection closes, and the session ends `idle` (unless a ceiling ends it first)."""
         self._busy = False
         self.idled = True
         self.close(ClosedBy.LIMIT, now)

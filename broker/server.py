@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
 import os
 import signal
 import socket
@@ -23,9 +24,17 @@ from broker.doorman import Doorman
 from broker.gate import Gate, connections_fd_allows, raise_fd_limit
 from broker.listeners import Listener, ReloadPlan, plan_reload
 from broker.metrics import BrokerMetrics, LiveState
-from broker.net import bind_addresses, ipv6_unavailable, open_listener
+from broker.net import BACKLOG, BindAddress, bind_addresses, ipv6_unavailable, open_listener
 from broker.outbox import Outbox, OutboxError
-from broker.privileges import PrivilegeError, RunAs, drop_privileges, forbid_tracing, resolve_user
+from broker.privileges import (
+    PrivilegeError,
+    RunAs,
+    discover_as,
+    drop_privileges,
+    forbid_tracing,
+    launcher_tree,
+    resolve_user,
+)
 from broker.sandboxes import Sandboxes, SandboxSet
 from broker.session import Session, SessionSettings, start_message
 from broker.tasks import Background
@@ -35,7 +44,7 @@ from deadend import wire
 from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
-from deadend.scripts import PORT_MAX, Script, discover
+from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder, refresh_folder
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -65,6 +74,12 @@ class Server:
     listeners: list[Listener] = field(default_factory=list)
     scripts: dict[int, Script] = field(default_factory=dict)  # what is served, by script port
     spare: dict[int, list[socket.socket]] = field(default_factory=dict)  # systemd's sockets, by port
+    # Sockets of removed scripts, still bound but not listening: a later reload listens on them again,
+    # which --user could not do with a fresh socket on a privileged port.
+    parked: dict[BindAddress, socket.socket] = field(default_factory=dict)
+    # The scripts folder, opened once at start-up (as root, when started as root): every rescan lists and
+    # reads through it, each file with --user's permissions.
+    scripts_fd: int | None = None
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
@@ -94,7 +109,8 @@ class Server:
             run_as = resolve_user(self.config.user, self.config.allow_root)
         except (ActivationError, PrivilegeError) as e:
             raise StartupError(str(e)) from e
-        scripts = self._discover()
+        found = await self._discover(run_as if run_as is not None and os.geteuid() == 0 else None)
+        scripts = found.scripts
         if self.sandboxes is None:
             self.sandboxes = await self._make_sandboxes(run_as)
         try:
@@ -118,6 +134,10 @@ class Server:
         if spawner is None and run_as is not None:
             # The broker is about to drop to --user: keep a launcher that may start fresh zygotes later.
             launcher = LauncherSpawner()
+            try:
+                launcher_tree(run_as)
+            except PrivilegeError as e:
+                raise StartupError(str(e)) from e
             try:
                 await launcher.start(run_as)
             except (ZygoteLost, OSError) as e:
@@ -212,25 +232,45 @@ class Server:
         if self._reload_wanted is not None:
             self._reload_wanted.set()
 
-    def _discover(self) -> list[Script]:
+    async def _discover(self, run_as: RunAs | None = None, *, reloading: bool = False) -> Discovery:
+        """The scripts folder, read off the event loop (a slow disk, a lease, a FIFO cannot stall it) and
+        with --user's permissions: at start-up, still root, by a child that drops to it first."""
         folder = self.config.scripts
-        if not folder.is_dir():
-            raise StartupError(f"scripts folder {folder} does not exist or is not a folder")
         try:
-            scripts, ignored = discover(folder)
+            if self.scripts_fd is None:
+                self.scripts_fd = open_folder(folder)
+            elif reloading:
+                self.scripts_fd = await asyncio.to_thread(refresh_folder, folder, self.scripts_fd)
+            if run_as is not None:
+                found = discover_as(folder, self.scripts_fd, run_as)
+            else:
+                found = await asyncio.to_thread(discover, folder, self.scripts_fd)
         except OSError as e:
-            raise StartupError(f"cannot read scripts folder {folder}: {e.strerror}") from e
-        for item in ignored:
-            name = sanitize(item.name, 256)
-            self.log.info(BROKER, "script.ignored", f"ignored {name}: {item.why}", file=name)
-        for script in scripts:
+            user = f" as user {run_as.name}" if run_as else ""
+            raise StartupError(f"cannot read scripts folder {folder}{user}: {e.strerror or e}") from e
+        for ignored in found.ignored:
+            name = sanitize(ignored.name, 256)
+            self.log.info(BROKER, "script.ignored", f"ignored {name}: {ignored.why}", file=name)
+        for item in found.unreadable:
+            name, why = sanitize(item.name, 256), sanitize(item.why, 256)
+            kept = reloading and item.port in self.scripts
+            outcome = "keeping the previous version" if kept else "port not opened"
+            self.log.warn(
+                Where(port=item.port + self.config.port_offset),
+                "script.unreadable",
+                f"cannot read {name}: {why}; {outcome}",
+                script=name,
+                error=why,
+                kept_previous=kept,
+            )
+        for script in found.scripts:
             port = script.port + self.config.port_offset
             if not 1 <= port <= PORT_MAX:
                 raise StartupError(
                     f"port offset {self.config.port_offset} puts {script.name} on port {port}, "
                     f"outside 1..{PORT_MAX}"
                 )
-        return scripts
+        return found
 
     async def _compile_all(self, scripts: list[Script], *, reloading: bool = False) -> list[Script]:
         assert self.sandboxes is not None
@@ -287,6 +327,15 @@ class Server:
         bound: list[Listener] = []
         for address in addresses:
             try:
+                parked = self.parked.pop(address, None)
+                if parked is not None:
+                    try:
+                        parked.listen(BACKLOG)
+                    except OSError:
+                        parked.close()
+                        raise
+                    bound.append(Listener(parked, address, script))
+                    continue
                 bound.append(Listener(open_listener(address), address, script))
             except OSError as e:
                 if address.optional and ipv6_unavailable(e):
@@ -342,6 +391,9 @@ class Server:
     def _drop_privileges(self, run_as: RunAs | None) -> None:
         try:
             if run_as is not None:
+                # --user may not be able to read the interpreter's files (a virtualenv in root's home):
+                # what is imported lazily later is imported now. asyncio.to_thread's executor (reloads).
+                importlib.import_module("concurrent.futures.thread")
                 drop_privileges(run_as)
                 self.log.info(
                     BROKER,
@@ -463,7 +515,7 @@ class Server:
         Sessions already running keep the script they started with; removed ports' sessions finish.
         """
         try:
-            found = self._discover()
+            found = await self._discover(reloading=True)
         except StartupError as e:
             none: list[str] = []
             self.log.error(
@@ -477,7 +529,7 @@ class Server:
                 error=str(e),
             )
             return
-        plan = plan_reload(self.scripts, found)
+        plan = plan_reload(self.scripts, found.scripts, keep={item.port for item in found.unreadable})
         compiled = {s.port for s in await self._compile_all([*plan.added, *plan.changed], reloading=True)}
         failed = [s.name for s in (*plan.added, *plan.changed) if s.port not in compiled]
         added = []
@@ -512,7 +564,7 @@ class Server:
             del self.scripts[port]
             for listener in [x for x in self.listeners if x.script.port == port]:
                 self.listeners.remove(listener)
-                await self._stop_listener(listener)
+                await self._stop_listener(listener, park=True)
                 self.log.info(
                     Where(port=listener.address.port),
                     "listen.stopped",
@@ -520,7 +572,7 @@ class Server:
                     address=str(listener.address),
                 )
 
-    async def _stop_listener(self, listener: Listener) -> None:
+    async def _stop_listener(self, listener: Listener, *, park: bool = False) -> None:
         if listener.task is not None:
             listener.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -528,6 +580,12 @@ class Server:
             listener.task = None
         if listener.inherited:  # we could not bind it again: keep it for a script that comes back
             self.spare.setdefault(listener.address.port, []).append(listener.sock)
+        elif park:
+            # shutdown() on a listening socket stops it listening (clients are refused, pending ones
+            # reset) and, bound to an explicit port, it keeps the port: listen() takes it up again.
+            with contextlib.suppress(OSError):
+                listener.sock.shutdown(socket.SHUT_RDWR)
+            self.parked[listener.address] = listener.sock
         else:
             listener.sock.close()
 
@@ -580,6 +638,12 @@ class Server:
             for sock in socks:
                 sock.close()
         self.spare.clear()
+        for sock in self.parked.values():
+            sock.close()
+        self.parked.clear()
+        if self.scripts_fd is not None:
+            os.close(self.scripts_fd)
+            self.scripts_fd = None
         # 3. Running sessions get their grace, then end.
         if self.doorman is not None:
             await self.doorman.finish(self.config.shutdown_grace + SHUTDOWN_EXTRA)

@@ -198,8 +198,7 @@ class Session:
             if isinstance(action, m.Reply):
                 reply = action
             elif isinstance(action, m.Send):
-                ok = await self._send(action.data)
-                reply = monitor.sent(ok, len(action.data), loop.time())
+                reply = await self._send(action.data)
             elif isinstance(action, m.Recv):
                 reply = await self._recv(action.n)
             elif isinstance(action, m.Sleep):
@@ -220,12 +219,16 @@ class Session:
 
     # --- socket I/O ------------------------------------------------------------------------------
 
-    async def _send(self, data: bytes) -> bool:
-        if not await self.conn.send(data):
-            return False
+    async def _send(self, data: bytes) -> m.Reply:
+        try:
+            ok = await self.conn.send(data, self.ceilings.idle_timeout or None)
+        except TimeoutError:  # the client stopped reading: as silent as one that stops sending
+            return self.monitor.idle(self.loop.time())
+        if not ok:
+            return self.monitor.sent(False, len(data), self.loop.time())
         if self.recording is not None:
             self.recording.data("out", data, self.loop.time() - self.started)
-        return True
+        return self.monitor.sent(True, len(data), self.loop.time())
 
     async def _recv(self, n: int) -> m.Reply:
         idle = self.ceilings.idle_timeout or None

@@ -17,7 +17,7 @@ from broker.pool import Pool
 from deadend import bytecode, wire
 from deadend.config import Ceilings
 from deadend.logs import sanitize
-from deadend.scripts import Script, port_of
+from deadend.scripts import Script, port_of, read_source
 
 PROVIDED = frozenset((*wire.BASE_FUNCTIONS, *wire.LIBRARIES, "print", "_G"))
 # nil unless the operator allows the clock; a script that tests for it and falls back is well behaved, so
@@ -153,12 +153,9 @@ async def check(pool: Pool, path: Path, ceilings: Ceilings) -> Report:
     else:
         report.port = verdict
     try:
-        source = path.read_bytes()
+        source = read_source(path)
     except OSError as e:
-        report.problems.append(f"cannot be read: {e.strerror}")
-        return report
-    if len(source) > wire.MAX_SCRIPT_BYTES:
-        report.problems.append(f"larger than {wire.MAX_SCRIPT_BYTES} bytes; the broker would ignore it")
+        report.problems.append(f"cannot be read: {e.strerror or e}; the broker would not serve it")
         return report
     compiled = await compile_in_sandbox(pool, Script(report.port or 0, path, source), ceilings, dump=True)
     if compiled.error is not None:

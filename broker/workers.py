@@ -125,7 +125,8 @@ class WorkerSupply:
         if len(self._restarts) > MAX_ZYGOTE_RESTARTS:
             self._fatal("the sandbox zygote keeps dying")
             return
-        self.log.error(BROKER, "broker.error", "sandbox zygote exited; restarting it")
+        # A warning: the broker recovers (one more line, an error, if it cannot).
+        self.log.warn(BROKER, "broker.warning", "sandbox zygote exited; restarting it")
         await zygote.stop()
         try:
             self.zygote = await self._start_zygote()

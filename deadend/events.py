@@ -64,6 +64,11 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
         "a script does not compile; its port is not opened, or on reload keeps its previous version",
         {"script": "str", "error": "str", "kept_previous": "bool"},
     ),
+    "script.unreadable": (
+        "a <port>.lua file cannot be read as a script (permissions, not a regular file, too large, a "
+        "lease); its port is not opened, or on reload keeps its previous version",
+        {"script": "str", "error": "str", "kept_previous": "bool"},
+    ),
     "listen": ("listening on an address for a script", {"address": "str", "script": "str"}),
     "listen.stopped": ("a listener closed after its script was removed (reload)", {"address": "str"}),
     "reload": (

@@ -417,8 +417,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "float",
         120.0,
         "S",
-        "a `recv` that gets no byte for this long returns nil and the "
-        "session ends `idle` (scripts that only send are unaffected); 0: no limit",
+        "a `recv` that gets no byte, or a `send` whose bytes the client does not take, for this long ends "
+        "the session `idle` (a tarpit's trickle to a reading client is unaffected); 0: no limit",
         group=CEILINGS,
         lo=0,
         hi=30 * 86400,

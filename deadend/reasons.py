@@ -49,7 +49,7 @@ MEANING: Final[dict[Reason, str]] = {
     Reason.CRASH: "the sandbox process died, or none could be started",
     Reason.PROTOCOL: "the sandbox broke the wire protocol (a compromised sandbox) and was killed",
     Reason.LINGER: "the script went on past `--linger` (or `--linger-calls`) after its peer left",
-    Reason.IDLE: "a `recv` got no byte within `--idle-timeout`",
+    Reason.IDLE: "the client sent nothing to a `recv`, or took nothing of a `send`, for `--idle-timeout`",
     Reason.SESSION_TIME: "the session lasted `--session-time`",
     Reason.SHUTDOWN: "the broker was shutting down",
     Reason.CAPACITY: "no sandbox was free within `--queue-timeout`",

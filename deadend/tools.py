@@ -23,7 +23,7 @@ from pathlib import Path
 from deadend.config import Ceilings, Config
 from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import Reason
-from deadend.scripts import Script, port_of
+from deadend.scripts import Script, port_of, read_source
 from deadend.transcript import Transcript, TranscriptError, load
 
 
@@ -34,9 +34,9 @@ def _fail(message: str) -> int:
 
 def _script(path: Path) -> Script | str:
     try:
-        source = path.read_bytes()
+        source = read_source(path)
     except OSError as e:
-        return f"cannot read {path}: {e.strerror}"
+        return sanitize(f"cannot read {path}: {e.strerror or e}")
     port = port_of(path.name)
     return Script(port if isinstance(port, int) else 0, path, source)
 

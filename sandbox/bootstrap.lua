@@ -3,7 +3,7 @@
 -- global from the real state, and returns `start`, which compiles one untrusted script into a private
 -- environment and returns `step`, the resume function the Python driver turns into RPCs.
 --
--- The rows of research/sandbox.md's vector table are marked [vector: ...] where they are closed.
+-- The rows of docs/sandbox-vectors.md's table are marked [vector: ...] where they are closed.
 -- Nothing here hands a Python object to Lua, and nothing here calls a script function outside the
 -- hooked script coroutine.
 

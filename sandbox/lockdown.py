@@ -1,4 +1,5 @@
-"""Lock a sandbox child down, in the order DESIGN.md gives, before it reads a single untrusted byte.
+"""Lock a sandbox worker down, in this order (each step relies on the ones before), before it reads a
+single untrusted byte.
 
     parent-death signal (and re-check the parent) -> not dumpable -> close every inherited fd but the
     pipes -> rlimits -> seccomp allowlist with default kill and no executable mappings
@@ -68,7 +69,8 @@ def switch_user(uid: int, gid: int) -> None:
 
 
 def build_filter() -> sc.SyscallFilter:
-    """The seccomp allowlist, one syscall per line with the reason beside it (research/sandbox.md §3.4)."""
+    """The seccomp allowlist, one syscall per line with the reason beside it: each was found needed by a
+    worker's own run (Lua, lupa, msgpack, the pipe), nothing else is allowed."""
     import pyseccomp as sc  # imported here: the zygote first points ctypes at the resolved libseccomp
 
     f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)  # anything unlisted kills the whole process

@@ -6,10 +6,12 @@ import io
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +76,36 @@ def fork_server(zygote: int) -> int:
 def sandboxes_below(zygote: int) -> list[int]:
     """Every sandbox process of a zygote: everything below its fork server."""
     return descendants(fork_server(zygote))
+
+
+def runs(pid: int | None, module: bytes) -> bool:
+    """Whether `pid`'s command line names `module` (False once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return module in f.read()
+    except OSError:
+        return False
+
+
+def parent_of(pid: int) -> int | None:
+    """Its parent's pid, or None if it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def zygote_of(b: Broker) -> int:
+    """A broker's zygote: the process running sandbox.zygote that its parent started (the broker, or with
+    --user the launcher); its fork server, forked from it, runs the same program."""
+    found = [
+        pid
+        for pid in descendants(b.proc.pid)
+        if runs(pid, b"sandbox.zygote") and not runs(parent_of(pid), b"sandbox.zygote")
+    ]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def free_offset(ports: list[int]) -> int:
@@ -291,15 +323,23 @@ def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
 def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """Start brokers on given scripts ({"25.lua": source} or a folder); each is stopped and checked after."""
     started: list[Broker] = []
+    shared: list[Path] = []
 
     def start(
         scripts: dict[str, str] | Path, *args: str, ready: bool = True, expect_exit: int = 0, **popen: Any
     ) -> Broker:
         if isinstance(scripts, dict):
-            folder = tmp_path / f"scripts{len(started)}"
-            folder.mkdir()
+            if "--user" in args:
+                # The broker reads its scripts as --user: pytest's tmp_path sits in a root-only folder.
+                folder = Path(tempfile.mkdtemp(prefix="deadend-scripts-", dir="/tmp"))
+                folder.chmod(0o755)
+                shared.append(folder)
+            else:
+                folder = tmp_path / f"scripts{len(started)}"
+                folder.mkdir()
             for name, source in scripts.items():
                 (folder / name).write_text(source)
+                (folder / name).chmod(0o644)
         else:
             folder = scripts
         ports = [int(p.name[:-4]) for p in folder.iterdir() if re.fullmatch(r"[1-9][0-9]{0,4}\.lua", p.name)]
@@ -312,7 +352,15 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         return broker
 
     yield start
-    finish(started)
+    try:
+        finish(started)
+    finally:
+        for folder in shared:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# A traceback's header, or frame lines alone: traceback.print_stack() and faulthandler write no header.
+TRACEBACK = re.compile(r'^Traceback \(most recent call last\)|^\s*File ".*", line \d+', re.M)
 
 
 def finish(brokers: Sequence[Broker]) -> None:
@@ -330,7 +378,7 @@ def finish(brokers: Sequence[Broker]) -> None:
         if code != broker.expect_exit:
             problems.append(f"the broker exited {code}, not {broker.expect_exit}")
         err = broker.stderr_closed()
-        if "Traceback" in err or "Traceback" in "\n".join(broker.lines):
+        if any(TRACEBACK.search(text) for text in (err, "\n".join(broker.lines))):
             problems.append(f"the broker wrote a traceback:\n{err[-3000:]}")
     assert not problems, "\n".join(problems)
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import Broker, alive, descendants, fork_server, read_all, read_until, wait_gone
+from tests.conftest import Broker, alive, descendants, fork_server, read_all, read_until, wait_gone, zygote_of
 
 ECHO = "deadend.send('hi\\n') local line = deadend.recv(100) if line then deadend.send('echo:' .. line) end"
 TARPIT = (
@@ -39,24 +39,6 @@ def _stat(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     return fields[0], int(fields[1])
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def zygote_of(b: Broker) -> int:
-    found = [
-        p
-        for p in descendants(b.proc.pid)
-        if (_stat(p) or ("", 0))[1] == b.proc.pid and b"sandbox.zygote" in _cmdline(p)
-    ]
-    assert len(found) == 1, found
-    return found[0]
 
 
 def sandboxes(b: Broker) -> set[int]:

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from deadend.wire import LAYERS as ORDER
-from tests.conftest import Broker, descendants, fork_server, ns_pids, read_until
+from tests.conftest import Broker, descendants, fork_server, ns_pids, parent_of, read_until, zygote_of
 
 CANARY = "DEADEND_CANARY_VARIABLE"
 CANARY_VALUE = "s3cret-that-must-stay-in-the-broker"
@@ -19,40 +19,11 @@ NAMESPACES = ("user", "pid", "net", "ipc", "mnt")
 IS_ROOT = os.geteuid() == 0
 
 
-def runs(pid: int | None, module: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return module in f.read()
-    except OSError:
-        return False
-
-
-def zygote_of(b: Broker) -> int:
-    """The zygote: the process running sandbox.zygote that its parent started (the broker, or with --user
-    the launcher); its fork server, forked from it, runs the same program."""
-    found = [
-        pid
-        for pid in descendants(b.proc.pid)
-        if runs(pid, b"sandbox.zygote") and not runs(parent_of(pid), b"sandbox.zygote")
-    ]
-    assert len(found) == 1, found
-    return found[0]
-
-
 def held_sessions(b: Broker, count: int) -> list[socket.socket]:
     clients = [b.connect(7) for _ in range(count)]
     for c in clients:
         assert read_until(c, b"\n") == b"up\n"
     return clients
-
-
-def parent_of(pid: int) -> int | None:
-    """Its parent's pid, or None if it has gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 def processes_in(pid_namespace: str) -> set[int]:

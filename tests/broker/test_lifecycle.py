@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AS_ROOT, HOST, REPO, descendants, read_all, wait_gone
+from tests.conftest import (
+    AS_ROOT,
+    HOST,
+    REPO,
+    Broker,
+    descendants,
+    read_all,
+    sandboxes_below,
+    wait_gone,
+    zygote_of,
+)
 
 WAITER = """
 deadend.send("hi\\n")
@@ -23,15 +33,23 @@ deadend.send("late")  -- must fail quietly: the connection is closed
 """
 
 
+def session_workers(b: Broker, expected: int, timeout: float = 3.0) -> int:
+    """How many sandboxes run below the zygote's fork server, once that is `expected` or at the deadline
+    (a session's worker appears a moment after its connection)."""
+    deadline = time.monotonic() + timeout
+    while (n := len(sandboxes_below(zygote_of(b)))) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 def test_sigterm_ends_sessions_with_reason_shutdown(make_broker) -> None:
     # No warm workers: every process below the zygote now is a session's.
     b = make_broker({"7.lua": WAITER, "8.lua": "while true do deadend.sleep(1000) end"}, "--warm", "0")
     clients = [b.connect(7) for _ in range(3)] + [b.connect(8)]
     for c in clients[:3]:
         assert c.recv(3) == b"hi\n"
-    time.sleep(0.2)
+    assert session_workers(b, 4) == 4  # one per session and no other (no warm ones)
     tree = descendants(b.proc.pid)
-    assert len(tree) >= 5  # the zygote + the 4 sessions' workers
     assert b.stop(signal.SIGTERM) == 0
     # scripts blocked in recv got nil and could finish; the sleeper was ended after the grace
     text = "\n".join(b.lines)
@@ -55,8 +73,8 @@ def test_sigkilled_broker_takes_its_children(make_broker) -> None:
     clients = [b.connect(7) for _ in range(3)]
     for c in clients:
         assert c.recv(3) == b"hi\n"
+    assert session_workers(b, 3) == 3  # one per session and no other (no warm ones)
     tree = descendants(b.proc.pid)
-    assert len(tree) >= 4  # the zygote + the 3 sessions' workers
     b.expect_exit = -9
     b.proc.kill()
     b.proc.wait()
@@ -116,9 +134,7 @@ def test_broker_survives_the_zygote_dying(make_broker) -> None:
     b = make_broker({"7.lua": 'deadend.send("up")'})
     with b.connect(7) as s:
         assert read_all(s) == b"up"
-    zygote = [p for p in descendants(b.proc.pid) if _is_zygote(p, b.proc.pid)]
-    assert len(zygote) == 1
-    os.kill(zygote[0], signal.SIGKILL)
+    os.kill(zygote_of(b), signal.SIGKILL)
     b.wait_for(r"sandbox zygote exited; restarting it")
     deadline = time.monotonic() + 10
     while True:  # the next connections are served by the new zygote's children
@@ -131,16 +147,6 @@ def test_broker_survives_the_zygote_dying(make_broker) -> None:
         assert time.monotonic() < deadline, "not serving after a zygote restart"
         time.sleep(0.1)
     assert b.proc.poll() is None
-
-
-def _is_zygote(pid: int, broker_pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return ppid == broker_pid and b"sandbox.zygote" in f.read()
-    except OSError:
-        return False
 
 
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")

@@ -240,7 +240,7 @@ def test_two_sighups_in_quick_succession(make_broker) -> None:
         c, hello = greet(b, port)
         assert hello == expected
         c.close()
-    assert "broker.error" not in since(b, mark) and "Traceback" not in b.stderr
+    assert "broker.error" not in since(b, mark) and b.stderr == "", b.stderr
 
 
 def test_vanished_scripts_folder_fails_the_reload_and_keeps_serving(make_broker) -> None:
@@ -287,8 +287,10 @@ def test_reloads_do_not_leak_descriptors_or_processes(make_broker) -> None:
     pid = b.proc.pid
     time.sleep(0.2)
     fds, procs = open_fds(pid), len(descendants(pid))
+    removed = set()
     for i in range(5):
         port = addable(b)
+        removed.add(port)
         new = b.scripts / f"{port}.lua"
         new.write_text(GREETER + f"-- {i}\n")
         reload_says(b, f"reload: added {port}.lua")
@@ -299,7 +301,9 @@ def test_reloads_do_not_leak_descriptors_or_processes(make_broker) -> None:
         new.unlink()
         reload_says(b, f"reload: removed {port}.lua")
     assert settled(lambda: len(descendants(pid)), procs) == procs  # compile children reaped
-    assert settled(lambda: open_fds(pid), fds) == fds, os.listdir(f"/proc/{pid}/fd")
+    # A removed script's socket stays bound (parked) for its return: one per port removed, no more.
+    parked = fds + len(removed)
+    assert settled(lambda: open_fds(pid), parked) == parked, os.listdir(f"/proc/{pid}/fd")
     c, hello = greet(b, 25)
     assert hello == b"v1\n"
     c.close()

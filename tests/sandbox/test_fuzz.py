@@ -17,9 +17,9 @@ no unhandled exception in the broker's loop, the broker thread alive, every chil
 descriptor, session or channel left behind and the process's memory within bounds.
 
 The default suite runs every ending once (`test_each_ending_once`) and a fuzzing slice (at least 5,000
-frames, under 30 s); `-m slow` runs the full campaign (at least 100,000 frames). Hypothesis runs in rounds
-with fixed seeds and no database, so a run is reproducible; a failure prints its `@reproduce_failure`
-blob. DEADEND_FUZZ_VERBOSE=1 prints every example.
+frames, about half a minute on an idle 2-core machine); `-m slow` runs the full campaign (at least 100,000
+frames). Hypothesis runs in rounds with fixed seeds and no database, so a run is reproducible; a failure
+prints its `@reproduce_failure` blob. DEADEND_FUZZ_VERBOSE=1 prints every example.
 """
 
 from __future__ import annotations
@@ -173,6 +173,10 @@ def bad_int(lo: int, hi: int) -> st.SearchStrategy[Any]:
     return st.one_of(not_type(int), *outside)
 
 
+def as_list(items: tuple[Any, ...]) -> list[Any]:
+    return list(items)
+
+
 def wrong_arity(*counts: int) -> st.SearchStrategy[list[Any]]:
     return st.sampled_from(counts).flatmap(lambda n: st.lists(values, min_size=n, max_size=n))
 
@@ -214,8 +218,8 @@ BAD_ARGS: dict[str, st.SearchStrategy[list[Any]]] = {
         st.tuples(
             st.just(b"m"),
             st.just("info"),
-            st.tuples(field_names, st.one_of(st.none(), st.floats(), st.text(max_size=8))).map(list),
-        ).map(list),
+            st.tuples(field_names, st.one_of(st.none(), st.floats(), st.text(max_size=8))).map(as_list),
+        ).map(as_list),
     ),
     "set_tarpit": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, TARPIT_MAX), bad_int(0, TARPIT_MAX))),
     "set_limits": st.one_of(wrong_arity(0, 1, 3), pair(st.integers(0, LIMIT_MAX), bad_int(0, LIMIT_MAX))),

@@ -1,4 +1,4 @@
-"""The hostile-script corpus (tests/hostile/*.lua): every attack from inside Lua, in several disguises,
+"""The hostile-script corpus (tests/data/hostile/*.lua): every attack from inside Lua, in several disguises,
 each with its expected outcome in its first line:
 
     -- expect: REASON[|REASON...] [REGEX]

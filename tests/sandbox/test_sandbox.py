@@ -1,4 +1,4 @@
-"""Every escape and DoS vector of research/sandbox.md §1.5, each proven closed against the real broker.
+"""Every escape and DoS vector of docs/sandbox-vectors.md, each proven closed against the real broker.
 
 Each hostile script runs in its own connection while a well-behaved one (`7.lua`) is served alongside;
 the hostile session must end with the expected reason and the good one must be unaffected.
@@ -218,7 +218,7 @@ def test_prng_is_seeded_per_connection(make_broker) -> None:
 
 
 def test_bundled_lua_is_at_least_5_4_8() -> None:
-    # Interpreter CVEs up to 5.4.6 are fixed in 5.4.8 (research/sandbox.md, "Lua interpreter bugs").
+    # Interpreter CVEs up to 5.4.6 are fixed in 5.4.8 (docs/sandbox-vectors.md, "Lua interpreter bugs").
     # Lua exposes only "Lua 5.4" at run time; the release string is compiled into the module.
     assert lupa.lua54.LuaRuntime().lua_version == (5, 4)
     with open(lupa.lua54.__file__, "rb") as f:

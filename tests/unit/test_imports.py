@@ -39,7 +39,7 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    paths = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).glob("*.py")}
+    paths = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
     return {name: imports_of(path, set(paths)) - {name} for name, path in paths.items()}
 
 
@@ -103,4 +103,5 @@ def test_the_scan_sees_the_imports() -> None:
     assert "deadend.wire" in edges["sandbox.worker"]
     assert "broker.pool" in edges["broker.dense"]
     assert "deadend.tools" in edges["deadend.cli"]  # a lazy import, inside a function
+    assert "deadend.sinks.spool" in edges["deadend.sinks"]  # subpackages are walked too
     assert sum(len(t) for t in edges.values()) > 80
