@@ -64,7 +64,10 @@ LOG_BURST: Final = 100  # the broker's default --log-burst: lines past it in a b
 MEMORY_WARN: Final = 8 << 20  # a quarter of the default --memory
 INSTRUCTIONS_WARN: Final = 20_000_000  # per session; an example stays under 2 million
 CPU_WARN: Final = 0.5  # seconds of CPU per session
-AFTER_LEFT_WARN: Final = 1.0  # seconds a script may go on after its client left before it is remarked
+# Seconds a script may go on after its client left before it is remarked: the broker itself may take a
+# second to see a client gone behind bytes the script has not read (broker/connection.py probes its TCP
+# state once a second), and a tarpit's delay may be running.
+AFTER_LEFT_WARN: Final = 2.0
 SPIN_CALLS: Final = 2000  # API calls in one session, at more than...
 SPIN_RATE: Final = 200.0  # ...calls a second on average: spinning on cheap calls
 

@@ -67,7 +67,7 @@ def test_the_battery_is_the_issue_s_and_each_run_has_its_own_fixed_seed() -> Non
         ({"instructions": 20_000_001}, "instructions", "warn"),
         ({"cpu": 0.6}, "cpu", "warn"),
         ({"calls": {"get_ip": 3000}, "duration": 3.0}, "spin", "warn"),
-        ({"left_at": 1.0, "duration": 2.5}, "after-left", "warn"),
+        ({"left_at": 1.0, "duration": 3.5}, "after-left", "warn"),
         ({"transcript_failure": "t:3: < 250 ok\n    timed out"}, "transcript", "warn"),
     ],
 )
@@ -85,7 +85,7 @@ def test_each_rule(fields: dict[str, Any], code: str, severity: str) -> None:
         {"memory": 8 << 20, "instructions": 20_000_000, "cpu": 0.5},
         {"calls": {"get_ip": 1999}, "duration": 1.0},  # few calls, however fast
         {"calls": {"recv": 5000}, "duration": 60.0},  # many calls, but slowly
-        {"left_at": 1.0, "duration": 2.0},  # within a second of the client leaving
+        {"left_at": 1.0, "duration": 3.0},  # within two seconds of the client leaving
     ],
 )
 def test_what_a_well_behaved_run_may_do(fields: dict[str, Any]) -> None:
