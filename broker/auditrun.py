@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.pool import Lease
 from broker.rehearsal import as_logged, play
 from broker.sandboxes import Sandboxes, standalone
 from broker.session import Session, SessionSettings
 from broker.staticcheck import check
+from broker.zygote import ZygoteLost
 from deadend import audit, wire
 from deadend.audit import Act, Behaviour, Run
 from deadend.config import Ceilings, Config
@@ -116,6 +118,17 @@ class Auditor:
         self.listener.close()
         self.log.close()
 
+    async def _lease(self, script: Script) -> Lease:
+        """A sandbox for one run. A fork that fails (the machine short of processes or memory for a
+        moment) is tried again once, a second later; a second failure stops the audit."""
+        assert self.sandboxes is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await self.sandboxes.process.acquire(script, loop.time() + 60.0)
+        except (OSError, ZygoteLost):
+            await asyncio.sleep(1.0)
+            return await self.sandboxes.process.acquire(script, loop.time() + 60.0)
+
     async def _connection(self) -> tuple[socket.socket, socket.socket]:
         """A TCP connection over loopback: the client's end and the script's. TCP, not a socketpair: the
         broker notices a client that leaves with unread data by its TCP state, as in production."""
@@ -186,11 +199,15 @@ class Auditor:
         run = Run(behaviour.name, behaviour.words, seed)
         self.ended[conn] = ended = _Ended()
         self.stream.lines[conn] = []
-        ours, theirs = await self._connection()
         peer = transcript.peer_ip if transcript is not None else PEER_IP
         clock = transcript.allow_clock if transcript is not None else self.allow_clock
         settings = SessionSettings(self.ceilings, clock, 1.0, measure=True)
-        lease = await self.sandboxes.process.acquire(script, loop.time() + 60.0)
+        lease = await self._lease(script)
+        try:
+            ours, theirs = await self._connection()
+        except BaseException:
+            lease.release(Reason.CRASH)  # its worker is killed and reaped, as after any session
+            raise
         started = time.monotonic()
         session = Session(theirs, Where(script.port, conn, peer), script, settings, self.log, seed=seed)
         task = loop.create_task(session.run(lease))

@@ -5,12 +5,13 @@ a script that keeps running after its client left. The audit runs the script (br
 real sandbox) against a battery of client behaviours and measures each run. This module holds the parts
 that need no process, each as data where it can be:
 
-- the battery (BATTERY): what each client does, as a list of acts the runner carries out;
+- the battery (`battery()`, GENERIC, `transcript_behaviour()`): what each client does, as acts the runner
+  carries out;
 - the audit budget (BUDGET): the broker's ceilings, tightened so that a whole audit is quick;
 - what one run measured (Run);
 - the verdict rules (RULES), each a code, a severity and a function of one run that says what it saw;
   findings of the same code are gathered over the runs; `deadend check`'s problems are folded in;
-- the changes between two versions of a script (`--diff`: CHANGES, same shape);
+- the changes between two versions of a script (`diff()`, for `--diff`);
 - the reports, as text and as JSON.
 
 Every run of a script gets a fixed PRNG seed (the audit's seed and the CRC-32 of the run's name), so a run

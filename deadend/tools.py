@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -118,7 +119,10 @@ def run_audit(args: argparse.Namespace) -> int:
     try:
         reports = asyncio.run(main())
     except (ZygoteLost, OSError) as e:
-        return _fail(f"cannot start the sandbox: {e}")
+        # Where it failed, in one line: the sandbox could not start, or a run could not get one.
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" (in {frames[-1].name}, {Path(frames[-1].filename).name})" if frames else ""
+        return _fail(f"the audit stopped: {e}{where}")
     elapsed = time.monotonic() - started
     if args.diff:
         changes = audit.diff(reports[0], reports[1])
