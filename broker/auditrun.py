@@ -164,6 +164,7 @@ class Auditor:
             static = await check(self.sandboxes.process, path, self.ceilings)
         report = static.to_json()
         runs: list[Run] = []
+        unreadable: list[str] = []
         try:
             source: bytes | None = read_source(path)  # as the broker reads it: check said why if not
         except OSError:
@@ -173,14 +174,13 @@ class Auditor:
             script = Script(port if isinstance(port, int) else 0, path, source)
             plans: list[tuple[Behaviour, Transcript | None]] = []
             transcripts, unreadable = _transcripts_of(path, transcript_dirs)
-            report["problems"] = [*report["problems"], *unreadable]
             for transcript in transcripts:
                 plans.append((audit.transcript_behaviour(Path(transcript.path).name), transcript))
             if not transcripts:
                 plans.append((audit.GENERIC, None))
             plans += [(behaviour, None) for behaviour in audit.battery(self.seed)]
             runs = list(await asyncio.gather(*(self.run(script, b, t) for b, t in plans)))
-        return audit.judge(str(path), self.seed, runs, report)
+        return audit.judge(str(path), self.seed, runs, report, unreadable)
 
     # --- one run -------------------------------------------------------------------------------------
 

@@ -430,10 +430,15 @@ class Report:
         }
 
 
-def judge(file: str, seed: int, runs: list[Run], static: Mapping[str, Any]) -> Report:
+def judge(
+    file: str, seed: int, runs: list[Run], static: Mapping[str, Any], unreadable: Iterable[str] = ()
+) -> Report:
+    """The report of one script: `deadend check`'s report as JSON, the runs, and the script's transcripts
+    that could not be read (each a warning: the plausible client it meant is missing)."""
     problems = static.get("problems", [])
     report = Report(file, seed, runs, dict(static))
     report.findings = static_findings(problems) + findings(runs)
+    report.findings += [Finding("transcript", WARN, f"cannot play {why}") for why in unreadable]
     report.findings.sort(key=lambda f: -SEVERITY_ORDER[f.severity])
     return report
 

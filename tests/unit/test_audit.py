@@ -150,6 +150,14 @@ def test_the_verdict_is_the_worst_finding_and_the_report_is_json() -> None:
     assert entry["budget"]["instructions"] == audit.BUDGET["instructions"]
 
 
+def test_a_transcript_that_cannot_be_read_is_a_warning() -> None:
+    report = audit.judge("25.lua", 0, [run()], {"problems": []}, ["transcript t.transcript:3: bad regex"])
+    assert report.verdict == "warn"
+    assert [(f.code, f.text) for f in report.findings] == [
+        ("transcript", "cannot play transcript t.transcript:3: bad regex")
+    ]
+
+
 def test_the_text_report_escapes_the_file_name() -> None:
     shown = audit.render(audit.judge("evil\x1b[2J.lua", 0, [run(reason="memory-limit")], {"problems": []}))
     assert "\x1b" not in shown and "evil\\x1b[2J.lua: fail" in shown
