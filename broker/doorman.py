@@ -22,6 +22,7 @@ from broker.pool import Lease, Pool
 from broker.ratelimit import TokenBucket
 from broker.sandboxes import SandboxSet
 from broker.session import Session, SessionSettings, log_session_end, session_seed
+from broker.tls import TlsCertificates
 from broker.workers import PoolClosed, QueueFull
 from deadend.config import Config
 from deadend.logs import EventLog, Where, sanitize
@@ -54,9 +55,16 @@ class Arrival:
 
 class Doorman:
     def __init__(
-        self, config: Config, log: EventLog, sandboxes: SandboxSet, gate: Gate, recorder: Recorder | None
+        self,
+        config: Config,
+        log: EventLog,
+        sandboxes: SandboxSet,
+        gate: Gate,
+        recorder: Recorder | None,
+        tls: TlsCertificates | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls
         self.log = log
         self.sandboxes = sandboxes
         self.gate = gate
@@ -73,7 +81,8 @@ class Doorman:
     def settings(self, script: Script) -> SessionSettings:
         """What a session of `script` runs with (its port's own ceilings, from the config file)."""
         c = self.config
-        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace, self.calls)
+        tls = None if self.tls is None else self.tls.service(script.port)
+        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace, self.calls, tls)
 
     def per_ip_cap(self, pool: Pool) -> tuple[str, int]:
         """The scope and the cap of the per-IP limit for a connection to `pool`."""

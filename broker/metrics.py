@@ -195,6 +195,18 @@ class BrokerMetrics:
             registry=r,
         )
         self.reloads = Counter("deadend_reloads", "SIGHUP reloads", ["result"], registry=r)
+        self.tls = Counter(
+            "deadend_tls_handshakes",
+            "deadend.starttls() handshakes, by result",
+            ["port", "result"],
+            registry=r,
+        )
+        self.tls_cpu = Counter(
+            "deadend_tls_cpu_seconds",
+            "Broker CPU spent on TLS handshakes (the ClientHello's parsing included)",
+            ["port"],
+            registry=r,
+        )
         r.register(_LiveCollector(state))
         self._server: asyncio.Server | None = None
         self._open: set[_Exchange] = set()
@@ -249,6 +261,11 @@ class BrokerMetrics:
                 self.limits.labels(str(fields["limit"])).inc()
         elif event == "script.log" and not where.quiet:
             self.script_logs.labels(port).inc()
+        elif event in ("tls.handshake", "tls.failed"):
+            self.tls.labels(port, "ok" if event == "tls.handshake" else "failed").inc()
+            cpu_ms = fields["cpu_ms"]
+            assert isinstance(cpu_ms, float | int)
+            self.tls_cpu.labels(port).inc(cpu_ms / 1000)
         elif event == "reload":
             result = "error" if fields["error"] else "some-failed" if fields["failed"] else "ok"
             self.reloads.labels(result).inc()

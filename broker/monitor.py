@@ -3,7 +3,8 @@
 Pure logic in the manner of h11: no sockets, no processes, no clock of its own (the caller passes `now`).
 It turns each validated request into one action for the I/O layer (`broker.session`) and is told the
 outcomes, and what happens to the connection meanwhile (the peer left, a recv waited too long). Recv
-limits, the tarpit delay, close, the log rate, the API call rate and the linger ceiling are decided here.
+limits, the tarpit delay, close, the log rate, the API call rate, the linger ceiling and what TLS allows
+(one handshake, tls_info only once it completed) are decided here.
 Every request of the table permitted in a session has exactly one handler (`_on_<name>`); the table, not
 an if-chain, says which requests exist and where they are permitted.
 """
@@ -18,6 +19,7 @@ from broker.ratelimit import TokenBucket
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.reasons import OF_DONE_KIND, ClosedBy, Reason
+from deadend.tlsinfo import TlsInfo
 
 # --- actions for the I/O layer --------------------------------------------------------------------
 
@@ -51,12 +53,17 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    alpn: bytes  # the protocols the server may select (deadend.wire.check_alpn)
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     reason: Reason
     detail: bytes = b""
 
 
-Action = Reply | Send | Recv | Sleep | Log | End
+Action = Reply | Send | Recv | Sleep | Log | StartTls | End
 Handler = Callable[[tuple[object, ...], float], Action]
 
 # The request-table modes a session runs in (its requests are checked in one of them).
@@ -89,6 +96,9 @@ class Monitor:
         self.log_lines = 0
         self.log_bytes = 0
         self.usage: tuple[int, int, int] | None = None
+        self.tls: TlsInfo | None = None  # the client's ClientHello was read (and more, if TLS completed)
+        self.tls_up = False  # TLS carries the connection
+        self.tls_failed = False  # a handshake failed: the session ends `tls-handshake` if nothing else
         self._logs = TokenBucket(ceilings.log_rate, ceilings.log_burst, now)
         self._calls = TokenBucket(ceilings.call_rate, ceilings.call_burst, now)
         self._busy = False  # a request is being carried out; a second one is a violation
@@ -115,7 +125,8 @@ class Monitor:
         return action
 
     def _connection_usable(self, op: str) -> bool:
-        return self.open and not (op == "recv" and self.eof)
+        # starttls needs the client's bytes as much as recv does
+        return self.open and not (op in ("recv", "starttls") and self.eof)
 
     def _on_done(self, a: tuple[object, ...], now: float) -> Action:
         kind, message = a
@@ -182,6 +193,18 @@ class Monitor:
         self.close(ClosedBy.SCRIPT, now)
         return Reply(None)
 
+    def _on_starttls(self, a: tuple[object, ...], now: float) -> Action:
+        alpn = a[0]
+        assert isinstance(alpn, bytes)
+        if self.tls_up:  # the bootstrap raises an argument error instead of asking twice
+            raise wire.ProtocolViolation("'starttls' on a connection that already speaks TLS")
+        if not self._connection_usable("starttls"):
+            return Reply(None)
+        return StartTls(alpn)
+
+    def _on_tls_info(self, a: tuple[object, ...], now: float) -> Action:
+        return Reply(self.tls.to_wire() if self.tls_up and self.tls is not None else None)
+
     # --- outcomes of I/O -------------------------------------------------------------------------
 
     def sent(self, ok: bool, n: int, now: float) -> Reply:
@@ -207,6 +230,18 @@ class Monitor:
         self.recv_calls += 1
         self.bytes_in += len(data)
         return Reply(data), self.tarpit_delay()
+
+    def tls_started(self, info: TlsInfo | None, error: str, timed_out: bool, now: float) -> Reply:
+        """The handshake's outcome: true, or nil with the connection closed, as after the peer's close (a
+        timeout counts as a limit's). `info`: the ClientHello, whether or not TLS completed."""
+        self._busy = False
+        self.tls = info
+        if not error and self.open:
+            self.tls_up = True
+            return Reply(True)
+        self.tls_failed = True
+        self.close(ClosedBy.LIMIT if timed_out else ClosedBy.PEER, now)
+        return Reply(None)
 
     def idle(self, now: float) -> Reply:
         """A recv got no byte, or a send's bytes were not taken, within --idle-timeout: the call fails (nil,
@@ -276,8 +311,13 @@ class Monitor:
         return True
 
     def final_reason(self, reason: Reason) -> Reason:
-        """The session-end reason: a script that returned after its recv idled out ended `idle`."""
-        return Reason.IDLE if reason == Reason.DONE and self.idled else reason
+        """The session-end reason: a script that returned after its recv idled out ended `idle`, and one
+        that returned after its TLS handshake failed, `tls-handshake`."""
+        if reason != Reason.DONE:
+            return reason
+        if self.idled:
+            return Reason.IDLE
+        return Reason.TLS_HANDSHAKE if self.tls_failed else reason
 
     def call_delay(self, now: float) -> float:
         """Seconds to hold this call back so the session stays within its API call rate.

@@ -3,7 +3,8 @@
 The session owns the client connection and one sandbox lease. It sends the start message, then loops:
 read the worker's next request (within the CPU slice), let the monitor turn it into an action, do the
 I/O, reply. Whatever happens, it ends with the socket closed, the lease released (the worker killed and
-reaped, or its slot freed), and one session-end event.
+reaped, or its slot freed), and one session-end event. A `deadend.starttls()` is carried out here too:
+the connection does the handshake (broker/connection.py), the session logs and records how it went.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import os
 import random
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker import monitor as m
 from broker.channel import Deadline, WorkerGone, WorkerLost
-from broker.connection import ClientConnection
+from broker.connection import ClientConnection, Handshake
 from broker.pool import Lease, key_of
 from broker.ratelimit import TokenBucket
+from broker.tls import TlsService
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import LIMIT_OF, ClosedBy, Reason
 from deadend.recording import SessionRecording
 from deadend.scripts import Script
+from deadend.tlscert import TlsCertError
+from deadend.tlsinfo import NO_TLS, TlsInfo
 
 EXIT_REPORT_TIMEOUT = 2.0  # how long to wait for the zygote to report a killed worker
 
@@ -38,6 +43,7 @@ class SessionSettings:
     allow_clock: bool
     shutdown_grace: float
     calls: TokenBucket | None = None  # the API calls of all sessions together (--call-rate-total)
+    tls: TlsService | None = None  # the port's certificate; None: starttls fails (no TLS here)
     measure: bool = False  # `deadend audit`: the worker reports its usage at the end (wire "usage")
 
 
@@ -203,6 +209,8 @@ class Session:
                 reply = await self._recv(action.n)
             elif isinstance(action, m.Sleep):
                 reply = await self._sleep(action.seconds)
+            elif isinstance(action, m.StartTls):
+                reply = await self._starttls(action.alpn)
             else:
                 self._script_log(action)
                 reply = monitor.carried_out()
@@ -242,6 +250,50 @@ class Session:
         if delay:
             await asyncio.sleep(delay)
         return reply
+
+    async def _starttls(self, alpn: bytes) -> m.Reply:
+        service, started = self.settings.tls, self.loop.time()
+        try:
+            if service is None:
+                handshake = Handshake(error="TLS is not available here")
+            else:
+                if service.on_starttls is not None:
+                    service.on_starttls()
+                context = service.context(alpn)
+                handshake = await self.conn.start_tls(context, self.ceilings.tls_handshake_timeout)
+        except TlsCertError as e:  # a context for a new ALPN choice: the chain loaded at start-up, again
+            handshake = Handshake(error=str(e))
+        if handshake.error and self.shutting_down:  # it ended the connection, not the client
+            handshake.error = "the broker shut down during the TLS handshake"
+        now = self.loop.time()
+        self._log_tls(handshake, now - started)
+        if self.recording is not None and handshake.info is not None:
+            self.recording.tls(handshake.info.recording_fields(), now - self.started, handshake.error)
+        return self.monitor.tls_started(handshake.info, handshake.error, handshake.timed_out, now)
+
+    def _log_tls(self, handshake: Handshake, seconds: float) -> None:
+        info, cpu_ms = handshake.info, round(handshake.cpu * 1000, 3)
+        fields = NO_TLS if info is None else info.event_fields()
+        shown = "" if info is None else f" {info.summary()}"
+        if handshake.error:
+            error = sanitize(handshake.error)
+            self.log.warn(
+                self.where, "tls.failed", f"TLS failed: {error}{shown}", error=error, cpu_ms=cpu_ms, **fields
+            )
+            return
+        assert info is not None
+        self.log.info(
+            self.where,
+            "tls.handshake",
+            f"TLS {info.version} {info.cipher} alpn_selected={info.alpn_selected or '-'}{shown} "
+            f"in {seconds * 1000:.1f}ms (cpu {cpu_ms:.1f}ms)",
+            version=info.version,
+            cipher=info.cipher,
+            alpn_selected=info.alpn_selected or None,
+            handshake_ms=round(seconds * 1000, 3),
+            cpu_ms=cpu_ms,
+            **fields,
+        )
 
     # --- logging ---------------------------------------------------------------------------------
 
@@ -296,7 +348,9 @@ class Session:
                 mon.bytes_out,
                 None if closed_by == ClosedBy.NONE else closed_by,
             )
-        log_session_end(self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, closed_by)
+        log_session_end(
+            self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, closed_by, mon.tls
+        )
 
 
 def session_seed() -> tuple[int, int]:
@@ -329,17 +383,21 @@ def log_session_end(
     bytes_in: int,
     bytes_out: int,
     closed_by: ClosedBy,
+    tls: TlsInfo | None = None,
 ) -> None:
-    """The one session-end event every accepted connection gets, whatever happened to it."""
+    """The one session-end event every accepted connection gets, whatever happened to it. `tls`: the
+    client's ClientHello, if it sent one (to a `deadend.starttls()`)."""
+    fields: Mapping[str, object] = NO_TLS if tls is None else tls.event_fields()
     log.info(
         where,
         "session.end",
         f"session end reason={reason} duration={duration:.3f}s bytes_in={bytes_in} bytes_out={bytes_out} "
-        f"closed_by={closed_by}",
+        f"closed_by={closed_by}{'' if tls is None else ' ' + tls.summary()}",
         reason=reason,
         duration=round(duration, 6),
         bytes_in=bytes_in,
         bytes_out=bytes_out,
         closed_by=closed_by,
         limit=LIMIT_OF.get(reason),
+        **fields,
     )

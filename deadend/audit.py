@@ -50,6 +50,7 @@ BUDGET: Final[Mapping[str, float]] = {
     "log-rate": 100_000,
     "log-burst": 100_000,
     "call-rate": 1000,
+    "tls-handshake-timeout": 5.0,
 }
 
 # The ceiling flags of `deadend audit`: the broker's, with the budget's defaults.

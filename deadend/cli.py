@@ -68,6 +68,23 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     try_.add_argument("script", type=Path, metavar="SCRIPT")
     try_.add_argument("--peer-ip", default="192.0.2.10", help="what deadend.get_ip() returns")
     try_.add_argument("--allow-clock", action="store_true")
+    tls = try_.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="be a TLS client from the first byte (443.lua, 993.lua); the script's certificate is generated "
+        "for localhost and not checked",
+    )
+    tls.add_argument(
+        "--starttls",
+        action="store_true",
+        help="be a TLS client from the moment the script calls deadend.starttls() (25.lua after STARTTLS); "
+        "what you send before it did is sent as it is, so wait for the server's go-ahead",
+    )
+    try_.add_argument("--sni", metavar="NAME", help="with --tls: the server name the client asks for")
+    try_.add_argument(
+        "--alpn", metavar="LIST", default="", help="with --tls: the protocols offered, comma-separated"
+    )
     options.add_to_parser(try_, CEILING_OPTIONS)
 
     audit_ = commands.add_parser(
@@ -106,6 +123,13 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     audit_.add_argument("--allow-clock", action="store_true", help="give the scripts the read-only clock")
     options.add_to_parser(audit_, BUDGET_OPTIONS)
+
+    commands.add_parser(
+        "examples",
+        help="print the folder of the example scripts shipped with deadend",
+        description="Print the folder holding the example scripts (and their transcripts) installed with "
+        'deadend, e.g. for `deadend broker --scripts "$(deadend examples)"`.',
+    )
 
     test = commands.add_parser(
         "test",

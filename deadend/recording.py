@@ -26,7 +26,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +54,7 @@ TAIL_RESERVE: Final = 512
 NAME_COST: Final = 128
 _BATCH: Final = 256  # queue items per write batch
 _WORD_MAX: Final = 64  # an end line's reason and closed_by: the broker's own words, cut to bound the line
+_ERROR_MAX: Final = 512  # a tls-failed line's error: the broker's words about the client's bytes
 
 # O_NONBLOCK: a FIFO planted under a file's name must not hang the writer (it opens with ENXIO instead);
 # fstat then checks that what was opened is the regular file the recorder created.
@@ -119,7 +120,7 @@ def _header(meta: SessionMeta) -> bytes:
 @dataclass(slots=True)
 class _Item:
     rec: SessionRecording
-    kind: str  # open | data | gap | truncated | end
+    kind: str  # open | data | gap | tls | truncated | end
     t: float = 0.0
     direction: str = ""
     payload: bytes = b""  # data: the payload; otherwise the line, already built
@@ -170,6 +171,18 @@ class SessionRecording:
             self._put_gap()
             line = _line(t, event="truncated", reason="session-cap")
             self._recorder._put(_Item(self, "truncated", payload=line))
+
+    def tls(self, fields: Mapping[str, object], t: float, error: str = "") -> None:
+        """Where TLS began (`deadend.starttls()`): a `tls` line, or a `tls-failed` one with the `error`; the
+        data lines after a `tls` line are the plaintext. `fields` come from deadend.tlsinfo."""
+        if self._ended or self._truncated:
+            return
+        self._put_gap()
+        if error:
+            line = _line(t, event="tls-failed", error=error[:_ERROR_MAX], **fields)
+        else:
+            line = _line(t, event="tls", **fields)
+        self._recorder._put(_Item(self, "tls", payload=line))
 
     def end(self, reason: str, t: float, bytes_in: int, bytes_out: int, closed_by: str | None = None) -> None:
         """Write the last line and close the file. `closed_by` (peer, script, limit, shutdown) is optional."""
@@ -415,7 +428,7 @@ class Recorder:
                 self._admit(rec, item.payload, pending, reserve=TAIL_RESERVE - len(item.payload))
             else:
                 line = (
-                    item.payload if item.kind == "gap" else _data_line(item.t, item.direction, item.payload)
+                    item.payload if item.kind != "data" else _data_line(item.t, item.direction, item.payload)
                 )
                 cap = self._room(rec, len(line))
                 if cap:
@@ -590,7 +603,23 @@ class End:
     closed_by: str | None = None
 
 
-Entry = Data | Gap | Truncated | End
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Where TLS began (or was tried): the client's hello and, when it succeeded, what was negotiated."""
+
+    t: float
+    hello: bytes  # the records that carried the ClientHello
+    ja4: str
+    ja3: str
+    sni: str | None  # escaped as in the log
+    alpn: tuple[str, ...]
+    version: str = ""  # empty when it failed
+    cipher: str = ""
+    alpn_selected: str | None = None
+    error: str = ""  # why it failed (a tls-failed line)
+
+
+Entry = Data | Gap | Tls | Truncated | End
 
 
 @dataclass(frozen=True, slots=True)
@@ -790,6 +819,23 @@ def _seed(obj: dict[str, object]) -> tuple[int, int] | None:
     return seed[0], seed[1]
 
 
+def _read_tls(t: float, obj: dict[str, object], failed: bool) -> Tls:
+    try:
+        hello = base64.b64decode(_text(obj, "hello"), validate=True)
+    except binascii.Error:
+        raise ValueError("'hello' is not valid base64") from None
+    alpn = obj.get("alpn")
+    if not isinstance(alpn, list) or not all(isinstance(name, str) for name in alpn):
+        raise ValueError("'alpn' is missing or not a list of strings")
+    sni = None if obj.get("sni") is None else _text(obj, "sni")
+    selected = None if obj.get("alpn_selected") is None else _text(obj, "alpn_selected")
+    shown = tuple(_text({"n": name}, "n") for name in alpn)
+    if failed:
+        return Tls(t, hello, _text(obj, "ja4"), _text(obj, "ja3"), sni, shown, error=_text(obj, "error"))
+    version, cipher = _text(obj, "version"), _text(obj, "cipher")
+    return Tls(t, hello, _text(obj, "ja4"), _text(obj, "ja3"), sni, shown, version, cipher, selected)
+
+
 def _read_entry(obj: dict[str, object]) -> Entry:
     t = _number(obj, "t", MAX_OFFSET)
     if "dir" in obj:
@@ -809,6 +855,8 @@ def _read_entry(obj: dict[str, object]) -> Entry:
     event = obj.get("event")
     if event == "gap":
         return Gap(t, _int(obj, "dropped_bytes", MAX_COUNT))
+    if event in ("tls", "tls-failed"):
+        return _read_tls(t, obj, failed=event == "tls-failed")
     if event == "truncated":
         return Truncated(t, _text(obj, "reason"))
     if event == "end":

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import Reason
 from deadend.scripts import Script, port_of, read_source
 from deadend.transcript import Transcript, TranscriptError, load
+from deadend.wire import check_alpn
 
 
 def _fail(message: str) -> int:
@@ -54,6 +56,29 @@ class _Lines(io.TextIOBase):
         if self.echo is not None:
             self.echo.write(s)
         return len(s)
+
+
+# --- examples --------------------------------------------------------------------------------------
+
+
+def shipped_examples() -> Path | None:
+    """Where the example scripts are: installed from a wheel under the installation's data folder
+    (pyproject.toml's data-files: share/deadend/examples, for the environment or the user), or, in a
+    checkout, the repository's examples/ folder beside the package."""
+    candidates = [Path(sysconfig.get_path("data")), Path(sys.prefix)]
+    with contextlib.suppress(KeyError):
+        candidates.append(Path(sysconfig.get_path("data", f"{os.name}_user")))
+    folders = [c / "share" / "deadend" / "examples" for c in candidates]
+    folders.append(Path(__file__).resolve().parent.parent / "examples")
+    return next((f for f in folders if any(f.glob("*.lua"))), None)
+
+
+def run_examples(args: argparse.Namespace) -> int:
+    folder = shipped_examples()
+    if folder is None:
+        return _fail("no example scripts are installed with this deadend")
+    print(folder)
+    return 0
 
 
 # --- check -----------------------------------------------------------------------------------------
@@ -150,11 +175,14 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_try(args: argparse.Namespace) -> int:
-    from broker.rehearsal import Rehearsal
+    from broker.rehearsal import Rehearsal, relay
 
     script = _script(args.script)
     if isinstance(script, str):
         return _fail(script)
+    alpn = args.alpn.split(",") if args.alpn else []
+    if args.alpn and not check_alpn(args.alpn.encode()):
+        return _fail(f"--alpn {sanitize(args.alpn, 100)!r} is not protocol names separated by commas")
     config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     log = EventLog(sys.stderr, level="debug")
     ended: list[object] = []  # the session's end reason, from its session-end event
@@ -165,19 +193,21 @@ def run_try(args: argparse.Namespace) -> int:
 
     log.observers.append(observe)
     ours, theirs = socket.socketpair()
+    # --tls, --starttls: the terminal's bytes reach the script through a relay that speaks TLS
+    terminal, relayed = socket.socketpair() if args.tls or args.starttls else (ours, None)
 
     def pump_in() -> None:  # stdin -> the script
         try:
             while chunk := os.read(sys.stdin.fileno(), 65536):
-                ours.sendall(chunk)
+                terminal.sendall(chunk)
         except OSError:
             pass
         with contextlib.suppress(OSError):
-            ours.shutdown(socket.SHUT_WR)
+            terminal.shutdown(socket.SHUT_WR)
 
     def pump_out() -> None:  # the script -> stdout
         try:
-            while chunk := ours.recv(65536):
+            while chunk := terminal.recv(65536):
                 os.write(sys.stdout.fileno(), chunk)
         except OSError:
             pass
@@ -185,7 +215,22 @@ def run_try(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with Rehearsal(config, log) as rehearsal:
             theirs.setblocking(False)
-            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+            if relayed is None:
+                await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+                return
+            tls_wanted = asyncio.Event() if args.starttls else None
+            ours.setblocking(False)
+            relayed.setblocking(False)
+            carrying = asyncio.ensure_future(relay(relayed, ours, tls_wanted, args.sni, alpn))
+            on_starttls = tls_wanted.set if tls_wanted is not None else None
+            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock, on_starttls)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # what the script sent last, on its way to stdout
+                    problem = await asyncio.shield(carrying)
+                    if problem:
+                        print(f"deadend: {problem}", file=sys.stderr)
+            carrying.cancel()
+            await asyncio.gather(carrying, return_exceptions=True)
 
     threading.Thread(target=pump_in, daemon=True).start()
     out = threading.Thread(target=pump_out, daemon=True)
@@ -197,6 +242,9 @@ def run_try(args: argparse.Namespace) -> int:
     finally:
         out.join(2)
         ours.close()
+        if relayed is not None:
+            relayed.close()
+            terminal.close()
         log.close()
     # A script error or a ceiling is a failed try (a script under development, a CI smoke test); the
     # session-end line on stderr says which.

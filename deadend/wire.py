@@ -62,6 +62,10 @@ FIELDS_MAX: Final = 16
 FIELD_MAX: Final = 1024
 FIELD_KEY_MAX: Final = 32
 FIELD_KEY: Final = re.compile(rb"[a-z][a-z0-9_.]{0,31}")
+# starttls(alpn): the ALPN protocols the server may select, comma-separated in its order of preference
+# ("h2,http/1.1"); each 1..255 bytes of printable ASCII but the comma (RFC 7301 names are opaque, but
+# every registered one is such text), all of it at most ALPN_MAX bytes.
+ALPN_MAX: Final = 255
 
 # Caps on C loops that never reach the Lua hook: string.rep with an empty result and table.move loop in C
 # without executing a VM instruction, so their size is checked before the call.
@@ -392,6 +396,19 @@ def _check_usage(a: tuple[Any, ...]) -> bool:
     return all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
+def check_alpn(value: Any) -> bool:
+    """starttls's argument: empty (select none), or protocol names as described at ALPN_MAX."""
+    if type(value) is not bytes or len(value) > ALPN_MAX:
+        return False
+    return not value or all(
+        name and all(0x21 <= c <= 0x7E and c != 0x2C for c in name) for name in value.split(b",")
+    )
+
+
+def _check_starttls(a: tuple[Any, ...]) -> bool:
+    return check_alpn(a[0])
+
+
 def _check_dump(a: tuple[Any, ...]) -> bool:
     return type(a[0]) is bytes
 
@@ -426,6 +443,10 @@ REQUESTS: Final = (
     RequestRow("set_tarpit", 2, _check_tarpit, SESSION),
     RequestRow("set_limits", 2, _check_limits, SESSION),
     RequestRow("close", 0, _check_none, SESSION),
+    # The broker's TLS handshake on the client connection. A second one in a session is a violation: the
+    # bootstrap refuses it with an argument error and never sends it (SPEC.md).
+    RequestRow("starttls", 1, _check_starttls, SESSION, io=True),
+    RequestRow("tls_info", 0, _check_none, SESSION),
     # `deadend audit` (a Start with measure set): the session's peak Lua heap in bytes, its instructions
     # (counted as the budget counts them) and its CPU time in microseconds, once, just before "done".
     RequestRow("usage", 3, _check_usage, frozenset({Mode.RUN})),
@@ -568,6 +589,56 @@ def kill_message(pid: int) -> bytes:
     return pack(["kill", pid])
 
 
+# --- the reply to tls_info -------------------------------------------------------------------------
+
+# A Lua table cannot cross the pipe (nothing but bytes, integers, booleans and nil does), so the broker
+# packs the table's fields into one string and the bootstrap unpacks it with Lua's string.unpack, in this
+# format: version, cipher, ja4, ja3 and the selected ALPN protocol as `s1` strings; a byte 1 or 0 for
+# whether an SNI came, then the SNI as `s2`; the number of ALPN offers as a byte, then each as `s1`.
+TLS_INFO_FORMAT: Final = ">s1s1s1s1s1Bs2B"  # Lua's string.pack notation; Python's struct has no `s1`
+
+
+def pack_tls_info(
+    version: str, cipher: str, ja4: str, ja3: str, selected: str, sni: bytes | None, alpn: tuple[bytes, ...]
+) -> bytes:
+    """The tls_info reply; every field fits its length prefix (the caller bounds sni and alpn)."""
+    out = bytearray()
+    for text in (version, cipher, ja4, ja3, selected):
+        raw = text.encode("ascii")
+        out += bytes([len(raw)]) + raw
+    out += b"\x01" if sni is not None else b"\x00"
+    out += len(sni or b"").to_bytes(2, "big") + (sni or b"")
+    out.append(len(alpn))
+    for name in alpn:
+        out += bytes([len(name)]) + name
+    return bytes(out)
+
+
+def unpack_tls_info(blob: bytes) -> dict[str, Any]:
+    """The bootstrap's reading of a tls_info reply, in Python (for tests): the table a script gets."""
+    fields: dict[str, Any] = {}
+    pos = 0
+
+    def take(width: int) -> bytes:
+        nonlocal pos
+        n = int.from_bytes(blob[pos : pos + width], "big")
+        pos += width + n
+        return blob[pos - n : pos]
+
+    for name in ("version", "cipher", "ja4", "ja3", "alpn_selected"):
+        fields[name] = take(1)
+    has_sni = blob[pos]
+    pos += 1
+    sni = take(2)
+    fields["sni"] = sni if has_sni else None
+    count = blob[pos]
+    pos += 1
+    fields["alpn"] = [take(1) for _ in range(count)]
+    if not fields["alpn_selected"]:
+        fields["alpn_selected"] = None
+    return fields
+
+
 # --- the Lua side ----------------------------------------------------------------------------------
 
 
@@ -585,6 +656,7 @@ def lua_constants() -> dict[str, int | str]:
         "FIELDS_MAX": FIELDS_MAX,
         "FIELD_MAX": FIELD_MAX,
         "FIELD_KEY_MAX": FIELD_KEY_MAX,
+        "ALPN_MAX": ALPN_MAX,
         # "_G" and "print" are built by the bootstrap itself; the rest are copied from the real state
         "BASE_NAMES": ",".join(name for name in BASE_FUNCTIONS if name not in ("setmetatable", "xpcall")),
     }

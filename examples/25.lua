@@ -2,9 +2,9 @@
 --
 -- It walks clients through a whole ESMTP dialogue (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT)
 -- and accepts the mail without keeping it, logging envelope and size. AUTH PLAIN and AUTH LOGIN are
--- offered without TLS; the credentials are decoded, logged and refused with 535. STARTTLS and CHUNKING
--- are not offered because this script cannot answer them. Everything is bounded: commands, errors, auth
--- attempts, recipients, line length, message size, bytes read.
+-- offered with or without TLS; the credentials are decoded, logged and refused with 535. STARTTLS is
+-- offered, and the broker does the TLS handshake (deadend.starttls); CHUNKING is not offered. Everything
+-- is bounded: commands, errors, auth attempts, recipients, line length, message size, bytes read.
 
 local HOSTNAME = "mail.example.com"
 local BANNER = "220 " .. HOSTNAME .. " ESMTP Postfix (Debian/GNU)"
@@ -48,6 +48,7 @@ local helo_name = nil
 local mail_from, rcpts = nil, {}
 local errors, auth_attempts, messages, commands = 0, 0, 0, 0
 local ending = nil  -- why the loop stopped
+local tls_active = false
 
 local function queue_id()
   local id = { string.format("%X", math.random(1, 15)) }
@@ -159,6 +160,31 @@ local function do_auth(arg)
   return fail("535 5.7.8 Error: authentication failed: authentication failure")
 end
 
+-- STARTTLS (RFC 3207): "220 Ready", then the broker's TLS handshake. What the client sent behind the
+-- command is plaintext pipelined past it (the CVE-2011-0411 injection): dropped, as Postfix does. Then the
+-- session starts over: the client must say EHLO again.
+local function do_starttls(arg)
+  if arg ~= "" then return fail("501 5.5.4 Syntax: STARTTLS") end
+  if tls_active then return fail("554 5.5.1 Error: TLS already active") end
+  if state == STATE_MAIL or state == STATE_RCPT then
+    return fail("503 5.5.1 Error: MAIL transaction in progress")
+  end
+  if not reply("220 2.0.0 Ready to start TLS") then return false end
+  if inbuf ~= "" then
+    deadend.log("plaintext pipelined after STARTTLS dropped " .. q(inbuf), "warn")
+    inbuf = ""
+  end
+  if not deadend.starttls() then
+    ending = "TLS handshake failed"
+    return false
+  end
+  tls_active = true
+  local tls = deadend.tls_info()
+  deadend.log(string.format("tls %s %s sni=%s", tls.version, tls.cipher, q(tls.sni)))
+  helo_name, state = nil, STATE_GREETING
+  return true
+end
+
 -- DATA: read until the lone dot, unstuff, count; only the Subject is kept, for the log.
 local function do_data()
   if not reply("354 End data with <CR><LF>.<CR><LF>") then return false end
@@ -219,7 +245,9 @@ local function handle(line)
     state = STATE_READY
     deadend.log(verb, "info", { helo = arg })
     if verb == "HELO" then return reply("250 " .. HOSTNAME) end
-    return deadend.send(table.concat(EHLO_LINES, "\r\n") .. "\r\n")
+    local lines = { table.unpack(EHLO_LINES) }
+    if not tls_active then table.insert(lines, 4, "250-STARTTLS") end  -- where Postfix lists it
+    return deadend.send(table.concat(lines, "\r\n") .. "\r\n")
   elseif verb == "MAIL" then
     if state == STATE_GREETING then return fail("503 5.5.1 Error: send HELO/EHLO first") end
     if state ~= STATE_READY then return fail("503 5.5.1 Error: nested MAIL command") end
@@ -258,6 +286,8 @@ local function handle(line)
     return fail("502 5.5.1 VRFY command is disabled")
   elseif verb == "AUTH" then
     return do_auth(arg)
+  elseif verb == "STARTTLS" then
+    return do_starttls(arg)
   elseif verb == "QUIT" then
     reply("221 2.0.0 Bye")
     ending = "quit"

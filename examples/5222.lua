@@ -1,9 +1,11 @@
 -- 5222.lua: an XMPP client-to-server honeypot (RFC 6120) in the manner of a fresh ejabberd.
 --
--- It answers the client's stream header with its own (from = the requested domain, a random stream id)
--- and stream features offering SASL SCRAM-SHA-1 and PLAIN, no STARTTLS. Every authentication is logged
--- and refused: PLAIN credentials in clear, SCRAM-SHA-1 with the user name and everything needed to test
--- password guesses offline. Input that is not XML, or not an XMPP stream, gets the matching stream error.
+-- It answers the client's stream header with its own, as ejabberd writes it (from = the requested domain,
+-- a random stream id, xml:lang only when the client gave one), and stream features offering STARTTLS
+-- (not required; the broker does the handshake) and SASL SCRAM-SHA-1 and PLAIN. Every authentication is
+-- logged and refused: PLAIN credentials in clear, SCRAM-SHA-1 with the user name and everything needed to
+-- test password guesses offline. Input that is not XML, or not an XMPP stream, gets the matching stream
+-- error after a stream header of ours, which is what fingerprinting tools (nmap -sV) recognise.
 -- A small incremental tokenizer reads the stream: only the first-level elements a client may send
 -- before authenticating are understood; comments, processing instructions and DTDs are refused
 -- (restricted-xml) as RFC 6120 requires.
@@ -168,17 +170,24 @@ local header_sent = false
 local auth_attempts, elements = 0, 0
 local scram = nil  -- {user, client_first_bare, server_first}
 local ending = nil
+local tls_active = false
+local lang = nil  -- the client's xml:lang, echoed
 
 local function stream_header()
   local id = { tostring(math.random(1, 9)) }
   for i = 2, 19 do id[i] = tostring(math.random(0, 9)) end
   header_sent = true
   return "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAM_NS
-    .. "' xml:lang='en' id='" .. table.concat(id) .. "' from='" .. domain .. "' version='1.0'>"
+    .. "' id='" .. table.concat(id) .. "' from='" .. domain .. "' version='1.0'"
+    .. (lang and (" xml:lang='" .. lang .. "'") or "") .. ">"
 end
 
-local FEATURES = "<stream:features><mechanisms xmlns='" .. SASL_NS .. "'>"
-  .. "<mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms></stream:features>"
+local MECHANISMS = "<mechanisms xmlns='" .. SASL_NS .. "'>"
+  .. "<mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>"
+local function features()
+  local starttls = tls_active and "" or ("<starttls xmlns='" .. TLS_NS .. "'/>")
+  return "<stream:features>" .. starttls .. MECHANISMS .. "</stream:features>"
+end
 
 -- A stream error ends the stream; before the header was sent we must still open ours (RFC 6120 4.9.1.1).
 local function stream_error(condition, detail)
@@ -303,6 +312,28 @@ local function on_response(el)
   return scram_final(data)
 end
 
+-- STARTTLS (RFC 6120 5.4): <proceed/>, the broker's TLS handshake, then the client opens a new stream.
+-- Anything it pipelined behind <starttls/> was plaintext: dropped.
+local function on_starttls()
+  if tls_active then
+    deadend.log("client asked for STARTTLS again", "warn")
+    deadend.send("<failure xmlns='" .. TLS_NS .. "'/></stream:stream>")
+    ending = "starttls refused"
+    return false
+  end
+  if not deadend.send("<proceed xmlns='" .. TLS_NS .. "'/>") then return false end
+  inbuf = ""
+  if not deadend.starttls() then
+    ending = "TLS handshake failed"
+    return false
+  end
+  tls_active = true
+  local tls = deadend.tls_info()
+  deadend.log(string.format("tls %s %s sni=%s", tls.version, tls.cipher, q(tls.sni)))
+  state, header_sent = STATE_HEADER, false
+  return true
+end
+
 -- One token; returns false when the stream is over.
 local function handle(tok)
   if state == STATE_HEADER then
@@ -319,11 +350,13 @@ local function handle(tok)
     end
     if a["xmlns:stream"] ~= STREAM_NS then return stream_error("invalid-namespace", "stream namespace") end
     if a.xmlns ~= "jabber:client" then return stream_error("invalid-namespace", "xmlns=" .. q(a.xmlns)) end
+    local xml_lang = a["xml:lang"]
+    if xml_lang and xml_lang:match("^[%a%d%-]+$") and #xml_lang <= 35 then lang = xml_lang end
     if a.version and not a.version:match("^1%.%d+$") then
       return stream_error("unsupported-version", "version=" .. q(a.version))
     end
     state = STATE_FEATURES
-    return deadend.send(stream_header() .. FEATURES)
+    return deadend.send(stream_header() .. features())
   end
 
   if tok.kind == "close" then
@@ -341,12 +374,7 @@ local function handle(tok)
   local name = tok.name
   if state == STATE_FEATURES then
     if name == "auth" then return on_auth(tok) end
-    if name == "starttls" and tok.attrs.xmlns == TLS_NS then
-      deadend.log("client asked for STARTTLS (not offered)")
-      deadend.send("<failure xmlns='" .. TLS_NS .. "'/></stream:stream>")
-      ending = "starttls refused"
-      return false
-    end
+    if name == "starttls" and tok.attrs.xmlns == TLS_NS then return on_starttls() end
     deadend.log("stanza before authentication", "warn", { stanza = name })
     return stream_error("not-authorized", "<" .. name .. "> before authentication")
   end

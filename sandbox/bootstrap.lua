@@ -8,7 +8,7 @@
 -- hooked script coroutine.
 
 local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX,
-  FIELDS_MAX, FIELD_MAX, FIELD_KEY_MAX, BASE_NAMES = ...
+  FIELDS_MAX, FIELD_MAX, FIELD_KEY_MAX, ALPN_MAX, BASE_NAMES = ...
 
 -- Captured before the globals are wiped.
 local debug_sethook, debug_getregistry, debug_getmetatable = debug.sethook, debug.getregistry, debug.getmetatable
@@ -21,6 +21,7 @@ local math_type, math_tointeger, math_randomseed, maxinteger =
   math.type, math.tointeger, math.randomseed, math.maxinteger
 local string_sub, string_format, string_gsub, string_gmatch = string.sub, string.format, string.gsub, string.gmatch
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
+local string_unpack, str_find = string.unpack, string.find
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
 local c_rep, c_move, string_dump = string.rep, table.move, string.dump
 local gc_count = collectgarbage  -- "count" only, for `deadend audit`'s measurements; never a script's
@@ -588,6 +589,44 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
 
   function deadend.close()
     call("close")
+  end
+
+  -- The broker does the TLS handshake on the client connection; from then on send and recv carry
+  -- plaintext. Once it succeeded, another call is an error here, and never reaches the broker, which
+  -- would take it for a compromised sandbox. `alpn`: the protocols the server may select, in order of
+  -- preference, comma-separated (deadend.wire.check_alpn); nil or "": none.
+  local tls = false
+  function deadend.starttls(...)
+    local n, alpn = select("#", ...), ...
+    if alpn == nil then
+      alpn = ""
+    elseif type(alpn) ~= "string" then
+      argerror(1, "starttls", "string expected, got " .. value_type(alpn, n > 0))
+    elseif #alpn > ALPN_MAX or (alpn ~= "" and (not str_find(alpn, "^[!-~]+$")
+        or str_find(alpn, "^,") or str_find(alpn, ",$") or str_find(alpn, ",,", 1, true))) then
+      argerror(1, "starttls", string_format(
+        "ALPN protocols must be printable ASCII names separated by commas, %d bytes at most", ALPN_MAX))
+    end
+    if tls then error("bad call to 'starttls' (the connection already speaks TLS)", 2) end
+    if call("starttls", alpn) == true then
+      tls = true
+      return true
+    end
+    return nil
+  end
+
+  -- The table of deadend.wire.pack_tls_info, unpacked; nil before TLS.
+  function deadend.tls_info()
+    local blob = call("tls_info")
+    if type(blob) ~= "string" then return nil end
+    local version, cipher, ja4, ja3, selected, has_sni, sni, count, pos =
+      string_unpack(">s1s1s1s1s1Bs2B", blob)
+    local alpn = {}
+    for i = 1, count do alpn[i], pos = string_unpack(">s1", blob, pos) end
+    return {
+      version = version, cipher = cipher, ja4 = ja4, ja3 = ja3, alpn = alpn,
+      sni = has_sni == 1 and sni or nil, alpn_selected = selected ~= "" and selected or nil,
+    }
   end
 
   -- print() is kept as a convenience: deadend.log at level info, arguments joined by tabs.

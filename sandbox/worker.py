@@ -55,6 +55,7 @@ def new_runtime() -> Any:
         "FIELDS_MAX",
         "FIELD_MAX",
         "FIELD_KEY_MAX",
+        "ALPN_MAX",
     )
     args = [constants[k] for k in order] + [str(constants["BASE_NAMES"]).encode()]
     start = lua.execute(BOOTSTRAP, *args, name="=bootstrap", mode="t")

@@ -892,7 +892,7 @@ UNAVAILABLE = [
     "load",
     "collectgarbage",
 ]
-API = ["send", "recv", "sleep", "get_ip", "log", "set_tarpit", "set_limits", "close"]
+API = ["send", "recv", "sleep", "get_ip", "log", "set_tarpit", "set_limits", "close", "starttls", "tls_info"]
 
 
 def _lua_list(names: list[str]) -> str:

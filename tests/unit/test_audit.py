@@ -30,7 +30,15 @@ def codes(runs: list[Run]) -> dict[str, str]:
 def test_the_budget_tightens_every_ceiling_flag() -> None:
     ceilings = {o.name: o for o in OPTIONS if o.ceiling}
     assert set(audit.BUDGET) == set(ceilings)
-    for name in ("instructions", "cpu-slice", "session-cpu", "session-time", "idle-timeout", "linger"):
+    for name in (
+        "instructions",
+        "cpu-slice",
+        "session-cpu",
+        "session-time",
+        "idle-timeout",
+        "linger",
+        "tls-handshake-timeout",
+    ):
         assert audit.BUDGET[name] < ceilings[name].default, name
     # logs are counted, not dropped: the finding is judged against the broker's own --log-burst
     assert audit.BUDGET["log-burst"] > ceilings["log-burst"].default == audit.LOG_BURST

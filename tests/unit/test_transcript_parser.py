@@ -189,11 +189,30 @@ def test_line_separators_do_not_split_lines_they_are_refused() -> None:
         ("?? what\n", "1: column 1: cannot read '?? what': not a directive"),
         ("  > indented\n", "cannot read"),
         ("! reset\n", "cannot read '! reset'"),
+        ("% tls yes\n", "1: column 7: '% tls' takes no value"),
+        ("% sni www.example.com.\n", "'% sni' needs a DNS name such as www.example.com"),
+        ("% sni 192.0.2.1:443\n", "'% sni' needs a DNS name"),
+        ("% sni a_b.example\n", "'% sni' needs a DNS name"),
+        ("% sni " + "a" * 64 + ".example\n", "'% sni' needs a DNS name"),
+        ("% alpn\n", "'% alpn' needs protocol names separated by commas"),
+        ("% alpn h2,,http/1.1\n", "not 'h2,,http/1.1'"),
+        ("% alpn " + "x" * 256 + "\n", "'% alpn' needs protocol names"),
+        ("% alpn h2 http/1.1\n", "'% alpn' needs protocol names"),
+        ("< x\n% tls\n", "2: options must come before the first exchange"),
+        ("@ within 5\n! starttls\n", "2: '@' timing applies to an expectation, not to a client action"),
         ("= end\n", "cannot read"),
     ],
 )
 def test_errors(text: str, message: str) -> None:
     assert message in error(text)
+
+
+def test_tls_options_and_starttls() -> None:
+    t = parse("% tls\n% sni mail.example.com\n% alpn h2,http/1.1\n< 220 hi\n! starttls\n")
+    assert (t.tls, t.sni, t.alpn) == (True, "mail.example.com", ("h2", "http/1.1"))
+    assert [s.kind for s in t.steps] == ["expect_line", "starttls"]
+    assert parse("").tls is False and parse("").sni is None and parse("").alpn == ()
+    assert parse("% sni " + ".".join(["a" * 63] * 3) + "\n").sni  # 191 characters: a name can be long
 
 
 def test_error_text_escapes_the_path() -> None:
