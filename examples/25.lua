@@ -170,9 +170,9 @@ local function do_starttls(arg)
     return fail("503 5.5.1 Error: MAIL transaction in progress")
   end
   if not reply("220 2.0.0 Ready to start TLS") then return false end
-  if inbuf ~= "" then
-    deadend.log("plaintext pipelined after STARTTLS dropped " .. q(inbuf), "warn")
-    inbuf = ""
+  local pipelined = input:drop()
+  if pipelined ~= "" then
+    deadend.log("plaintext pipelined after STARTTLS dropped", "warn", { data = pipelined })
   end
   if not deadend.starttls() then
     ending = "TLS handshake failed"
@@ -180,7 +180,7 @@ local function do_starttls(arg)
   end
   tls_active = true
   local tls = deadend.tls_info()
-  deadend.log(string.format("tls %s %s sni=%s", tls.version, tls.cipher, q(tls.sni)))
+  deadend.log("tls " .. tls.version .. " " .. tls.cipher, "info", { sni = tls.sni })
   helo_name, state = nil, STATE_GREETING
   return true
 end

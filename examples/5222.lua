@@ -329,7 +329,7 @@ local function on_starttls()
   end
   tls_active = true
   local tls = deadend.tls_info()
-  deadend.log(string.format("tls %s %s sni=%s", tls.version, tls.cipher, q(tls.sni)))
+  deadend.log("tls " .. tls.version .. " " .. tls.cipher, "info", { sni = tls.sni })
   state, header_sent = STATE_HEADER, false
   return true
 end

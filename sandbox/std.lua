@@ -496,6 +496,14 @@ return function(api)
       return #buf - pos + 1
     end
 
+    -- Forget what is held, and say what it was ("" if nothing): bytes pipelined behind a STARTTLS, which
+    -- must not be taken as said under TLS.
+    function r.drop()
+      local held = sub(buf, pos)
+      buf, pos, scanned, skipping = "", 1, 1, nil
+      return held
+    end
+
     return r
   end
 

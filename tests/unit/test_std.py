@@ -191,6 +191,20 @@ print(r:peek(), r:line())
     assert printed(source, b"*", b"3\r\nab", b"c") == ["*\t*\t*3", "ab", "ab", "c\tnil\tclosed"]
 
 
+def test_drop_forgets_what_is_held() -> None:
+    source = """
+local r = std.reader()
+print(r:line())
+print(r:drop(), r:buffered(), r:drop() == "")
+print(r:line())
+"""
+    assert printed(source, b"STARTTLS\r\nRSET\r\nNOOP", b"EHLO x\r\n") == [
+        "STARTTLS",
+        "RSET\r\nNOOP\t0\ttrue",
+        "EHLO x",
+    ]
+
+
 def test_a_source_function_replaces_recv() -> None:
     # a Telnet-like filter: reads may yield nothing of the user's text, and the reader asks again
     source = """
