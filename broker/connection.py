@@ -78,9 +78,9 @@ class ClientConnection:
         if self.sock is None or self._eof or self._failed:
             return
         if self._room() > 0:
-            if self._probe is not None:
-                self._probe.cancel()
-                self._probe = None
+            # A probe already due is left to run: a script that reads a little at a time makes room
+            # again and again, and a probe moved each time would never come (a peer gone behind queued
+            # bytes would go unseen until they were all read).
             if not self._reading:
                 self._loop.add_reader(self.sock.fileno(), self._on_readable)
                 self._reading = True

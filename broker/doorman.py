@@ -21,7 +21,7 @@ from broker.net import peer_ip, read_proxy_header
 from broker.pool import Lease, Pool
 from broker.ratelimit import TokenBucket
 from broker.sandboxes import SandboxSet
-from broker.session import Session, SessionSettings, log_session_end
+from broker.session import Session, SessionSettings, log_session_end, session_seed
 from broker.tls import TlsCertificates
 from broker.workers import PoolClosed, QueueFull
 from deadend.config import Config
@@ -201,8 +201,16 @@ class Doorman:
         lease = await self._lease_for(a)
         if lease is None:
             return
+        seed = session_seed()  # the recording keeps it: a replay gets the same random numbers
         session = Session(
-            a.conn, where, a.script, self.settings(a.script), self.log, self._recording(a), a.pending
+            a.conn,
+            where,
+            a.script,
+            self.settings(a.script),
+            self.log,
+            self._recording(a, seed),
+            a.pending,
+            seed,
         )
         a.ended = True  # the session writes its end line, however it ends
         self.sessions.add(session)
@@ -244,12 +252,19 @@ class Doorman:
             self.log.info(where, "dequeued", f"dequeued after {waited}ms", waited_ms=waited)
         return lease
 
-    def _recording(self, a: Arrival) -> SessionRecording | None:
+    def _recording(self, a: Arrival, seed: tuple[int, int]) -> SessionRecording | None:
         if self.recorder is None or a.where.quiet:
             return None
         w = a.where
         meta = SessionMeta(
-            w.conn, w.port or 0, w.peer, w.peer_port or 0, a.script.name, a.script.sha256, a.wall_started
+            w.conn,
+            w.port or 0,
+            w.peer,
+            w.peer_port or 0,
+            a.script.name,
+            a.script.sha256,
+            a.wall_started,
+            seed,
         )
         return self.recorder.open(meta)
 

@@ -90,6 +90,12 @@ class Monitor:
         self.tarpit_jitter = 0
         self.calls_after_close = 0
         self.logs_dropped = 0
+        # What the script did, for `deadend audit`: API calls by name, log lines and bytes it asked for
+        # (dropped ones too), and the usage its worker reported at the end (peak heap, instructions, CPU).
+        self.calls: dict[str, int] = {}
+        self.log_lines = 0
+        self.log_bytes = 0
+        self.usage: tuple[int, int, int] | None = None
         self.tls: TlsInfo | None = None  # the client's ClientHello was read (and more, if TLS completed)
         self.tls_up = False  # TLS carries the connection
         self.tls_failed = False  # a handshake failed: the session ends `tls-handshake` if nothing else
@@ -109,6 +115,7 @@ class Monitor:
         handler = self._handlers.get(req.op)
         if handler is None:  # a row permitted only outside sessions (`dump`): parse_request refused it
             raise wire.ProtocolViolation(f"{req.op!r} is not permitted in a session")
+        self.calls[req.op] = self.calls.get(req.op, 0) + 1
         if wire.ROWS[req.op].io and not self._connection_usable(req.op):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
@@ -154,6 +161,8 @@ class Monitor:
     def _on_log(self, a: tuple[object, ...], now: float) -> Action:
         message, level, pairs = a
         assert isinstance(message, bytes) and isinstance(level, str) and isinstance(pairs, list)
+        self.log_lines += 1
+        self.log_bytes += len(message)
         if not self._logs.take(now):
             self.logs_dropped += 1
             return Reply(None)
@@ -172,6 +181,12 @@ class Monitor:
         calls, nbytes = a
         assert isinstance(calls, int) and isinstance(nbytes, int)
         self.calls_limit, self.bytes_limit = calls, nbytes
+        return Reply(None)
+
+    def _on_usage(self, a: tuple[object, ...], now: float) -> Action:
+        peak, instructions, cpu_us = a
+        assert isinstance(peak, int) and isinstance(instructions, int) and isinstance(cpu_us, int)
+        self.usage = peak, instructions, cpu_us
         return Reply(None)
 
     def _on_close(self, a: tuple[object, ...], now: float) -> Action:
@@ -241,9 +256,13 @@ class Monitor:
         self._busy = False
         return Reply(None)
 
-    def slept(self, ms: int) -> Reply:
-        """A sleep is over, after `ms` milliseconds (fewer than asked when the peer left meanwhile)."""
+    def slept(self, ms: int, cut: bool = False) -> Reply:
+        """A sleep is over, after `ms` milliseconds. `cut`: it ended early (or at once) because the peer
+        had left: the script is told so by the short sleep, as by a recv that returns nil, so a close it
+        makes next does not take the credit."""
         self._busy = False
+        if cut and self.closed_by is None:
+            self.closed_by = ClosedBy.PEER
         return Reply(ms)
 
     def tarpit_delay(self) -> float:

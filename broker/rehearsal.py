@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import re
 import socket
 import ssl
@@ -31,6 +32,7 @@ from deadend.transcript import LOOKAHEAD, Step, Transcript
 
 END_WAIT = 5.0  # seconds a script may take to finish after the client is done with it
 RECEIVED_KEPT = 4096  # the last bytes the script sent, kept for the report
+HEAD_KEPT = 64 << 10  # the first bytes the script sent, kept for `deadend audit --diff`
 SEND_BLOCK = 65536  # a repeated send goes out in blocks of about this size
 TLS_NAME = "localhost"  # what the rehearsal's certificate is for
 
@@ -128,6 +130,7 @@ class Rehearsal:
         peer_ip: str,
         allow_clock: bool,
         on_starttls: Callable[[], None] | None = None,
+        seed: tuple[int, int] | None = None,
     ) -> asyncio.Task[None]:
         """`on_starttls`: called when the script asks for TLS, before its handshake waits for the
         ClientHello (`deadend try --tls` starts its client's handshake then)."""
@@ -139,7 +142,7 @@ class Rehearsal:
 
         async def run() -> None:
             lease = await pool.acquire(script, asyncio.get_running_loop().time() + 10.0)
-            await Session(sock, where, script, settings, self.log).run(lease)
+            await Session(sock, where, script, settings, self.log, seed=seed).run(lease)
 
         return asyncio.get_running_loop().create_task(run())
 
@@ -227,6 +230,9 @@ class _Client:
         self.timeout = timeout
         self.buffer = b""
         self.received = b""
+        self.first_at: float | None = None  # when the first byte came (monotonic)
+        self.digest = hashlib.sha256()  # of every byte that came
+        self.head = b""  # the first HEAD_KEPT of them
         self.eof = False
         self.window_ms = timeout * 1000  # the current step's time budget, for messages
         self.loop = asyncio.get_running_loop()
@@ -267,6 +273,11 @@ class _Client:
             raise _Mismatch("the script closed the connection")
         self.buffer += chunk
         self.received = (self.received + chunk)[-RECEIVED_KEPT:]
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.digest.update(chunk)
+        if len(self.head) < HEAD_KEPT:
+            self.head += chunk[: HEAD_KEPT - len(self.head)]
 
     async def send(self, data: bytes, repeat: int, deadline: float) -> None:
         """`data` `repeat` times, in blocks; the script must take it all before the deadline."""
@@ -366,6 +377,41 @@ async def _run_step(client: _Client, step: Step, previous: float, transcript: Tr
         raise _Mismatch(f"arrived after {waited:.0f} ms, sooner than {step.after_ms:.0f} ms")
 
 
+def as_logged(line: str) -> str | None:
+    """A script's log line as a transcript's `~ log` sees it: "LEVEL MESSAGE", then the fields as the text
+    line shows them (` user="root" tries=3`); None for the broker's own lines."""
+    m = SCRIPT_LINE.match(line)
+    return None if m is None else f"{m.group(1).lower()} {unquote(m.group(2))}{m.group(3)}"
+
+
+@dataclass
+class Played:
+    failure: str  # empty when every step was met
+    received: bytes  # the last bytes the script sent (RECEIVED_KEPT at most)
+    head: bytes = b""  # the first bytes it sent (HEAD_KEPT at most)
+    digest: str = ""  # SHA-256 of everything it sent
+    first_at: float | None = None  # when the first byte came (monotonic)
+
+
+async def play(sock: socket.socket, transcript: Transcript, steps: Sequence[Step] | None = None) -> Played:
+    """Play the client's side of `steps` (default: all of the transcript's) over a non-blocking `sock`;
+    stop at the first mismatch. The socket stays open: the caller closes it."""
+    client = _Client(sock, transcript.timeout_ms / 1000)
+    failure = ""
+    previous = time.monotonic()
+    steps = transcript.steps if steps is None else steps
+    if transcript.tls:  # `% tls`: the client's first act is its ClientHello
+        steps = [Step(0, "starttls", source="% tls"), *steps]
+    for step in steps:
+        try:
+            await _run_step(client, step, previous, transcript)
+        except (_Mismatch, OSError) as e:
+            failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
+            break
+        previous = time.monotonic()
+    return Played(failure, client.received, client.head, client.digest.hexdigest(), client.first_at)
+
+
 async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, lines: list[str]) -> Replay:
     """Play the client's side of `transcript` against `script`; stop at the first mismatch.
 
@@ -376,21 +422,10 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
     ours.setblocking(False)
     theirs.setblocking(False)
     first_log = len(lines)
-    task = rehearsal.start_session(script, theirs, transcript.peer_ip, transcript.allow_clock)
-    client = _Client(ours, transcript.timeout_ms / 1000)
-    failure = ""
-    previous = time.monotonic()
-    steps = transcript.steps
-    if transcript.tls:  # `% tls`: the client's first act is its ClientHello
-        steps = [Step(0, "starttls", source="% tls"), *steps]
+    seed = transcript.seed
+    task = rehearsal.start_session(script, theirs, transcript.peer_ip, transcript.allow_clock, seed=seed)
     try:
-        for step in steps:
-            try:
-                await _run_step(client, step, previous, transcript)
-            except (_Mismatch, OSError) as e:
-                failure = f"{sanitize(transcript.path)}:{step.line}: {step.source}\n    {e}"
-                break
-            previous = time.monotonic()
+        played = await play(ours, transcript)
     finally:
         ours.close()
         try:
@@ -400,16 +435,12 @@ async def replay(rehearsal: Rehearsal, script: Script, transcript: Transcript, l
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     rehearsal.log.flush()
-    script_lines = []
-    for line in lines[first_log:]:
-        m = SCRIPT_LINE.match(line)
-        if m:
-            # "LEVEL MESSAGE", then the fields as the text line shows them: ` user="root" tries=3`
-            script_lines.append(f"{m.group(1).lower()} {unquote(m.group(2))}{m.group(3)}")
+    failure = played.failure
+    script_lines = [seen for line in lines[first_log:] if (seen := as_logged(line)) is not None]
     if not failure:
         for expectation in transcript.logs:
             if not any(expectation.pattern.search(line) for line in script_lines):
                 where = f"{sanitize(transcript.path)}:{expectation.line}: {expectation.source}"
                 failure = f"{where}\n    no script log line matches"
                 break
-    return Replay(not failure, failure, client.received, lines[first_log:])
+    return Replay(not failure, failure, played.received, lines[first_log:])

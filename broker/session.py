@@ -44,6 +44,7 @@ class SessionSettings:
     shutdown_grace: float
     calls: TokenBucket | None = None  # the API calls of all sessions together (--call-rate-total)
     tls: TlsService | None = None  # the port's certificate; None: starttls fails (no TLS here)
+    measure: bool = False  # `deadend audit`: the worker reports its usage at the end (wire "usage")
 
 
 class Session:
@@ -56,8 +57,11 @@ class Session:
         log: EventLog,
         recording: SessionRecording | None = None,
         pending: bytes = b"",
+        seed: tuple[int, int] | None = None,
     ) -> None:
         self.recording = recording
+        # The script's PRNG seed: fresh per session, or given (a recording's, replayed; an audit's, fixed).
+        self.seed = session_seed() if seed is None else seed
         self.where = where
         self.script = script
         self.settings = settings
@@ -65,8 +69,9 @@ class Session:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
+        # the tarpit's jitter: from the seed too, so that a replayed session is paced as it was
         self.monitor = m.Monitor(
-            where.peer, self.ceilings, random.Random(_system_random.random()), self.started
+            where.peer, self.ceilings, random.Random(self.seed[0] ^ self.seed[1]), self.started
         )
         # `pending`: client bytes read before the session began (after a PROXY header)
         self.conn = ClientConnection(sock, pending, self._peer_departed)
@@ -82,9 +87,10 @@ class Session:
         lease.channel.on_lost = self._lost_sandbox
         try:
             if lease.prepared_for == key_of(self.script):  # compiled already: only the seed is missing
-                lease.channel.send(wire.go_frame(session_seed()))
+                lease.channel.send(wire.go_frame(self.seed))
             else:
-                lease.channel.send(start_message(self.script, self.settings, wire.Mode.RUN).to_frame())
+                start = start_message(self.script, self.settings, wire.Mode.RUN, self.seed)
+                lease.channel.send(start.to_frame())
             try:
                 try:
                     async with asyncio.timeout(self.ceilings.session_time) as self._timeout:
@@ -138,18 +144,23 @@ class Session:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def _sleep(self, seconds: float) -> int:
-        """Sleep, until the peer leaves at the latest; the milliseconds slept."""
+    async def _sleep(self, seconds: float) -> m.Reply:
+        """Sleep, until the peer leaves at the latest; the reply is the milliseconds slept. A peer gone
+        already ends it at once, as it would have ended a sleep in progress: nobody is there to wait for."""
+        if self.monitor.peer_gone:
+            return self.monitor.slept(0, cut=True)
         started = self.loop.time()
         self._wake = self.loop.create_future()
+        cut = False
         try:
             async with asyncio.timeout(seconds):
                 await self._wake
+                cut = True
         except TimeoutError:
             pass
         finally:
             self._wake = None
-        return round((self.loop.time() - started) * 1000)
+        return self.monitor.slept(round((self.loop.time() - started) * 1000), cut)
 
     def _ending(self, exc: BaseException) -> tuple[Reason, bytes]:
         """The reason and detail a session ends with when its sandbox fails it."""
@@ -197,7 +208,7 @@ class Session:
             elif isinstance(action, m.Recv):
                 reply = await self._recv(action.n)
             elif isinstance(action, m.Sleep):
-                reply = monitor.slept(await self._sleep(action.seconds))
+                reply = await self._sleep(action.seconds)
             elif isinstance(action, m.StartTls):
                 reply = await self._starttls(action.alpn)
             else:
@@ -347,9 +358,11 @@ def session_seed() -> tuple[int, int]:
     return _system_random.getrandbits(63), _system_random.getrandbits(63)
 
 
-def start_message(script: Script, settings: SessionSettings, mode: wire.Mode) -> wire.Start:
-    """What a worker needs to run `script` (RUN), or to compile it and wait for GO (PREPARE)."""
-    seed = session_seed() if mode == wire.Mode.RUN else (0, 0)  # a prepared worker gets its seed with GO
+def start_message(
+    script: Script, settings: SessionSettings, mode: wire.Mode, seed: tuple[int, int] = (0, 0)
+) -> wire.Start:
+    """What a worker needs to run `script` (RUN, with the session's seed), or to compile it and wait for
+    GO (PREPARE: the seed comes with GO)."""
     return wire.Start(
         mode=mode.value,
         source=script.source,
@@ -358,6 +371,7 @@ def start_message(script: Script, settings: SessionSettings, mode: wire.Mode) ->
         memory=settings.ceilings.memory_bytes,
         instructions=settings.ceilings.instructions,
         clock=settings.allow_clock,
+        measure=settings.measure,
     )
 
 

@@ -34,6 +34,7 @@ from typing import BinaryIO, Final
 
 from deadend.logs import sanitize, utc_timestamp
 from deadend.proxy import peer_address
+from deadend.wire import SEED_MAX
 
 FORMAT: Final = "deadend-recording"
 VERSION: Final = 1
@@ -71,6 +72,7 @@ class SessionMeta:
     script: str  # script file name e.g. "25.lua" (ours, but treated as text)
     script_sha256: str
     started: float  # time.time() at accept
+    seed: tuple[int, int] | None = None  # the script's PRNG seed (None: a file from before it was kept)
 
 
 def file_name(meta: SessionMeta) -> str:
@@ -110,6 +112,8 @@ def _header(meta: SessionMeta) -> bytes:
         "started": utc_timestamp(meta.started),
         "started_unix": round(meta.started, 6),
     }
+    if meta.seed is not None:
+        fields["seed"] = list(meta.seed)
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
@@ -798,9 +802,21 @@ def _read_header(path: str, obj: dict[str, object]) -> SessionMeta:
             script=_text(obj, "script"),
             script_sha256=_text(obj, "script_sha256"),
             started=_number(obj, "started_unix", MAX_UNIX),
+            seed=_seed(obj),
         )
     except ValueError as e:
         raise RecordingError(path, 1, str(e)) from None
+
+
+def _seed(obj: dict[str, object]) -> tuple[int, int] | None:
+    if "seed" not in obj:
+        return None
+    seed = obj["seed"]
+    if not (
+        isinstance(seed, list) and len(seed) == 2 and all(type(v) is int and 0 <= v <= SEED_MAX for v in seed)
+    ):
+        raise ValueError(f"'seed' {_shown(seed)} is not two integers in 0..{SEED_MAX}")
+    return seed[0], seed[1]
 
 
 def _read_tls(t: float, obj: dict[str, object], failed: bool) -> Tls:

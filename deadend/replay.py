@@ -356,6 +356,8 @@ def transcript_of(reader: RecordingReader) -> Iterator[str]:
     )
     yield "# the server's bytes are expected exactly: edit to `<~ REGEX` where they vary"
     yield f"% peer-ip {meta.peer}"
+    if meta.seed is not None:  # the script's random numbers, as in the session
+        yield f"% seed {meta.seed[0]} {meta.seed[1]}"
     previous = 0.0  # when the last step happened, for the waits
     for entry in reader:
         if isinstance(entry, Data):

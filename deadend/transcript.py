@@ -2,7 +2,7 @@
 `load`). docs/transcripts.md is the full reference.
 
     # comment; blank lines are ignored
-    % allow-clock | peer-ip ADDR | timeout MS     options, before the first exchange
+    % allow-clock | peer-ip ADDR | seed HI LO | timeout MS     options, before the first exchange
     % tls | sni NAME | alpn LIST                  TLS from the start; the client's SNI and ALPN offers
     > TEXT        the client sends TEXT and CRLF
     >| TEXT       the client sends TEXT exactly
@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from deadend.logs import first_hidden, sanitize
 from deadend.proxy import peer_address
-from deadend.wire import check_alpn
+from deadend.wire import SEED_MAX, check_alpn
 
 DEFAULT_TIMEOUT_MS: Final = 5000.0
 DEFAULT_PEER_IP: Final = "192.0.2.10"  # TEST-NET-1: what deadend.get_ip() returns without `% peer-ip`
@@ -55,6 +55,7 @@ _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[rnts\\])")
 _SIMPLE = {"r": b"\r", "n": b"\n", "t": b"\t", "s": b" ", "\\": b"\\"}
 _MS = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,6})?")
 _COUNT = re.compile(r"[1-9][0-9]{0,9}")
+_SEED = re.compile(r"0|[1-9][0-9]{0,18}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")  # what an SNI carries (RFC 6066 3)
 
@@ -105,6 +106,7 @@ class Transcript:
     allow_clock: bool = False
     peer_ip: str = DEFAULT_PEER_IP
     timeout_ms: float = DEFAULT_TIMEOUT_MS
+    seed: tuple[int, int] | None = None  # the script's PRNG seed; None: a fresh one, as the broker does
     tls: bool = False  # TLS from the start: a starttls before the first step
     sni: str | None = None  # the server name the client's ClientHello asks for
     alpn: tuple[str, ...] = ()  # the protocols it offers
@@ -220,6 +222,11 @@ def _option(t: Transcript, rest: str, at: int) -> None:
         t.timeout_ms = _ms(value, "'% timeout'", at_value)
         if t.timeout_ms == 0:
             raise _Bad("'% timeout' must be more than 0 ms", at_value)
+    elif name == "seed":
+        halves = value.split(" ")
+        if len(halves) != 2 or not all(_SEED.fullmatch(h) and int(h) <= SEED_MAX for h in halves):
+            raise _Bad(f"'% seed' needs two whole numbers in 0..{SEED_MAX}, not {_shown(value)!r}", at_value)
+        t.seed = (int(halves[0]), int(halves[1]))
     elif name == "tls":
         if value.strip():
             raise _Bad("'% tls' takes no value", at_value)
@@ -237,7 +244,9 @@ def _option(t: Transcript, rest: str, at: int) -> None:
             )
         t.alpn = tuple(names.split(","))
     else:
-        raise _Bad(f"unknown option {_shown(name)!r} (allow-clock, peer-ip, timeout, tls, sni, alpn)", at)
+        raise _Bad(
+            f"unknown option {_shown(name)!r} (allow-clock, peer-ip, seed, timeout, tls, sni, alpn)", at
+        )
 
 
 def _ms(value: str, what: str, column: int) -> float:

@@ -13,6 +13,7 @@ Three channels, four dialects, all msgpack:
       ──▶ ["start", {Start}]                          mode "run": the session begins at once
       ──▶ ["start", {Start, mode "prepare"}]  ◀── ["prepared"]  ──▶ ["go", seed_hi, seed_lo]   [PREPARE/GO]
       ◀── [op, arg...]  ──▶ reply                     one request, then the worker waits for its reply
+      ◀── ["usage", peak, instructions, cpu_us]  ──▶ nil    Start with measure (`deadend audit`) only
       ◀── ["done", kind, message]                    the last frame; the worker then exits
 
     broker ◀──pipe pair──▶ dense worker, up to K sessions (--sessions-per-worker)            [DENSE]
@@ -31,7 +32,10 @@ compromised) worker are the same numbers.
 
 from __future__ import annotations
 
+import array
 import enum
+import functools
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -48,6 +52,7 @@ SLEEP_MAX_MS: Final = 3_600_000
 TARPIT_MAX_MS: Final = 60_000
 SEND_MAX: Final = 1 << 20  # bytes per send() call (decided)
 LIMIT_MAX: Final = (1 << 63) - 1  # set_limits takes any non-negative Lua integer
+SEED_MAX: Final = (1 << 63) - 1  # each half of a session's PRNG seed (math.randomseed takes Lua integers)
 LOG_MAX: Final = 4096  # a log message is cut here (after escaping), with a marker
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 # deadend.log's optional third argument (decided): what the attacker did, as named values a SIEM can
@@ -89,8 +94,64 @@ BASE_FUNCTIONS: Final = (
     "xpcall",
     "_VERSION",
 )
-LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend")
+LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend", "std")  # std: sandbox/std.lua
 CLOCK_FUNCTIONS: Final = ("time", "date", "clock", "difftime")  # os.*, with the operator's clock option
+
+# --- what a log line shows as an escape --------------------------------------------------------------
+# The broker's log (deadend.logs.sanitize) and the sandbox's `std.quote` escape the same characters, so a
+# script can quote a value exactly as the log would show it. Characters are escaped by Unicode category:
+# control (Cc), format (Cf: bidi controls, zero-width characters, the tag block), surrogate (Cs),
+# private-use (Co), unassigned (Cn), line and paragraph separators (Zl, Zp) and spaces other than the ASCII
+# space (Zs); and the ranges below.
+UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) outside UNSAFE_CATEGORIES: characters
+# that render as nothing, so they could hide text (Hangul fillers, variation selectors, the combining
+# grapheme joiner, Khmer inherent vowels, Mongolian free variation selectors).
+IGNORABLE_RANGES: Final = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180D),
+    (0x180F, 0x180F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0000, 0xE0FFF),  # the tag block and its neighbours, whatever their category in this Python
+)
+
+
+@functools.cache
+def unsafe_ranges() -> tuple[tuple[int, int], ...]:
+    """Every non-ASCII code point the log escapes, as (first, last) ranges, by this Python's Unicode data.
+
+    `str.isprintable()` is false exactly for UNSAFE_CATEGORIES (Python's own definition of printable; a test
+    checks it code point by code point), which makes this a scan at C speed: about 0.1 s, once per process
+    (the zygote's, before its first fork).
+    """
+    text = array.array("I", range(0x80, 0x110000)).tobytes().decode("utf-32-le", "surrogatepass")
+    ranges: list[tuple[int, int]] = []
+    code = 0x80
+    for printable, run in itertools.groupby(map(str.isprintable, text)):
+        n = sum(1 for _ in run)
+        if not printable:
+            ranges.append((code, code + n - 1))
+        code += n
+    for lo, hi in IGNORABLE_RANGES:
+        ranges.append((lo, hi))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return tuple(merged)
+
+
+@functools.cache
+def packed_unsafe_ranges() -> bytes:
+    """unsafe_ranges() for Lua: each range as two 3-byte little-endian code points (string.unpack "<I3I3")."""
+    return b"".join(lo.to_bytes(3, "little") + hi.to_bytes(3, "little") for lo, hi in unsafe_ranges())
+
 
 # --- framing limits --------------------------------------------------------------------------------
 
@@ -181,6 +242,7 @@ class Start:
     memory: int  # bytes of Lua heap
     instructions: int  # VM instructions allowed between two API calls
     clock: bool  # expose the read-only os clock subset
+    measure: bool = False  # `deadend audit`: report the session's usage (a "usage" request) before "done"
 
     def to_frame(self) -> list[Any]:
         fields = asdict(self)
@@ -201,6 +263,7 @@ class Start:
             memory=f["memory"],
             instructions=f["instructions"],
             clock=f["clock"],
+            measure=f.get("measure", False),
         )
         if (
             start.mode not in {m.value for m in START_MODES}
@@ -209,6 +272,7 @@ class Start:
             or not isinstance(start.memory, int)
             or not isinstance(start.instructions, int)
             or not isinstance(start.clock, bool)
+            or not isinstance(start.measure, bool)
         ):
             raise ValueError("malformed start frame")
         return start
@@ -328,6 +392,10 @@ def _check_limits(a: tuple[Any, ...]) -> bool:
     return all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
+def _check_usage(a: tuple[Any, ...]) -> bool:
+    return all(_int_in(v, 0, LIMIT_MAX) for v in a)
+
+
 def check_alpn(value: Any) -> bool:
     """starttls's argument: empty (select none), or protocol names as described at ALPN_MAX."""
     if type(value) is not bytes or len(value) > ALPN_MAX:
@@ -379,6 +447,9 @@ REQUESTS: Final = (
     # bootstrap refuses it with an argument error and never sends it (SPEC.md).
     RequestRow("starttls", 1, _check_starttls, SESSION, io=True),
     RequestRow("tls_info", 0, _check_none, SESSION),
+    # `deadend audit` (a Start with measure set): the session's peak Lua heap in bytes, its instructions
+    # (counted as the budget counts them) and its CPU time in microseconds, once, just before "done".
+    RequestRow("usage", 3, _check_usage, frozenset({Mode.RUN})),
     RequestRow("dump", 1, _check_dump, frozenset({Mode.CHECK})),  # the compiled chunk, for `deadend check`
     RequestRow("done", 2, _check_done, EVERY_MODE),
 )

@@ -26,54 +26,11 @@ deadend.set_tarpit(150, 250)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 -- Base64 (RFC 4648).
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
-
-local function b64encode(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a << 16 | (b or 0) << 8 | (c or 0)
-    local d1, d2, d3, d4 = n >> 18 & 63, n >> 12 & 63, n >> 6 & 63, n & 63
-    out[#out + 1] = B64:sub(d1 + 1, d1 + 1) .. B64:sub(d2 + 1, d2 + 1)
-      .. (b and B64:sub(d3 + 1, d3 + 1) or "=") .. (c and B64:sub(d4 + 1, d4 + 1) or "=")
-  end
-  return table.concat(out)
-end
+local b64decode, b64encode = std.base64.decode, std.base64.encode
 
 local function random_bytes(n)
   local t = {}
@@ -259,12 +216,12 @@ end
 local function plain_credentials(blob)
   local authzid, authcid, password = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
   if not authzid then
-    deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+    deadend.log("auth PLAIN malformed message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
-  deadend.log(string.format("auth PLAIN attempt %d authzid=%s authcid=%s password=%s", auth_attempts,
-    q(authzid), q(authcid), q(password)), "warn")
+  deadend.log("auth PLAIN attempt " .. auth_attempts, "warn",
+    { authzid = authzid, user = authcid, password = password })
   return auth_refused()
 end
 
@@ -285,12 +242,12 @@ local function scram_first(blob)
   local cbind, authzid, bare = blob:match("^([nyp][^,]*),([^,]*),(.*)$")
   local user, cnonce = (bare or ""):match("^n=([^,]*),r=([^,]+)")
   if not user then
-    deadend.log("auth SCRAM-SHA-1 malformed first message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed first message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
   if cbind:sub(1, 1) == "p" then
-    deadend.log("auth SCRAM-SHA-1 asks for channel binding " .. q(cbind), "warn")
+    deadend.log("auth SCRAM-SHA-1 asks for channel binding", "warn", { cbind = cbind })
     return auth_refused()
   end
   local server_first = string.format("r=%s%s,s=%s,i=%d", cnonce, b64encode(random_bytes(18)),
@@ -298,20 +255,20 @@ local function scram_first(blob)
   scram = { user = saslname(user), authzid = authzid, client_first_bare = bare,
             server_first = server_first }
   state = STATE_SCRAM
-  deadend.log(string.format("auth SCRAM-SHA-1 attempt %d user=%s", auth_attempts, q(scram.user)))
+  deadend.log("auth SCRAM-SHA-1 attempt " .. auth_attempts, "info", { user = scram.user })
   return deadend.send("<challenge xmlns='" .. SASL_NS .. "'>" .. b64encode(server_first) .. "</challenge>")
 end
 
 local function scram_final(blob)
   local without_proof, proof = blob:match("^(.*),p=([^,]+)$")
   if not without_proof then
-    deadend.log("auth SCRAM-SHA-1 malformed final message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed final message", "warn", { data = blob })
     return auth_refused()
   end
   -- Enough to test password guesses offline: SaltedPassword from the salt and count in server_first,
   -- then ClientProof over AuthMessage (RFC 5802 section 3).
-  deadend.log(string.format("auth SCRAM-SHA-1 user=%s auth_message=%s proof=%s", q(scram.user),
-    q(scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof), q(proof)), "warn")
+  deadend.log("auth SCRAM-SHA-1 proof", "warn", { user = scram.user, proof = proof,
+    auth_message = scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof })
   return auth_refused()
 end
 
@@ -320,7 +277,7 @@ local function on_auth(el)
   auth_attempts = auth_attempts + 1
   local mech = el.attrs.mechanism or ""
   if mech ~= "PLAIN" and mech ~= "SCRAM-SHA-1" then
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return sasl_failure("invalid-mechanism")
   end
   local data = sasl_data(el.text)
@@ -372,7 +329,7 @@ local function on_starttls()
   end
   tls_active = true
   local tls = deadend.tls_info()
-  deadend.log(string.format("tls %s %s sni=%s", tls.version, tls.cipher, q(tls.sni)))
+  deadend.log("tls " .. tls.version .. " " .. tls.cipher, "info", { sni = tls.sni })
   state, header_sent = STATE_HEADER, false
   return true
 end
@@ -383,7 +340,7 @@ local function handle(tok)
     if tok.kind == "decl" then return true end
     if tok.kind ~= "open" then return stream_error("not-well-formed", "no stream header") end
     local a = tok.attrs
-    deadend.log(string.format("stream open to=%s from=%s version=%s", q(a.to), q(a.from), q(a.version)))
+    deadend.log("stream open", "info", { to = a.to, from = a.from, version = a.version })
     if a.to then
       local to = a.to:lower()
       if #to > 253 or not to:match("^[%w][%w%.%-]*$") then
@@ -418,7 +375,7 @@ local function handle(tok)
   if state == STATE_FEATURES then
     if name == "auth" then return on_auth(tok) end
     if name == "starttls" and tok.attrs.xmlns == TLS_NS then return on_starttls() end
-    deadend.log("stanza before authentication: " .. q(name), "warn")
+    deadend.log("stanza before authentication", "warn", { stanza = name })
     return stream_error("not-authorized", "<" .. name .. "> before authentication")
   end
   -- In a SASL exchange (STATE_PLAIN or STATE_SCRAM).

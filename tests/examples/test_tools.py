@@ -104,6 +104,16 @@ def test_try_reports_a_hostile_script(tmp_path: Path) -> None:
     result = deadend("try", str(tmp_path / "7.lua"), "--instructions", "100000", stdin=b"")
     assert result.stdout == b"x"
     assert b"session end reason=instruction-limit" in result.stderr
+    assert result.returncode == 1  # a ceiling is a failed try
+
+
+def test_try_exits_non_zero_after_a_script_error(tmp_path: Path) -> None:
+    (tmp_path / "7.lua").write_text("local line = deadend.recv(10)\ndeadend.send(line:upper())\n")
+    failed = deadend("try", str(tmp_path / "7.lua"), stdin=b"")  # recv gives nil: indexing it fails
+    assert b"session end reason=script-error" in failed.stderr
+    assert failed.returncode == 1
+    worked = deadend("try", str(tmp_path / "7.lua"), stdin=b"hi")
+    assert (worked.stdout, worked.returncode) == (b"HI", 0)
 
 
 def test_try_tls_is_a_tls_client_from_the_first_byte() -> None:

@@ -72,6 +72,7 @@ REQUESTS = {
     "close": req("close"),
     "starttls": req("starttls", b"http/1.1"),
     "tls_info": req("tls_info"),
+    "usage": req("usage", 1 << 20, 5000, 1200),
     "done": req("done", "return", b""),
 }
 SEND, RECV, SLEEP = m.Send(b"x"), m.Recv(5), m.Sleep(0.005)
@@ -88,6 +89,7 @@ CLOSED_ROW: dict[str, m.Action] = {
     "close": NIL,
     "starttls": NIL,
     "tls_info": NIL,
+    "usage": NIL,
     "done": DONE,
 }
 STARTTLS = m.StartTls(b"http/1.1")
@@ -277,7 +279,17 @@ def test_a_sleep_is_answered_with_what_was_slept() -> None:
     mon = monitor()
     assert mon.handle(req("sleep", 10_000), 0) == m.Sleep(10.0)
     assert mon.slept(2345) == m.Reply(2345)
+    assert mon.final_closed_by() == ClosedBy.NONE
     assert mon.handle(req("get_ip"), 0) == IP_REPLY  # no longer busy
+
+
+def test_a_sleep_cut_short_by_the_peer_tells_the_script_who_left() -> None:
+    mon = monitor()
+    mon.peer_left(1.0)
+    assert mon.handle(req("sleep", 5000), 1.0) == m.Sleep(5.0)
+    assert mon.slept(0, cut=True) == m.Reply(0)
+    mon.handle(req("close"), 1.1)  # the script closes once it saw the short sleep
+    assert mon.final_closed_by() == ClosedBy.PEER
 
 
 def test_log_fields_reach_the_action_named_and_in_order() -> None:

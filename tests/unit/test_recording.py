@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -80,6 +81,24 @@ def test_round_trip_names_and_permissions(tmp_path: Path) -> None:
     # A restart counts what is already there, on disk.
     on_disk = (folder.stat().st_blocks + path.stat().st_blocks) * 512
     assert Recorder(folder, 1 << 20, 1 << 20).total_bytes == on_disk
+
+
+def test_the_seed_is_kept_and_checked(tmp_path: Path) -> None:
+    seeded = dataclasses.replace(META, seed=(0, 2**63 - 1))
+    folder = tmp_path / "rec"
+    recorder = Recorder(folder, 1 << 20, 1 << 20)
+    rec = recorder.open(seeded)
+    assert rec is not None
+    rec.end("done", 1.0, 0, 0)
+    recorder.close()
+    path = folder / file_name(seeded)
+    assert json.loads(path.read_text().splitlines()[0])["seed"] == [0, 2**63 - 1]
+    assert read_recording(path).meta.seed == (0, 2**63 - 1)
+    header = json.loads(path.read_text().splitlines()[0])
+    for bad in ([1], [1, -1], [1, 2**63], [1, 2.0], "1 2", [True, 1]):
+        path.write_text(json.dumps(header | {"seed": bad}) + "\n")
+        with pytest.raises(RecordingError, match=r"'seed' .* is not two integers"):
+            read_recording(path)
 
 
 def test_hostile_payloads_cannot_break_or_forge_a_line(tmp_path: Path) -> None:

@@ -48,6 +48,8 @@ def test_options() -> None:
     t = parse("# c\n\n% allow-clock\n% peer-ip 2001:DB8::0:1\n% timeout 250.5\n> x\n")
     assert (t.allow_clock, t.peer_ip, t.timeout_ms) == (True, "2001:db8::1", 250.5)
     assert parse("% peer-ip ::ffff:198.51.100.7\n").peer_ip == "198.51.100.7"  # as get_ip() shows it
+    assert parse("% seed 0 9223372036854775807\n").seed == (0, 2**63 - 1)  # the legal extremes
+    assert parse("").seed is None  # a fresh seed each run
 
 
 def test_client_forms() -> None:
@@ -155,6 +157,12 @@ def test_line_separators_do_not_split_lines_they_are_refused() -> None:
         ("% timeout 99999999999999\n", "not '99999999999999'"),
         (f"% timeout {MAX_MS + 1:.0f}\n", f"is more than {MAX_MS:.0f} ms (30 days)"),
         ("% timeout ٣\n", "not '٣'"),  # a digit, but not an ASCII one
+        ("% seed 1\n", "1: column 8: '% seed' needs two whole numbers in 0..9223372036854775807, not '1'"),
+        ("% seed 1 -2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1 9223372036854775808\n", "'% seed' needs two whole numbers"),
+        ("% seed 01 2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1  2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1 2 3\n", "'% seed' needs two whole numbers"),
         ("@ sometime 5\n< x\n", "1: column 3: expected '@ within MS' or '@ after MS'"),
         ("@ within NaN\n< x\n", "1: column 10: '@ within' needs a number of milliseconds"),
         ("@ after -1\n< x\n", "'@ after' needs a number of milliseconds"),

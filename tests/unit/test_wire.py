@@ -43,6 +43,11 @@ VALID = [
     ["done", "error", b"boom"],
 ]
 INVALID: list[object] = [
+    ["usage", -1, 0, 0],
+    ["usage", 0, 1 << 63, 0],
+    ["usage", 1.5, 0, 0],
+    ["usage", True, 0, 0],
+    ["usage", 1, 2],
     None,
     5,
     "send",
@@ -140,6 +145,7 @@ SAMPLE_ARGS: dict[str, list[object]] = {
     "close": [],
     "starttls": [b"http/1.1"],
     "tls_info": [],
+    "usage": [1 << 20, 5000, 1200],
     "dump": [b"\x1bLua"],
     "done": ["return", b""],
 }
@@ -166,6 +172,7 @@ def test_the_table_is_complete_and_consistent() -> None:
     assert wire.ROWS["done"].modes == frozenset(Mode)
     assert {r.name for r in wire.REQUESTS if r.io} == {"send", "recv", "starttls"}
     assert wire.ROWS["dump"].modes == frozenset({Mode.CHECK})
+    assert wire.ROWS["usage"].modes == frozenset({Mode.RUN})  # a measured session: one per worker
 
 
 def test_wrong_arity_is_refused_for_every_row() -> None:
