@@ -9,14 +9,30 @@ peer's TCP state is checked every PROBE_INTERVAL seconds instead.
 
 What the script gets is unchanged by reading ahead: `recv` returns buffered bytes first, then the end of
 input (b"") or the failure (None) it would have got from the socket.
+
+`start_tls` turns the connection into a TLS server's (`deadend.starttls()`): it reads the client's
+ClientHello into the same buffer (up to MAX_SPAN bytes, the most one can take) until `read_client_hello`
+has all of it, fingerprints it, hands every byte read so far to OpenSSL (broker/tls.py) and completes the
+handshake. From then on the buffer holds plaintext: the client's bytes go through OpenSSL on their way in,
+the script's on their way out, and everything above (recv, send, the read-ahead bound, departures) works
+as before. Bytes that came before the ClientHello (a client that pipelined commands behind STARTTLS) are
+not a ClientHello: the handshake fails on them, and they never reach the script as if they were protected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
+import ssl
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.tls import TlsLayer
+from deadend.clienthello import MAX_SPAN, ClientHelloError, Complete, read_client_hello
+from deadend.tlsinfo import TlsInfo
 
 READ_AHEAD = 1 << 16  # bytes read before the script asks (one recv's worth at most)
 PROBE_INTERVAL = 1.0  # seconds between TCP state checks while the read-ahead buffer is full
@@ -25,16 +41,31 @@ _TCP_CLOSE_WAIT = 8  # tcp_info.tcpi_state: the peer sent FIN
 _TCP_CLOSE = 7  # ... the connection is gone (RST)
 
 
+@dataclass(slots=True)
+class Handshake:
+    """How a `start_tls` went. `info` is set once the ClientHello was read (with what was negotiated, if
+    the handshake completed); `error` says why it failed (empty: TLS now carries the connection)."""
+
+    info: TlsInfo | None = None
+    error: str = ""
+    timed_out: bool = False
+    cpu: float = 0.0  # the broker's CPU seconds: the hello's parsing and fingerprints, and the handshake
+
+
 class ClientConnection:
     __slots__ = (
         "_buffer",
         "_departed",
         "_eof",
         "_failed",
+        "_limit",
         "_loop",
+        "_out",
         "_probe",
         "_reading",
+        "_sending",
         "_tcp",
+        "_tls",
         "_waiter",
         "on_departed",
         "sock",
@@ -52,6 +83,10 @@ class ClientConnection:
         self._probe: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._limit = READ_AHEAD  # the buffer's bound (MAX_SPAN while a ClientHello is read)
+        self._tls: TlsLayer | None = None  # set once the ClientHello is read
+        self._out = bytearray()  # TLS records made but not yet handed to the kernel
+        self._sending = False  # a send is in progress: it takes the records made meanwhile along
         self._watch()
 
     # --- watching the peer -----------------------------------------------------------------------
@@ -60,10 +95,10 @@ class ClientConnection:
         """Read ahead while there is room; probe the TCP state while there is none."""
         if self.sock is None or self._eof or self._failed:
             return
-        if len(self._buffer) < READ_AHEAD:
-            if self._probe is not None:
-                self._probe.cancel()
-                self._probe = None
+        if self._room() > 0:
+            # A probe already due is left to run: a script that reads a little at a time makes room
+            # again and again, and a probe moved each time would never come (a peer gone behind queued
+            # bytes would go unseen until they were all read).
             if not self._reading:
                 self._loop.add_reader(self.sock.fileno(), self._on_readable)
                 self._reading = True
@@ -77,26 +112,64 @@ class ClientConnection:
             self._loop.remove_reader(self.sock.fileno())
         self._reading = False
 
+    def _room(self) -> int:
+        """How many bytes the next read from the socket may take. Through TLS, the plaintext buffer and
+        the client's bytes OpenSSL has not taken yet are each held to the bound."""
+        if self._tls is None:
+            return self._limit - len(self._buffer)
+        if len(self._buffer) >= self._limit:
+            return 0
+        return self._limit - self._tls.unread
+
     def _on_readable(self) -> None:
         if self.sock is None:
             return
+        room = self._room()
+        if room <= 0:  # the bound changed under a registered reader (a hello handed to OpenSSL)
+            self._watch()
+            return
         try:
-            data = self.sock.recv(READ_AHEAD - len(self._buffer))
+            data = self.sock.recv(room)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._failed = True
         else:
-            if data:
+            if not data:
+                self._eof = True
+            elif self._tls is None:
                 self._buffer += data
             else:
-                self._eof = True
+                self._tls.feed(data)
+                if self._tls.established:
+                    self._decrypt()
+        self._after_input()
+        self._wake()
+
+    def _after_input(self) -> None:
         if self._eof or self._failed:
             self._stop_reading()
             self._departure()
         else:
             self._watch()
-        self._wake()
+
+    def _decrypt(self) -> None:
+        """Plaintext from the records received, into the buffer while it has room."""
+        tls = self._tls
+        assert tls is not None
+        while len(self._buffer) < self._limit:
+            try:
+                data = tls.read(self._limit - len(self._buffer))
+            except ssl.SSLError:  # a forged or broken record: as a failed read (OpenSSL made an alert)
+                self._failed = True
+                break
+            if data is None:  # close_notify: the client is done, as with a FIN
+                self._eof = True
+                break
+            if not data:
+                break
+            self._buffer += data
+        self._push_out()
 
     def _check_state(self) -> None:
         self._probe = None
@@ -132,7 +205,9 @@ class ClientConnection:
         if self._buffer:
             data = bytes(self._buffer[:n])
             del self._buffer[:n]
-            self._watch()
+            if self._tls is not None and self._tls.established and not (self._eof or self._failed):
+                self._decrypt()
+            self._after_input()
             return data
         if self._eof:
             return b""
@@ -142,19 +217,26 @@ class ClientConnection:
         """Up to n bytes; b"" at the end of input, None once the connection failed. TimeoutError when
         nothing arrived within `timeout` seconds (None: no limit)."""
         if not self.readable():
-            self._waiter = self._loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            finally:
-                self._waiter = None
+            async with asyncio.timeout(timeout):
+                while not self.readable():  # through TLS, bytes may arrive that hold no plaintext yet
+                    await self._input()
         return self.take(n)
+
+    async def _input(self) -> None:
+        """Until the next bytes arrive (or the end, a failure, a close)."""
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def send_now(self, data: bytes) -> int | None:
         """Write what the socket takes without waiting: the bytes written (maybe 0), None once the
-        connection failed or was closed."""
+        connection failed or was closed. Through TLS, 0: records are made and sent by `send`."""
         if self.sock is None:
             return None
+        if self._tls is not None:
+            return 0
         try:
             return self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -164,7 +246,19 @@ class ClientConnection:
 
     async def send(self, data: bytes, idle: float | None = None) -> bool:
         """Send it all: False if the connection failed. TimeoutError if the client took no byte for `idle`
-        seconds (it stopped reading: its receive window and our send buffer are full)."""
+        seconds (it stopped reading: its receive window and our send buffer are full). Through TLS, the
+        records that carry it."""
+        if self.sock is None:
+            return False
+        if self._tls is not None:
+            try:
+                self._tls.write(data)
+            except ssl.SSLError:
+                return False
+            return await self._flush(idle)
+        return await self._send_raw(data, idle)
+
+    async def _send_raw(self, data: bytes, idle: float | None) -> bool:
         sock = self.sock
         if sock is None:
             return False
@@ -200,6 +294,117 @@ class ClientConnection:
             self._loop.remove_writer(fd)
         return True
 
+    async def _flush(self, idle: float | None = None) -> bool:
+        """Send every TLS record made so far, in order; False if the connection failed or closed (and
+        TimeoutError, as `send`)."""
+        assert self._tls is not None
+        self._out += self._tls.output()
+        while self._out:
+            chunk = bytes(self._out)
+            self._out.clear()
+            self._sending = True
+            try:
+                if not await self._send_raw(chunk, idle):
+                    return False
+            finally:
+                self._sending = False
+            self._out += self._tls.output()  # made while we waited (an alert, a key update's answer)
+        return True
+
+    def _push_out(self) -> None:
+        """Records OpenSSL made while reading: sent now as far as the socket takes them, else by the next
+        send (or the close)."""
+        assert self._tls is not None
+        self._out += self._tls.output()
+        if self._sending or not self._out or self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            del self._out[: self.sock.send(self._out)]
+
+    # --- TLS ---------------------------------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> Handshake:
+        """Read the ClientHello, then complete the server's handshake with `context`, within `timeout`
+        seconds in all. The connection is of no further use when it fails (the caller closes it)."""
+        result = Handshake()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._handshake(context, result)
+        except TimeoutError:
+            result.timed_out = True
+            if result.info is not None:
+                what = "the TLS handshake did not complete"
+            else:
+                what = "the ClientHello was not complete" if self._buffer else "no ClientHello"
+            result.error = f"{what} within {timeout:g}s"
+        if result.error and self._tls is not None:
+            self._push_out()  # the alert OpenSSL made, if any
+        self._limit = READ_AHEAD
+        return result
+
+    async def _handshake(self, context: ssl.SSLContext, result: Handshake) -> None:
+        clock = time.thread_time
+        self._limit = MAX_SPAN
+        self._watch()
+        while True:
+            started = clock()
+            try:
+                answer = read_client_hello(bytes(self._buffer))
+            except ClientHelloError as e:
+                result.error = str(e)
+                return
+            finally:
+                result.cpu += clock() - started
+            if isinstance(answer, Complete):
+                break
+            while len(self._buffer) < answer.at_least:
+                if not await self._more():
+                    result.error = self._gone("before its ClientHello was complete")
+                    return
+        started = clock()
+        result.info = info = TlsInfo.of(answer.hello, bytes(self._buffer[: answer.length]))
+        self._limit = READ_AHEAD
+        tls = self._tls = TlsLayer(context)
+        tls.feed(bytes(self._buffer))  # the hello and whatever came behind it: all of it is TLS
+        self._buffer.clear()
+        result.cpu += clock() - started
+        while True:
+            started = clock()
+            try:
+                done = tls.handshake()
+            except ssl.SSLError as e:
+                result.error = f"TLS handshake failed: {e.reason or type(e).__name__}"
+                return
+            finally:
+                result.cpu += clock() - started
+            if not await self._flush():
+                result.error = self._gone("during the TLS handshake")
+                return
+            if done:
+                break
+            if not await self._more():
+                result.error = self._gone("during the TLS handshake")
+                return
+        result.info = dataclasses.replace(
+            info, version=tls.version, cipher=tls.cipher, alpn_selected=tls.alpn_selected
+        )
+        self._decrypt()  # what came right behind the client's Finished (a request, often)
+        self._after_input()
+
+    async def _more(self) -> bool:
+        """Wait for more client bytes; False if none can come any more."""
+        if self._eof or self._failed or self.sock is None:
+            return False
+        await self._input()
+        return not (self._eof or self._failed or self.sock is None)
+
+    def _gone(self, when: str) -> str:
+        if self._eof:
+            return f"the client closed the connection {when}"
+        if self._failed:
+            return f"the connection failed {when}"
+        return f"the connection was closed {when}"
+
     def close(self) -> None:
         """Close after flushing what was sent: FIN after the queued data, unread input dropped. Idempotent."""
         self._stop_reading()
@@ -210,6 +415,14 @@ class ClientConnection:
         self._wake()
         if sock is None:
             return
+        if self._tls is not None:
+            if self._tls.established:
+                self._tls.close_notify()
+            self._out += self._tls.output()
+            if self._out and not self._sending:  # best effort, as the socket takes it: never waits
+                with contextlib.suppress(OSError):
+                    sock.send(self._out)
+            self._out.clear()
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         with contextlib.suppress(OSError):

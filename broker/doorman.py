@@ -21,7 +21,8 @@ from broker.net import peer_ip, read_proxy_header
 from broker.pool import Lease, Pool
 from broker.ratelimit import TokenBucket
 from broker.sandboxes import SandboxSet
-from broker.session import Session, SessionSettings, log_session_end
+from broker.session import Session, SessionSettings, log_session_end, session_seed
+from broker.tls import TlsCertificates
 from broker.workers import PoolClosed, QueueFull
 from deadend.config import Config
 from deadend.logs import EventLog, Where, sanitize
@@ -54,9 +55,16 @@ class Arrival:
 
 class Doorman:
     def __init__(
-        self, config: Config, log: EventLog, sandboxes: SandboxSet, gate: Gate, recorder: Recorder | None
+        self,
+        config: Config,
+        log: EventLog,
+        sandboxes: SandboxSet,
+        gate: Gate,
+        recorder: Recorder | None,
+        tls: TlsCertificates | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls
         self.log = log
         self.sandboxes = sandboxes
         self.gate = gate
@@ -73,7 +81,8 @@ class Doorman:
     def settings(self, script: Script) -> SessionSettings:
         """What a session of `script` runs with (its port's own ceilings, from the config file)."""
         c = self.config
-        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace, self.calls)
+        tls = None if self.tls is None else self.tls.service(script.port)
+        return SessionSettings(c.ceilings_for(script.port), c.allow_clock, c.shutdown_grace, self.calls, tls)
 
     def per_ip_cap(self, pool: Pool) -> tuple[str, int]:
         """The scope and the cap of the per-IP limit for a connection to `pool`."""
@@ -192,8 +201,16 @@ class Doorman:
         lease = await self._lease_for(a)
         if lease is None:
             return
+        seed = session_seed()  # the recording keeps it: a replay gets the same random numbers
         session = Session(
-            a.conn, where, a.script, self.settings(a.script), self.log, self._recording(a), a.pending
+            a.conn,
+            where,
+            a.script,
+            self.settings(a.script),
+            self.log,
+            self._recording(a, seed),
+            a.pending,
+            seed,
         )
         a.ended = True  # the session writes its end line, however it ends
         self.sessions.add(session)
@@ -235,12 +252,19 @@ class Doorman:
             self.log.info(where, "dequeued", f"dequeued after {waited}ms", waited_ms=waited)
         return lease
 
-    def _recording(self, a: Arrival) -> SessionRecording | None:
+    def _recording(self, a: Arrival, seed: tuple[int, int]) -> SessionRecording | None:
         if self.recorder is None or a.where.quiet:
             return None
         w = a.where
         meta = SessionMeta(
-            w.conn, w.port or 0, w.peer, w.peer_port or 0, a.script.name, a.script.sha256, a.wall_started
+            w.conn,
+            w.port or 0,
+            w.peer,
+            w.peer_port or 0,
+            a.script.name,
+            a.script.sha256,
+            a.wall_started,
+            seed,
         )
         return self.recorder.open(meta)
 

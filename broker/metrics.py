@@ -195,6 +195,18 @@ class BrokerMetrics:
             registry=r,
         )
         self.reloads = Counter("deadend_reloads", "SIGHUP reloads", ["result"], registry=r)
+        self.tls = Counter(
+            "deadend_tls_handshakes",
+            "deadend.starttls() handshakes, by result",
+            ["port", "result"],
+            registry=r,
+        )
+        self.tls_cpu = Counter(
+            "deadend_tls_cpu_seconds",
+            "Broker CPU spent on TLS handshakes (the ClientHello's parsing included)",
+            ["port"],
+            registry=r,
+        )
         r.register(_LiveCollector(state))
         # --brokers: the supervisor's endpoint shows the sum of its brokers' texts, gathered at each scrape.
         self.gather: Callable[[], Awaitable[bytes]] | None = None
@@ -262,6 +274,11 @@ class BrokerMetrics:
                 child(self.limits, str(fields["limit"])).inc()
         elif event == "script.log" and not where.quiet:
             child(self.script_logs, port).inc()
+        elif event in ("tls.handshake", "tls.failed"):
+            child(self.tls, port, "ok" if event == "tls.handshake" else "failed").inc()
+            cpu_ms = fields["cpu_ms"]
+            assert isinstance(cpu_ms, float | int)
+            child(self.tls_cpu, port).inc(cpu_ms / 1000)
         elif event == "reload":
             result = "error" if fields["error"] else "some-failed" if fields["failed"] else "ok"
             child(self.reloads, result).inc()

@@ -3,21 +3,47 @@
 Pure logic in the manner of h11: no sockets, no processes, no clock of its own (the caller passes `now`).
 It turns each validated request into one action for the I/O layer (`broker.session`) and is told the
 outcomes, and what happens to the connection meanwhile (the peer left, a recv waited too long). Recv
-limits, the tarpit delay, close, the log rate, the API call rate and the linger ceiling are decided here.
+limits, the tarpit delay, close, the log rate, the API call rate, the linger ceiling and what TLS allows
+(one handshake, tls_info only once it completed) are decided here.
 Every request of the table permitted in a session has exactly one handler (`_on_<name>`); the table, not
 an if-chain, says which requests exist and where they are permitted.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.ratelimit import TokenBucket
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.reasons import OF_DONE_KIND, ClosedBy, Reason
+from deadend.tlsinfo import TlsInfo
+
+
+class Rng(Protocol):
+    def randint(self, a: int, b: int) -> int: ...
+
+
+class Jitter:
+    """The tarpit's jitter for one session: splitmix64 from the session's seed, so that a replayed session
+    is paced as it was. One integer of state, where a `random.Random` holds 2.5 KiB (times the 10,000
+    sessions a dense broker holds); it is timing noise, not a secret."""
+
+    __slots__ = ("_state",)
+    _MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int) -> None:
+        self._state = seed & self._MASK
+
+    def randint(self, a: int, b: int) -> int:
+        mask = self._MASK
+        self._state = z = (self._state + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return a + (z ^ (z >> 31)) % (b - a + 1)
+
 
 # --- actions for the I/O layer --------------------------------------------------------------------
 
@@ -51,12 +77,17 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    alpn: bytes  # the protocols the server may select (deadend.wire.check_alpn)
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     reason: Reason
     detail: bytes = b""
 
 
-Action = Reply | Send | Recv | Sleep | Log | End
+Action = Reply | Send | Recv | Sleep | Log | StartTls | End
 Handler = Callable[["Monitor", tuple[object, ...], float], Action]
 
 # The request-table modes a session runs in (its requests are checked in one of them).
@@ -71,6 +102,7 @@ class Monitor:
         "bytes_in",
         "bytes_limit",
         "bytes_out",
+        "calls",
         "calls_after_close",
         "calls_limit",
         "ceilings",
@@ -78,6 +110,8 @@ class Monitor:
         "eof",
         "gone_at",
         "idled",
+        "log_bytes",
+        "log_lines",
         "logs_dropped",
         "open",
         "peer_gone",
@@ -86,9 +120,13 @@ class Monitor:
         "rng",
         "tarpit_base",
         "tarpit_jitter",
+        "tls",
+        "tls_failed",
+        "tls_up",
+        "usage",
     )
 
-    def __init__(self, peer_ip: str, ceilings: Ceilings, rng: random.Random, now: float) -> None:
+    def __init__(self, peer_ip: str, ceilings: Ceilings, rng: Rng, now: float) -> None:
         self.peer_ip = peer_ip.encode()
         self.ceilings = ceilings
         self.rng = rng
@@ -107,6 +145,15 @@ class Monitor:
         self.tarpit_jitter = 0
         self.calls_after_close = 0
         self.logs_dropped = 0
+        # What the script did, for `deadend audit`: API calls by name, log lines and bytes it asked for
+        # (dropped ones too), and the usage its worker reported at the end (peak heap, instructions, CPU).
+        self.calls: dict[str, int] = {}
+        self.log_lines = 0
+        self.log_bytes = 0
+        self.usage: tuple[int, int, int] | None = None
+        self.tls: TlsInfo | None = None  # the client's ClientHello was read (and more, if TLS completed)
+        self.tls_up = False  # TLS carries the connection
+        self.tls_failed = False  # a handshake failed: the session ends `tls-handshake` if nothing else
         self._logs = TokenBucket(ceilings.log_rate, ceilings.log_burst, now)
         self._calls = TokenBucket(ceilings.call_rate, ceilings.call_burst, now)
         self._busy = False  # a request is being carried out; a second one is a violation
@@ -120,6 +167,7 @@ class Monitor:
         handler = HANDLERS.get(req.op)
         if handler is None:  # a row permitted only outside sessions (`dump`): parse_request refused it
             raise wire.ProtocolViolation(f"{req.op!r} is not permitted in a session")
+        self.calls[req.op] = self.calls.get(req.op, 0) + 1
         if req.op in IO_REQUESTS and not self._connection_usable(req.op):
             self.calls_after_close += 1
             if self.calls_after_close > self.ceilings.linger_calls:
@@ -129,7 +177,8 @@ class Monitor:
         return action
 
     def _connection_usable(self, op: str) -> bool:
-        return self.open and not (op == "recv" and self.eof)
+        # starttls needs the client's bytes as much as recv does
+        return self.open and not (op in ("recv", "starttls") and self.eof)
 
     def _on_done(self, a: tuple[object, ...], now: float) -> Action:
         kind, message = a
@@ -164,6 +213,8 @@ class Monitor:
     def _on_log(self, a: tuple[object, ...], now: float) -> Action:
         message, level, pairs = a
         assert isinstance(message, bytes) and isinstance(level, str) and isinstance(pairs, list)
+        self.log_lines += 1
+        self.log_bytes += len(message)
         if not self._logs.take(now):
             self.logs_dropped += 1
             return Reply(None)
@@ -184,9 +235,27 @@ class Monitor:
         self.calls_limit, self.bytes_limit = calls, nbytes
         return Reply(None)
 
+    def _on_usage(self, a: tuple[object, ...], now: float) -> Action:
+        peak, instructions, cpu_us = a
+        assert isinstance(peak, int) and isinstance(instructions, int) and isinstance(cpu_us, int)
+        self.usage = peak, instructions, cpu_us
+        return Reply(None)
+
     def _on_close(self, a: tuple[object, ...], now: float) -> Action:
         self.close(ClosedBy.SCRIPT, now)
         return Reply(None)
+
+    def _on_starttls(self, a: tuple[object, ...], now: float) -> Action:
+        alpn = a[0]
+        assert isinstance(alpn, bytes)
+        if self.tls_up:  # the bootstrap raises an argument error instead of asking twice
+            raise wire.ProtocolViolation("'starttls' on a connection that already speaks TLS")
+        if not self._connection_usable("starttls"):
+            return Reply(None)
+        return StartTls(alpn)
+
+    def _on_tls_info(self, a: tuple[object, ...], now: float) -> Action:
+        return Reply(self.tls.to_wire() if self.tls_up and self.tls is not None else None)
 
     # --- outcomes of I/O -------------------------------------------------------------------------
 
@@ -214,6 +283,18 @@ class Monitor:
         self.bytes_in += len(data)
         return Reply(data), self.tarpit_delay()
 
+    def tls_started(self, info: TlsInfo | None, error: str, timed_out: bool, now: float) -> Reply:
+        """The handshake's outcome: true, or nil with the connection closed, as after the peer's close (a
+        timeout counts as a limit's). `info`: the ClientHello, whether or not TLS completed."""
+        self._busy = False
+        self.tls = info
+        if not error and self.open:
+            self.tls_up = True
+            return Reply(True)
+        self.tls_failed = True
+        self.close(ClosedBy.LIMIT if timed_out else ClosedBy.PEER, now)
+        return Reply(None)
+
     def idle(self, now: float) -> Reply:
         """A recv got no byte, or a send's bytes were not taken, within --idle-timeout: the call fails (nil,
         or false), the connection closes, and the session ends `idle` (unless a ceiling ends it first)."""
@@ -227,9 +308,13 @@ class Monitor:
         self._busy = False
         return Reply(None)
 
-    def slept(self, ms: int) -> Reply:
-        """A sleep is over, after `ms` milliseconds (fewer than asked when the peer left meanwhile)."""
+    def slept(self, ms: int, cut: bool = False) -> Reply:
+        """A sleep is over, after `ms` milliseconds. `cut`: it ended early (or at once) because the peer
+        had left: the script is told so by the short sleep, as by a recv that returns nil, so a close it
+        makes next does not take the credit."""
         self._busy = False
+        if cut and self.closed_by is None:
+            self.closed_by = ClosedBy.PEER
         return Reply(ms)
 
     def tarpit_on(self) -> bool:
@@ -282,8 +367,13 @@ class Monitor:
         return True
 
     def final_reason(self, reason: Reason) -> Reason:
-        """The session-end reason: a script that returned after its recv idled out ended `idle`."""
-        return Reason.IDLE if reason == Reason.DONE and self.idled else reason
+        """The session-end reason: a script that returned after its recv idled out ended `idle`, and one
+        that returned after its TLS handshake failed, `tls-handshake`."""
+        if reason != Reason.DONE:
+            return reason
+        if self.idled:
+            return Reason.IDLE
+        return Reason.TLS_HANDSHAKE if self.tls_failed else reason
 
     def call_delay(self, now: float) -> float:
         """Seconds to hold this call back so the session stays within its API call rate.

@@ -39,6 +39,7 @@ from broker.sandboxes import Sandboxes, SandboxSet
 from broker.session import Session, SessionSettings, start_message
 from broker.supervised import SupervisorGone, SupervisorLink
 from broker.tasks import Background
+from broker.tls import TlsCertificates
 from broker.workers import PoolClosed
 from broker.zygote import DirectSpawner, LauncherSpawner, Spawner, ZygoteLost
 from deadend import wire
@@ -46,6 +47,7 @@ from deadend.config import Config
 from deadend.logs import BROKER, EventLog, Where, sanitize
 from deadend.recording import Recorder
 from deadend.scripts import PORT_MAX, Discovery, Script, discover, open_folder, refresh_folder
+from deadend.tlscert import TlsCertError
 
 ACCEPT_ERRORS_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
 ACCEPT_ERRORS_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -84,6 +86,7 @@ class Server:
     doorman: Doorman | None = None
     metrics: BrokerMetrics | None = None
     recorder: Recorder | None = None
+    tls: TlsCertificates | None = None
     outbox: Outbox | None = None  # the events' way to the --sink collectors
     link: SupervisorLink | None = None  # --brokers: this broker's supervisor (broker/supervised.py)
     background: Background | None = None
@@ -199,9 +202,10 @@ class Server:
         gate = self._make_gate()
         await self._start_metrics()
         self._prepare_record_folder(run_as)
+        self._load_certificates()
         await self._start_sinks(run_as)
         self._start_recorder(run_as)
-        self.doorman = Doorman(self.config, self.log, self.sandboxes, gate, self.recorder)
+        self.doorman = Doorman(self.config, self.log, self.sandboxes, gate, self.recorder, self.tls)
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -228,6 +232,30 @@ class Server:
             assert self.metrics is not None
             self.link.serve(self._take_spare, self.request_reload, self.metrics.exposition, self.request_stop)
             self.link.ready()
+
+    def _load_certificates(self) -> None:
+        """Still privileged: read the operator's certificates, or generate them (broker/tls.py)."""
+        try:
+            self.tls = TlsCertificates(self.config, self.scripts)
+        except TlsCertError as e:
+            raise StartupError(str(e)) from e
+        for service in self.tls.services.values():
+            scripts = sorted(
+                (s.name for s in self.scripts.values() if self.tls.service(s.port) is service),
+                key=lambda name: int(name.partition(".")[0]),
+            )
+            if len(scripts) == len(self.scripts) > 1:
+                shown = "every script"
+            else:
+                shown = ", ".join(scripts) or "scripts added later"
+            text = service.certificate.description
+            self.log.info(
+                BROKER,
+                "tls.certificate",
+                f"TLS certificate for {shown}: {text}",
+                certificate=text,
+                scripts=scripts,
+            )
 
     def _log_config(self) -> None:
         """The effective configuration, as endlessh prints it: at start-up and after every reload."""

@@ -9,9 +9,10 @@ Two paths, one order. Requests reach `_on_frame` from the pipe's reader callback
 no waiting (a reply, a log line, a send the socket takes at once, a recv with bytes already read) is
 carried out and answered right there: no task is woken and no future made, which was half the cost of a
 round trip. A sleep is answered by a timer. Whatever else must wait (a recv with nothing to read, a
-throttled call, a tarpit, a send the socket cannot take yet, the end) is handed to the session's task
-(`_serve`), which carries it out and answers. Either way the worker has one request in flight, and the
-next arrives only after its answer.
+throttled call, a tarpit, a send the socket cannot take yet, a `deadend.starttls()`, the end) is handed
+to the session's task (`_serve`), which carries it out and answers. Either way the worker has one
+request in flight, and the next arrives only after its answer. The TLS handshake itself is the
+connection's (broker/connection.py); the session logs and records how it went.
 """
 
 from __future__ import annotations
@@ -22,27 +23,28 @@ import os
 import random
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from broker import monitor as m
 from broker.channel import Deadline, WorkerGone, WorkerLost
-from broker.connection import ClientConnection
+from broker.connection import ClientConnection, Handshake
 from broker.pool import Lease, key_of
 from broker.ratelimit import TokenBucket
+from broker.tls import TlsService
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import LIMIT_OF, ClosedBy, Reason
 from deadend.recording import SessionRecording
 from deadend.scripts import Script
+from deadend.tlscert import TlsCertError
+from deadend.tlsinfo import NO_TLS, TlsInfo
 
 EXIT_REPORT_TIMEOUT = 2.0  # how long to wait for the zygote to report a killed worker
 
 _system_random = random.SystemRandom()
-# The tarpit's jitter, for every session of this broker: a Random holds 2.5 KiB of state, which a session
-# of its own would multiply by 10,000 held sessions; the jitter is timing noise, not a secret.
-_jitter = random.Random(_system_random.getrandbits(128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ class SessionSettings:
     allow_clock: bool
     shutdown_grace: float
     calls: TokenBucket | None = None  # the API calls of all sessions together (--call-rate-total)
+    tls: TlsService | None = None  # the port's certificate; None: starttls fails (no TLS here)
+    measure: bool = False  # `deadend audit`: the worker reports its usage at the end (wire "usage")
 
 
 class Session:
@@ -92,6 +96,7 @@ class Session:
         "monitor",
         "recording",
         "script",
+        "seed",
         "settings",
         "shutting_down",
         "started",
@@ -107,8 +112,11 @@ class Session:
         log: EventLog,
         recording: SessionRecording | None = None,
         pending: bytes = b"",
+        seed: tuple[int, int] | None = None,
     ) -> None:
         self.recording = recording
+        # The script's PRNG seed: fresh per session, or given (a recording's, replayed; an audit's, fixed).
+        self.seed = session_seed() if seed is None else seed
         self.where = where
         self.script = script
         self.settings = settings
@@ -116,7 +124,10 @@ class Session:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.monitor = m.Monitor(where.peer, self.ceilings, _jitter, self.started)
+        # the tarpit's jitter: from the seed too, so that a replayed session is paced as it was
+        self.monitor = m.Monitor(
+            where.peer, self.ceilings, m.Jitter(self.seed[0] ^ self.seed[1]), self.started
+        )
         # `pending`: client bytes read before the session began (after a PROXY header)
         self.conn = ClientConnection(sock, pending, self._peer_departed)
         self.shutting_down = False
@@ -138,9 +149,10 @@ class Session:
         lease.channel.serve(self._on_frame, self._on_failure, self.ceilings.cpu_slice)
         try:
             if lease.prepared_for == key_of(self.script):  # compiled already: only the seed is missing
-                lease.channel.send(wire.go_frame(session_seed()))
+                lease.channel.send(wire.go_frame(self.seed))
             else:
-                lease.channel.send(start_message(self.script, self.settings, wire.Mode.RUN).to_frame())
+                start = start_message(self.script, self.settings, wire.Mode.RUN, self.seed)
+                lease.channel.send(start.to_frame())
             try:
                 try:
                     async with asyncio.timeout(self.ceilings.session_time) as self._timeout:
@@ -203,17 +215,21 @@ class Session:
         self._follow_monitor()
         if self._sleeping is not None:
             self._sleeping.cancel()
-            self._woke()
+            self._woke(cut=True)
 
-    def _sleep(self, seconds: float) -> None:
+    def _sleep(self, seconds: float) -> Later | m.Reply:
         """Answer the sleep in `seconds`, or when the peer leaves if sooner (`_woke`). A timer, not a task:
-        a tarpit holding thousands of sessions costs one timer each between its lines."""
+        a tarpit holding thousands of sessions costs one timer each between its lines. A peer gone already
+        ends it at once, as it would have ended a sleep in progress: nobody is there to wait for."""
+        if self.monitor.peer_gone:
+            return self.monitor.slept(0, cut=True)
         self._slept_from = self.loop.time()
         self._sleeping = self.loop.call_later(seconds, self._woke)
+        return LATER
 
-    def _woke(self) -> None:
+    def _woke(self, cut: bool = False) -> None:
         self._sleeping = None
-        self._answer(self.monitor.slept(round((self.loop.time() - self._slept_from) * 1000)))
+        self._answer(self.monitor.slept(round((self.loop.time() - self._slept_from) * 1000), cut))
 
     def _ending(self, exc: BaseException) -> tuple[Reason, bytes]:
         """The reason and detail a session ends with when its sandbox fails it."""
@@ -281,8 +297,7 @@ class Session:
             reply, _no_delay = self._received(self.conn.take(action.n))
             return reply
         if isinstance(action, m.Sleep):
-            self._sleep(action.seconds)
-            return LATER
+            return self._sleep(action.seconds)
         return action
 
     async def _serve(self, lease: Lease) -> tuple[Reason, bytes]:
@@ -324,8 +339,9 @@ class Session:
         if isinstance(action, m.Recv):
             return await self._recv(action.n)
         if isinstance(action, m.Sleep):
-            self._sleep(action.seconds)
-            return LATER
+            return self._sleep(action.seconds)
+        if isinstance(action, m.StartTls):
+            return await self._starttls(action.alpn)
         assert isinstance(action, m.Log)
         self._script_log(action)
         return monitor.carried_out()
@@ -375,6 +391,50 @@ class Session:
         if delay:
             await asyncio.sleep(delay)
         return reply
+
+    async def _starttls(self, alpn: bytes) -> m.Reply:
+        service, started = self.settings.tls, self.loop.time()
+        try:
+            if service is None:
+                handshake = Handshake(error="TLS is not available here")
+            else:
+                if service.on_starttls is not None:
+                    service.on_starttls()
+                context = service.context(alpn)
+                handshake = await self.conn.start_tls(context, self.ceilings.tls_handshake_timeout)
+        except TlsCertError as e:  # a context for a new ALPN choice: the chain loaded at start-up, again
+            handshake = Handshake(error=str(e))
+        if handshake.error and self.shutting_down:  # it ended the connection, not the client
+            handshake.error = "the broker shut down during the TLS handshake"
+        now = self.loop.time()
+        self._log_tls(handshake, now - started)
+        if self.recording is not None and handshake.info is not None:
+            self.recording.tls(handshake.info.recording_fields(), now - self.started, handshake.error)
+        return self.monitor.tls_started(handshake.info, handshake.error, handshake.timed_out, now)
+
+    def _log_tls(self, handshake: Handshake, seconds: float) -> None:
+        info, cpu_ms = handshake.info, round(handshake.cpu * 1000, 3)
+        fields = NO_TLS if info is None else info.event_fields()
+        shown = "" if info is None else f" {info.summary()}"
+        if handshake.error:
+            error = sanitize(handshake.error)
+            self.log.warn(
+                self.where, "tls.failed", f"TLS failed: {error}{shown}", error=error, cpu_ms=cpu_ms, **fields
+            )
+            return
+        assert info is not None
+        self.log.info(
+            self.where,
+            "tls.handshake",
+            f"TLS {info.version} {info.cipher} alpn_selected={info.alpn_selected or '-'}{shown} "
+            f"in {seconds * 1000:.1f}ms (cpu {cpu_ms:.1f}ms)",
+            version=info.version,
+            cipher=info.cipher,
+            alpn_selected=info.alpn_selected or None,
+            handshake_ms=round(seconds * 1000, 3),
+            cpu_ms=cpu_ms,
+            **fields,
+        )
 
     # --- logging ---------------------------------------------------------------------------------
 
@@ -429,7 +489,9 @@ class Session:
                 mon.bytes_out,
                 None if closed_by == ClosedBy.NONE else closed_by,
             )
-        log_session_end(self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, closed_by)
+        log_session_end(
+            self.log, self.where, reason, duration, mon.bytes_in, mon.bytes_out, closed_by, mon.tls
+        )
 
 
 def session_seed() -> tuple[int, int]:
@@ -437,9 +499,11 @@ def session_seed() -> tuple[int, int]:
     return _system_random.getrandbits(63), _system_random.getrandbits(63)
 
 
-def start_message(script: Script, settings: SessionSettings, mode: wire.Mode) -> wire.Start:
-    """What a worker needs to run `script` (RUN), or to compile it and wait for GO (PREPARE)."""
-    seed = session_seed() if mode == wire.Mode.RUN else (0, 0)  # a prepared worker gets its seed with GO
+def start_message(
+    script: Script, settings: SessionSettings, mode: wire.Mode, seed: tuple[int, int] = (0, 0)
+) -> wire.Start:
+    """What a worker needs to run `script` (RUN, with the session's seed), or to compile it and wait for
+    GO (PREPARE: the seed comes with GO)."""
     return wire.Start(
         mode=mode.value,
         source=script.source,
@@ -448,6 +512,7 @@ def start_message(script: Script, settings: SessionSettings, mode: wire.Mode) ->
         memory=settings.ceilings.memory_bytes,
         instructions=settings.ceilings.instructions,
         clock=settings.allow_clock,
+        measure=settings.measure,
     )
 
 
@@ -459,17 +524,21 @@ def log_session_end(
     bytes_in: int,
     bytes_out: int,
     closed_by: ClosedBy,
+    tls: TlsInfo | None = None,
 ) -> None:
-    """The one session-end event every accepted connection gets, whatever happened to it."""
+    """The one session-end event every accepted connection gets, whatever happened to it. `tls`: the
+    client's ClientHello, if it sent one (to a `deadend.starttls()`)."""
+    fields: Mapping[str, object] = NO_TLS if tls is None else tls.event_fields()
     log.info(
         where,
         "session.end",
         f"session end reason={reason} duration={duration:.3f}s bytes_in={bytes_in} bytes_out={bytes_out} "
-        f"closed_by={closed_by}",
+        f"closed_by={closed_by}{'' if tls is None else ' ' + tls.summary()}",
         reason=reason,
         duration=round(duration, 6),
         bytes_in=bytes_in,
         bytes_out=bytes_out,
         closed_by=closed_by,
         limit=LIMIT_OF.get(reason),
+        **fields,
     )

@@ -4,7 +4,8 @@ A script is compiled inside a locked-down sandbox child, which hands back `strin
 chunk (with debug information). This module, on the trusted side, parses that binary chunk (the format
 written by Lua 5.4.8's `ldump.c`) and walks the instructions of every function to report what the script
 touches: the globals it reads and writes, the `deadend.*` functions it uses, the fields of global tables it
-accesses (`string.dump`, `os.execute`) and the method names it calls (`("x"):dump()`).
+accesses (`string.dump`, `os.execute`), the method names it calls (`("x"):dump()`), and the globals whose
+presence it tests (`type(os)`, `if os then`: a script that guards the optional clock).
 
 The dump is treated as hostile: anything malformed, truncated or absurdly large raises `BytecodeError`,
 and both parsing and analysis run in time linear in the size of the dump.
@@ -550,6 +551,8 @@ class Analysis:
     method_names: dict[str, list[int]] = field(default_factory=dict)  # x:NAME(), and ("literal").NAME
     # "_ENV", or the global whose value was indexed, with a key that is not a constant string
     dynamic_indexes: dict[str, list[int]] = field(default_factory=dict)
+    # globals whose presence is tested: `type(NAME)`, or NAME as a condition (`if os then`, `os and ...`)
+    guards: dict[str, list[int]] = field(default_factory=dict)
     functions: int = 0
 
 
@@ -566,6 +569,12 @@ class _Collector:
         self.fields: dict[tuple[str, str], set[int]] = {}
         self.methods: dict[str, set[int]] = {}
         self.dynamic: dict[str, set[int]] = {}
+        self.guards: dict[str, set[int]] = {}
+
+    def guard(self, value: _Value, line: int) -> None:
+        """`value` is tested (passed to `type`, or used as a condition): a test of a global's presence."""
+        if value is not None and value[0] == "global":
+            self.guards.setdefault(value[1], set()).add(line)
 
     def index(self, obj: _Value, key: str | None, line: int, write: bool) -> _Value:
         """Record `obj[key]` (a read, or a write when `write`); the value a read yields, when known."""
@@ -603,6 +612,7 @@ class _Collector:
             field_uses={k: sorted(self.fields[k]) for k in sorted(self.fields)},
             method_names=done(self.methods),
             dynamic_indexes=done(self.dynamic),
+            guards=done(self.guards),
             functions=functions,
         )
 
@@ -740,10 +750,15 @@ def _function(p: Proto, upvals: list[_Value], col: _Collector) -> list[tuple[Pro
         elif op == Op.CONCAT:
             clobber(a, a + max(b, 1))
         elif op in (Op.CALL, Op.TAILCALL, Op.VARARG, Op.TFORCALL, Op.TFORLOOP):
+            if op in (Op.CALL, Op.TAILCALL) and b == 2 and reg(a) == ("global", "type"):
+                col.guard(reg(a + 1), line)  # type(NAME), one argument
             clobber(a, 0x200)
+        elif op == Op.TEST:
+            col.guard(reg(a), line)
         elif op in (Op.FORLOOP, Op.FORPREP):
             clobber(a, a + 4)
         elif op == Op.TESTSET:
+            col.guard(reg(b), line)
             setreg(a, reg(b))
         elif op == Op.CLOSURE:
             if bx < len(nested) and bx not in seen:

@@ -1,6 +1,6 @@
 """The command line: a thin layer that builds a Config (from the option table) and hands it on.
 
-`deadend broker` serves; `check`, `try` and `test` are the script authors' and auditors' tools
+`deadend broker` serves; `check`, `audit`, `try` and `test` are the script authors' and auditors' tools
 (deadend/tools.py); `replay` reads recordings (deadend/replay.py). This module sits above everything else:
 nothing imports it.
 """
@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from deadend import __version__, options, wire
+from deadend.audit import BUDGET_OPTIONS
 from deadend.config import Config
 from deadend.configfile import ConfigFileError, read_config_file
 from deadend.logs import EventLog
 from deadend.replay import add_replay_parser, run_replay
+from deadend.wire import SEED_MAX
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,6 +32,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 CEILING_OPTIONS = tuple(option for option in options.OPTIONS if option.ceiling)
+
+
+def _bounded(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({lo}..{hi})")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
@@ -52,7 +68,68 @@ def _add_tools(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     try_.add_argument("script", type=Path, metavar="SCRIPT")
     try_.add_argument("--peer-ip", default="192.0.2.10", help="what deadend.get_ip() returns")
     try_.add_argument("--allow-clock", action="store_true")
+    tls = try_.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="be a TLS client from the first byte (443.lua, 993.lua); the script's certificate is generated "
+        "for localhost and not checked",
+    )
+    tls.add_argument(
+        "--starttls",
+        action="store_true",
+        help="be a TLS client from the moment the script calls deadend.starttls() (25.lua after STARTTLS); "
+        "what you send before it did is sent as it is, so wait for the server's go-ahead",
+    )
+    try_.add_argument("--sni", metavar="NAME", help="with --tls: the server name the client asks for")
+    try_.add_argument(
+        "--alpn", metavar="LIST", default="", help="with --tls: the protocols offered, comma-separated"
+    )
     options.add_to_parser(try_, CEILING_OPTIONS)
+
+    audit_ = commands.add_parser(
+        "audit",
+        help="run scripts against a battery of clients and judge what they do",
+        description="Run each SCRIPT (or each .lua file of a folder) in the real sandbox, under a tightened "
+        "budget, against a battery of clients (its transcripts or a line protocol, silent, random bytes, "
+        "a large body, an instant disconnect, a half-close, a trickle) and report, per script, ok, warn or "
+        "fail with the reasons, check's findings included. Exit status 0 only when no script reaches "
+        "--fail-on. With --diff OLD NEW: what the new version does differently (exit status 1 when anything "
+        "does).",
+    )
+    audit_.add_argument("paths", nargs="+", type=Path, metavar="SCRIPT", help="scripts or folders of scripts")
+    audit_.add_argument("--diff", action="store_true", help="compare two versions of a script: OLD NEW")
+    audit_.add_argument("--format", choices=("text", "json"), default="text")
+    audit_.add_argument(
+        "--fail-on",
+        choices=("warn", "fail"),
+        default="warn",
+        help="the verdict that fails the run (default warn)",
+    )
+    audit_.add_argument(
+        "--workers", type=_bounded(1, 64), default=8, metavar="N", help="runs at once (default 8)"
+    )
+    audit_.add_argument(
+        "--seed", type=_bounded(0, SEED_MAX), default=0, metavar="N", help="the audit's PRNG seed (default 0)"
+    )
+    audit_.add_argument(
+        "--transcripts",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also look here for SCRIPT's transcripts (<name>-*.transcript; a transcripts folder beside the "
+        "script is always looked in)",
+    )
+    audit_.add_argument("--allow-clock", action="store_true", help="give the scripts the read-only clock")
+    options.add_to_parser(audit_, BUDGET_OPTIONS)
+
+    commands.add_parser(
+        "examples",
+        help="print the folder of the example scripts shipped with deadend",
+        description="Print the folder holding the example scripts (and their transcripts) installed with "
+        'deadend, e.g. for `deadend broker --scripts "$(deadend examples)"`.',
+    )
 
     test = commands.add_parser(
         "test",

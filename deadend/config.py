@@ -37,6 +37,7 @@ class Ceilings:
     log_rate: float = _default("log-rate")  # script log lines per second (token bucket)
     log_burst: int = _default("log-burst")
     call_rate: float = _default("call-rate")  # API calls per second before replies are delayed
+    tls_handshake_timeout: float = _default("tls-handshake-timeout")  # seconds a starttls may take
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Ceilings:
@@ -56,6 +57,16 @@ class Ceilings:
         # The Lua heap plus room for the interpreter, lupa and its shared libraries (a warm worker maps
         # ~21 MiB) and transient frame buffers. It bounds what a compromised worker can map.
         return (self.memory + 96) << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSource:
+    """One port's certificate: the operator's files, or what to generate (deadend/tlscert.py)."""
+
+    cert: Path | None
+    key: Path | None
+    name: str | None  # None: this host's name
+    key_type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,10 @@ class Config:
     brokers: int = _default("brokers")  # broker processes under one supervisor (broker/supervisor.py)
     call_rate_total: float = _default("call-rate-total")
     ceilings: Ceilings = field(default_factory=Ceilings)
+    tls_cert: Path | None = None  # the operator's certificate chain; None: a generated one
+    tls_key: Path | None = None
+    tls_name: str | None = None  # the generated certificate's name; None: this host's name
+    tls_key_type: str = _default("tls-key-type")
     record: Path | None = None  # folder for session recordings (docs/recording.md)
     record_max_bytes: int = _default("record-max-bytes")  # the folder on disk (st_blocks), old files too
     record_session_bytes: int = _default("record-session-bytes")  # one session's file as written
@@ -131,6 +146,17 @@ class Config:
         settings = self.ports.get(port)
         value = None if settings is None else settings.values.get("sessions-per-worker")
         return self.sessions_per_worker if value is None else int(value)
+
+    def tls_for(self, port: int) -> TlsSource:
+        """Where the port's certificate comes from. A port whose table in the config file names a
+        certificate or a name of its own (tls-cert, tls-key, tls-name) uses those alone: a global
+        --tls-cert does not leak into a port that asked for a generated certificate, nor the reverse."""
+        settings = self.ports.get(port)
+        own = {} if settings is None else settings.values
+        key_type = own.get("tls-key-type", self.tls_key_type)
+        if own.keys() & {"tls-cert", "tls-key", "tls-name"}:
+            return TlsSource(own.get("tls-cert"), own.get("tls-key"), own.get("tls-name"), key_type)
+        return TlsSource(self.tls_cert, self.tls_key, self.tls_name, key_type)
 
     def workers_cap(self, port: int) -> int | None:
         """The port's own cap on workers (config file), or None."""

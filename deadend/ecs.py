@@ -37,6 +37,8 @@ _FIELDS: Final = {
     "bytes_out": "destination.bytes",
     "ja3": "tls.client.ja3",
     "sni": "tls.client.server_name",
+    "cipher": "tls.cipher",
+    "alpn_selected": "tls.next_protocol",
 }
 # Names scripts use in deadend.log's fields that ECS has a field for (the examples use these). Every field
 # a script logged is also kept under `deadend.fields.`, mapped or not.
@@ -59,6 +61,8 @@ _CATEGORY: Final[dict[str, tuple[list[str], list[str]]]] = {
     "dequeued": (["network"], ["connection", "info"]),
     "proxy.error": (["network"], ["connection", "error"]),
     "session.problem": (["network"], ["connection", "error"]),
+    "tls.handshake": (["network"], ["protocol"]),
+    "tls.failed": (["network"], ["protocol", "error"]),
     "script.log": (["intrusion_detection"], ["info"]),
     "script.log_dropped": (["intrusion_detection"], ["info"]),
     "broker.ready": (["process"], ["start"]),
@@ -113,6 +117,12 @@ def ecs_document(record: Mapping[str, object]) -> dict[str, object]:
                 _put(document, _BASE[name], value)
         elif name in _FIELDS and value is not None:
             _put(document, _FIELDS[name], value)
+        elif name == "version" and record["event"] == "tls.handshake" and isinstance(value, str):
+            # ECS: the protocol ("tls") and its version ("1.3") apart; deadend's "TLSv1.3" kept whole
+            _put(document, "tls.version_protocol", "tls")
+            _put(document, "tls.version", value.removeprefix("TLSv"))
+            _put(document, "tls.established", True)
+            _put(document, "deadend.tls_version", value)
         elif name == "duration" and isinstance(value, (int, float)):
             _put(document, "event.duration", round(value * 1e9))  # ECS: nanoseconds
             _put(document, "deadend.duration", value)

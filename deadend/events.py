@@ -28,6 +28,7 @@ _TYPES: Final[dict[str, dict[str, Any]]] = {
     "str?": {"type": ["string", "null"]},
     "int?": {"type": ["integer", "null"]},
     "strs": {"type": "array", "items": {"type": "string"}},
+    "strs?": {"type": ["array", "null"], "items": {"type": "string"}},
     # deadend.log's fields (deadend/wire.py holds the rules): escaped strings, integers, booleans
     "fields": {
         "type": "object",
@@ -36,6 +37,11 @@ _TYPES: Final[dict[str, dict[str, Any]]] = {
         "additionalProperties": {"type": ["string", "integer", "boolean"]},
     },
 }
+
+# The client's TLS fingerprints, on every event of a session that began TLS (`deadend.starttls()`), null
+# where it did not: JA4 and JA3 of its ClientHello, the server name it asked for (SNI) and the protocols
+# it offered (ALPN), escaped as any text a client controls.
+TLS_FIELDS: Final[dict[str, str]] = {"ja4": "str?", "ja3": "str?", "sni": "str?", "alpn": "strs?"}
 
 # name -> (what it means, {field: kind}). Every field listed is always present in the JSON object.
 EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
@@ -58,6 +64,11 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
     "broker.warning": ("a broker-wide condition the operator should know", {}),
     "broker.error": ("a broker-wide failure; the broker goes on unless it says otherwise", {}),
     "metrics.listening": ("the Prometheus endpoint is up", {"address": "str"}),
+    "tls.certificate": (
+        "at start-up, a certificate `deadend.starttls()` presents: its names, key, expiry and origin (the "
+        "operator's file or generated), and the scripts it is for",
+        {"certificate": "str", "scripts": "strs"},
+    ),
     "sandbox.isolation": (
         "the sandbox zygote started; the isolation layers every sandbox lives in, and those skipped",
         {"active": "strs", "skipped": "strs"},
@@ -105,6 +116,23 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
         "why a session ended abnormally (error text, limit detail)",
         {"reason": "reason", "detail": "str"},
     ),
+    "tls.handshake": (
+        "a `deadend.starttls()` completed: what was negotiated, the client's fingerprints, and what the "
+        "handshake cost (wall and broker CPU milliseconds, the ClientHello's parsing included)",
+        {
+            "version": "str",
+            "cipher": "str",
+            "alpn_selected": "str?",
+            "handshake_ms": "num",
+            "cpu_ms": "num",
+            **TLS_FIELDS,
+        },
+    ),
+    "tls.failed": (
+        "a `deadend.starttls()` failed (the fingerprints are null when no ClientHello was read); the "
+        "connection is closed and starttls returns nil",
+        {"error": "str", "cpu_ms": "num", **TLS_FIELDS},
+    ),
     "session.end": (
         "exactly one per connection, refused ones included",
         {
@@ -114,6 +142,7 @@ EVENTS: Final[dict[str, tuple[str, dict[str, str]]]] = {
             "bytes_out": "int",
             "closed_by": "closed_by",
             "limit": "str?",
+            **TLS_FIELDS,
         },
     ),
     # side channels

@@ -34,28 +34,13 @@ from typing import Final, TextIO
 from deadend.ecs import ecs_document
 from deadend.events import EVENTS, SCHEMA_VERSION
 from deadend.ids import uuid7
-from deadend.wire import FIELD_MAX, LOG_LEVELS, LOG_MAX
+from deadend.wire import FIELD_MAX, IGNORABLE_RANGES, LOG_LEVELS, LOG_MAX, UNSAFE_CATEGORIES
 
 BATCH_DELAY: Final = 0.005  # seconds the writer waits after a first line for more to join it
 
 LEVEL_ORDER: Final = {name: i for i, name in enumerate(LOG_LEVELS)}
 CUT_MARKER: Final = "…[cut]"
 
-UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
-# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) outside UNSAFE_CATEGORIES: characters
-# that render as nothing, so they could hide text (Hangul fillers, variation selectors, the combining
-# grapheme joiner, Khmer inherent vowels, Mongolian free variation selectors).
-IGNORABLE_RANGES: Final = (
-    (0x034F, 0x034F),
-    (0x115F, 0x1160),
-    (0x17B4, 0x17B5),
-    (0x180B, 0x180D),
-    (0x180F, 0x180F),
-    (0x3164, 0x3164),
-    (0xFE00, 0xFE0F),
-    (0xFFA0, 0xFFA0),
-    (0xE0000, 0xE0FFF),  # the tag block and its neighbours, whatever their category in this Python
-)
 _ASCII_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 _ANY_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\U0010ffff\\]")
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 from deadend.logs import FORMATTERS
 from deadend.scripts import PORT_MAX
 from deadend.sinks.urls import parse_sink_url
+from deadend.tlscert import KEY_TYPES
 from deadend.wire import LOG_LEVELS
 
 LOG_FORMATS: Final = tuple(FORMATTERS)
@@ -159,6 +160,7 @@ WHAT = "what to serve"
 LOGS = "logs"
 POOL = "pool, queue and connection caps"
 CEILINGS = "ceilings (per session; each ends only the session that hits it)"
+TLS = "TLS (deadend.starttls)"
 OPS = "recording, metrics, proxies, privileges"
 SINKS = "event sinks"
 
@@ -523,6 +525,62 @@ OPTIONS: Final[tuple[Option, ...]] = (
         group=POOL,
         lo=1,
         hi=10**8,
+    ),
+    _opt(
+        "tls-handshake-timeout",
+        "float",
+        10.0,
+        "S",
+        "seconds a `deadend.starttls()` may take, from the first byte of the ClientHello awaited to the "
+        "end of the handshake; then it returns nil and the connection closes",
+        group=CEILINGS,
+        lo=0.1,
+        hi=3600,
+        per_port=True,
+        ceiling=True,
+    ),
+    # --- TLS
+    _opt(
+        "tls-cert",
+        "path",
+        None,
+        "FILE",
+        "the certificate chain (PEM) `deadend.starttls()` presents, with `--tls-key`; read at start-up. "
+        "Unset: one generated at start-up for `--tls-name` ([docs/tls.md](docs/tls.md))",
+        group=TLS,
+        per_port=True,
+        readme_default="generated",
+    ),
+    _opt(
+        "tls-key",
+        "path",
+        None,
+        "FILE",
+        "its private key (PEM, not encrypted), read before the broker drops its privileges",
+        group=TLS,
+        per_port=True,
+    ),
+    _opt(
+        "tls-name",
+        "str",
+        None,
+        "NAME",
+        "the DNS name (or IP address) the generated certificate is for, with an organisation, a place and "
+        "a validity period such as a real server's has",
+        group=TLS,
+        per_port=True,
+        readme_default="this host's name",
+    ),
+    _opt(
+        "tls-key-type",
+        "choice",
+        "rsa",
+        "T",
+        "`rsa` (2048 bits: every client and scanner can use it) or `ecdsa` (P-256) for the generated "
+        "certificate",
+        group=TLS,
+        choices=KEY_TYPES,
+        per_port=True,
     ),
     # --- recording, metrics, proxies, privileges
     _opt(

@@ -34,6 +34,7 @@ class Reason(enum.StrEnum):
     PER_IP_LIMIT = "per-ip-limit"
     PROXY_HEADER = "proxy-header"
     WORKER_LOST = "worker-lost"
+    TLS_HANDSHAKE = "tls-handshake"
     IGNORED = "ignored"  # --ignore-action refuse: never logged, seen only by the metrics
 
 
@@ -58,6 +59,8 @@ MEANING: Final[dict[Reason, str]] = {
     Reason.PER_IP_LIMIT: "the address (or IPv6 /64) had `--max-per-ip` connections open",
     Reason.PROXY_HEADER: "`--proxy-protocol`: the PROXY header was missing or malformed",
     Reason.WORKER_LOST: "dense mode: the sandbox it shared was killed because of another session",
+    Reason.TLS_HANDSHAKE: "`deadend.starttls()` failed (no ClientHello, a malformed one, a handshake OpenSSL "
+    "refused, or none within `--tls-handshake-timeout`) and the script then returned",
     Reason.IGNORED: "`--ignore-action refuse`: a peer in an --ignore network (counted, never logged)",
 }
 

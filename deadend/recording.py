@@ -26,7 +26,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +34,7 @@ from typing import BinaryIO, Final
 
 from deadend.logs import sanitize, utc_timestamp
 from deadend.proxy import peer_address
+from deadend.wire import SEED_MAX
 
 FORMAT: Final = "deadend-recording"
 VERSION: Final = 1
@@ -53,6 +54,7 @@ TAIL_RESERVE: Final = 512
 NAME_COST: Final = 128
 _BATCH: Final = 256  # queue items per write batch
 _WORD_MAX: Final = 64  # an end line's reason and closed_by: the broker's own words, cut to bound the line
+_ERROR_MAX: Final = 512  # a tls-failed line's error: the broker's words about the client's bytes
 
 # O_NONBLOCK: a FIFO planted under a file's name must not hang the writer (it opens with ENXIO instead);
 # fstat then checks that what was opened is the regular file the recorder created.
@@ -70,6 +72,7 @@ class SessionMeta:
     script: str  # script file name e.g. "25.lua" (ours, but treated as text)
     script_sha256: str
     started: float  # time.time() at accept
+    seed: tuple[int, int] | None = None  # the script's PRNG seed (None: a file from before it was kept)
 
 
 def file_name(meta: SessionMeta) -> str:
@@ -109,13 +112,15 @@ def _header(meta: SessionMeta) -> bytes:
         "started": utc_timestamp(meta.started),
         "started_unix": round(meta.started, 6),
     }
+    if meta.seed is not None:
+        fields["seed"] = list(meta.seed)
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 @dataclass(slots=True)
 class _Item:
     rec: SessionRecording
-    kind: str  # open | data | gap | truncated | end
+    kind: str  # open | data | gap | tls | truncated | end
     t: float = 0.0
     direction: str = ""
     payload: bytes = b""  # data: the payload; otherwise the line, already built
@@ -166,6 +171,18 @@ class SessionRecording:
             self._put_gap()
             line = _line(t, event="truncated", reason="session-cap")
             self._recorder._put(_Item(self, "truncated", payload=line))
+
+    def tls(self, fields: Mapping[str, object], t: float, error: str = "") -> None:
+        """Where TLS began (`deadend.starttls()`): a `tls` line, or a `tls-failed` one with the `error`; the
+        data lines after a `tls` line are the plaintext. `fields` come from deadend.tlsinfo."""
+        if self._ended or self._truncated:
+            return
+        self._put_gap()
+        if error:
+            line = _line(t, event="tls-failed", error=error[:_ERROR_MAX], **fields)
+        else:
+            line = _line(t, event="tls", **fields)
+        self._recorder._put(_Item(self, "tls", payload=line))
 
     def end(self, reason: str, t: float, bytes_in: int, bytes_out: int, closed_by: str | None = None) -> None:
         """Write the last line and close the file. `closed_by` (peer, script, limit, shutdown) is optional."""
@@ -411,7 +428,7 @@ class Recorder:
                 self._admit(rec, item.payload, pending, reserve=TAIL_RESERVE - len(item.payload))
             else:
                 line = (
-                    item.payload if item.kind == "gap" else _data_line(item.t, item.direction, item.payload)
+                    item.payload if item.kind != "data" else _data_line(item.t, item.direction, item.payload)
                 )
                 cap = self._room(rec, len(line))
                 if cap:
@@ -586,7 +603,23 @@ class End:
     closed_by: str | None = None
 
 
-Entry = Data | Gap | Truncated | End
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Where TLS began (or was tried): the client's hello and, when it succeeded, what was negotiated."""
+
+    t: float
+    hello: bytes  # the records that carried the ClientHello
+    ja4: str
+    ja3: str
+    sni: str | None  # escaped as in the log
+    alpn: tuple[str, ...]
+    version: str = ""  # empty when it failed
+    cipher: str = ""
+    alpn_selected: str | None = None
+    error: str = ""  # why it failed (a tls-failed line)
+
+
+Entry = Data | Gap | Tls | Truncated | End
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,9 +802,38 @@ def _read_header(path: str, obj: dict[str, object]) -> SessionMeta:
             script=_text(obj, "script"),
             script_sha256=_text(obj, "script_sha256"),
             started=_number(obj, "started_unix", MAX_UNIX),
+            seed=_seed(obj),
         )
     except ValueError as e:
         raise RecordingError(path, 1, str(e)) from None
+
+
+def _seed(obj: dict[str, object]) -> tuple[int, int] | None:
+    if "seed" not in obj:
+        return None
+    seed = obj["seed"]
+    if not (
+        isinstance(seed, list) and len(seed) == 2 and all(type(v) is int and 0 <= v <= SEED_MAX for v in seed)
+    ):
+        raise ValueError(f"'seed' {_shown(seed)} is not two integers in 0..{SEED_MAX}")
+    return seed[0], seed[1]
+
+
+def _read_tls(t: float, obj: dict[str, object], failed: bool) -> Tls:
+    try:
+        hello = base64.b64decode(_text(obj, "hello"), validate=True)
+    except binascii.Error:
+        raise ValueError("'hello' is not valid base64") from None
+    alpn = obj.get("alpn")
+    if not isinstance(alpn, list) or not all(isinstance(name, str) for name in alpn):
+        raise ValueError("'alpn' is missing or not a list of strings")
+    sni = None if obj.get("sni") is None else _text(obj, "sni")
+    selected = None if obj.get("alpn_selected") is None else _text(obj, "alpn_selected")
+    shown = tuple(_text({"n": name}, "n") for name in alpn)
+    if failed:
+        return Tls(t, hello, _text(obj, "ja4"), _text(obj, "ja3"), sni, shown, error=_text(obj, "error"))
+    version, cipher = _text(obj, "version"), _text(obj, "cipher")
+    return Tls(t, hello, _text(obj, "ja4"), _text(obj, "ja3"), sni, shown, version, cipher, selected)
 
 
 def _read_entry(obj: dict[str, object]) -> Entry:
@@ -793,6 +855,8 @@ def _read_entry(obj: dict[str, object]) -> Entry:
     event = obj.get("event")
     if event == "gap":
         return Gap(t, _int(obj, "dropped_bytes", MAX_COUNT))
+    if event in ("tls", "tls-failed"):
+        return _read_tls(t, obj, failed=event == "tls-failed")
     if event == "truncated":
         return Truncated(t, _text(obj, "reason"))
     if event == "end":

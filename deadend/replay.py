@@ -12,15 +12,18 @@ import argparse
 import asyncio
 import contextlib
 import io
+import ipaddress
 import math
 import os
 import re
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from deadend.clienthello import ClientHello, ClientHelloError, Complete, read_client_hello
 from deadend.logs import sanitize, utc_timestamp
 from deadend.recording import (
     MAX_OFFSET,
@@ -29,6 +32,7 @@ from deadend.recording import (
     Gap,
     RecordingError,
     RecordingReader,
+    Tls,
     Truncated,
     open_recording,
 )
@@ -159,10 +163,64 @@ def conversation(reader: RecordingReader) -> Iterator[str]:
             yield f"+{entry.t:.3f}s ! gap: {entry.dropped_bytes} bytes not recorded (disk too slow)"
         elif isinstance(entry, Truncated):
             yield f"+{entry.t:.3f}s ! truncated ({sanitize(entry.reason)}): the rest is not recorded"
+        elif isinstance(entry, Tls):
+            yield f"+{entry.t:.3f}s ! {_tls_text(entry)}"
         else:
             yield f"+{entry.t:.3f}s ! {_end_text(entry)}"
     if reader.end is None:
         yield "! no end line: the recording was cut short"
+
+
+def _tls_text(tls: Tls) -> str:
+    """The recording's strings come from the file: escaped (again) like everything else shown."""
+    shown = " ".join(
+        f"{name}={sanitize(value, 300)}"
+        for name, value in (
+            ("ja4", tls.ja4),
+            ("ja3", tls.ja3),
+            ("sni", tls.sni or "-"),
+            ("alpn", ",".join(tls.alpn) or "-"),
+        )
+    )
+    if tls.error:
+        return f"tls failed: {sanitize(tls.error)} {shown}"
+    selected = sanitize(tls.alpn_selected or "-", 300)
+    return f"tls {sanitize(tls.version, 40)} {sanitize(tls.cipher, 80)} alpn_selected={selected} {shown}"
+
+
+def recorded_hello(tls: Tls) -> ClientHello | None:
+    """The ClientHello of a recording's tls line, parsed again (strictly: the file may have been edited)."""
+    try:
+        answer = read_client_hello(tls.hello)
+    except ClientHelloError:
+        return None
+    return answer.hello if isinstance(answer, Complete) else None
+
+
+def client_context(hello: ClientHello | None) -> ssl.SSLContext:
+    """A TLS client for replaying a recorded session: it offers the recorded ALPN protocols and checks
+    nothing (the server being replayed to is the operator's own)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    offered = [name.decode("ascii") for name in (hello.alpn if hello else ()) if name.isascii() and name]
+    if offered:
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            context.set_alpn_protocols(offered)
+    return context
+
+
+def server_hostname(hello: ClientHello | None) -> str | None:
+    """The recorded SNI, when it is a host name Python's ssl can send (an IP address or odd bytes: none)."""
+    if hello is None or hello.server_name is None:
+        return None
+    name = hello.server_name.decode("ascii", "replace")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name) or ".." in name:
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return None
+    return name
 
 
 def _end_text(end: End) -> str:
@@ -202,7 +260,7 @@ async def replay_to(
     receiving = asyncio.create_task(receive())
     try:
         for entry in reader:
-            if not isinstance(entry, Data) or entry.dir != "in":
+            if not (isinstance(entry, Data) and entry.dir == "in") and not isinstance(entry, Tls):
                 continue
             delay = min(start + entry.t / speed - loop.time(), MAX_OFFSET) if speed > 0 else 0.0
             if delay > 0:
@@ -210,6 +268,10 @@ async def replay_to(
             if receiving.done():
                 break
             last[0] = loop.time()
+            if isinstance(entry, Tls):
+                if not await _start_tls(writer, entry, last[0] - start, show):
+                    break
+                continue
             for line in payload_lines(last[0] - start, ">", entry.payload):
                 show(line)
             writer.write(entry.payload)
@@ -229,6 +291,26 @@ async def replay_to(
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     return ""
+
+
+async def _start_tls(writer: asyncio.StreamWriter, tls: Tls, t: float, show: Callable[[str], None]) -> bool:
+    """Where TLS began: a handshake as the recorded client's (its SNI and ALPN, not its fingerprint). A
+    failed one is replayed as the bytes the client sent, which are recorded. False: stop replaying."""
+    hello = recorded_hello(tls)
+    if tls.error:
+        show(f"+{t:.3f}s ! the client's TLS failed here ({sanitize(tls.error)}); sending its bytes")
+        writer.write(tls.hello)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        return True
+    show(f"+{t:.3f}s ! starting TLS")
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await writer.start_tls(client_context(hello), server_hostname=server_hostname(hello))
+    except (OSError, ssl.SSLError) as e:  # TimeoutError included
+        show(f"+{t:.3f}s ! TLS failed: {sanitize(str(e) or type(e).__name__, 300)}")
+        return False
+    return True
 
 
 def _why(e: OSError) -> str:
@@ -274,6 +356,8 @@ def transcript_of(reader: RecordingReader) -> Iterator[str]:
     )
     yield "# the server's bytes are expected exactly: edit to `<~ REGEX` where they vary"
     yield f"% peer-ip {meta.peer}"
+    if meta.seed is not None:  # the script's random numbers, as in the session
+        yield f"% seed {meta.seed[0]} {meta.seed[1]}"
     previous = 0.0  # when the last step happened, for the waits
     for entry in reader:
         if isinstance(entry, Data):
@@ -290,6 +374,13 @@ def transcript_of(reader: RecordingReader) -> Iterator[str]:
             what = "a gap" if isinstance(entry, Gap) else f"truncated ({sanitize(entry.reason)})"
             yield f"# the recording has {what} here: the rest of the session is not known"
             return
+        elif isinstance(entry, Tls):
+            yield f"# {_tls_text(entry)}"
+            if entry.error:
+                yield "# the client's TLS failed here: the rest of the session is not replayable"
+                return
+            yield "! starttls"
+            previous = entry.t
         elif entry.closed_by in SERVER_CLOSED or (entry.closed_by is None and entry.reason != "shutdown"):
             # closed_by None: nobody closed the connection before the session ended, so the broker
             # closed it when the script finished (or was ended): the client saw the server close.

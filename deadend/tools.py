@@ -1,4 +1,5 @@
-"""`deadend check`, `deadend try` and `deadend test`: the tools for script authors and auditors.
+"""`deadend check`, `deadend audit`, `deadend try` and `deadend test`: the tools for script authors and
+auditors.
 
 Each runs scripts only in the real, locked-down sandbox, never in this process.
 """
@@ -13,13 +14,20 @@ import json
 import os
 import socket
 import sys
+import sysconfig
 import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 from deadend.config import Ceilings, Config
-from deadend.logs import EventLog, sanitize
+from deadend.logs import EventLog, Where, sanitize
+from deadend.reasons import Reason
 from deadend.scripts import Script, port_of, read_source
 from deadend.transcript import Transcript, TranscriptError, load
+from deadend.wire import check_alpn
 
 
 def _fail(message: str) -> int:
@@ -50,12 +58,35 @@ class _Lines(io.TextIOBase):
         return len(s)
 
 
+# --- examples --------------------------------------------------------------------------------------
+
+
+def shipped_examples() -> Path | None:
+    """Where the example scripts are: installed from a wheel under the installation's data folder
+    (pyproject.toml's data-files: share/deadend/examples, for the environment or the user), or, in a
+    checkout, the repository's examples/ folder beside the package."""
+    candidates = [Path(sysconfig.get_path("data")), Path(sys.prefix)]
+    with contextlib.suppress(KeyError):
+        candidates.append(Path(sysconfig.get_path("data", f"{os.name}_user")))
+    folders = [c / "share" / "deadend" / "examples" for c in candidates]
+    folders.append(Path(__file__).resolve().parent.parent / "examples")
+    return next((f for f in folders if any(f.glob("*.lua"))), None)
+
+
+def run_examples(args: argparse.Namespace) -> int:
+    folder = shipped_examples()
+    if folder is None:
+        return _fail("no example scripts are installed with this deadend")
+    print(folder)
+    return 0
+
+
 # --- check -----------------------------------------------------------------------------------------
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from broker.audit import Report, check, render, scripts_in
     from broker.sandboxes import standalone
+    from broker.staticcheck import Report, check, render, scripts_in
     from broker.zygote import ZygoteLost
 
     missing = [str(p) for p in args.paths if not p.exists()]
@@ -85,31 +116,98 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if reports and all(r.clean for r in reports) else 1
 
 
+# --- audit -----------------------------------------------------------------------------------------
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from broker.auditrun import Auditor
+    from broker.staticcheck import scripts_in
+    from broker.zygote import ZygoteLost
+    from deadend import audit
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        return _fail(f"no such file or folder: {', '.join(missing)}")
+    if args.diff and (len(args.paths) != 2 or not all(p.is_file() for p in args.paths)):
+        return _fail("--diff compares two scripts: deadend audit --diff OLD NEW")
+    files = list(args.paths) if args.diff else scripts_in(args.paths)
+    if not files:
+        return _fail(f"no .lua file in {', '.join(str(p) for p in args.paths)}")
+    ceilings = Ceilings.from_values(vars(args))
+    budget = {o.name: getattr(ceilings, o.field) for o in audit.BUDGET_OPTIONS}
+
+    async def main() -> list[audit.Report]:
+        async with Auditor(ceilings, args.workers, args.seed, args.allow_clock) as auditor:
+            return list(await asyncio.gather(*(auditor.audit(path, args.transcripts) for path in files)))
+
+    started = time.monotonic()
+    try:
+        reports = asyncio.run(main())
+    except (ZygoteLost, OSError) as e:
+        # Where it failed, in one line: the sandbox could not start, or a run could not get one.
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" (in {frames[-1].name}, {Path(frames[-1].filename).name})" if frames else ""
+        return _fail(f"the audit stopped: {e}{where}")
+    elapsed = time.monotonic() - started
+    if args.diff:
+        changes = audit.diff(reports[0], reports[1])
+        if args.format == "json":
+            old, new = (r.to_json(budget) for r in reports)
+            print(json.dumps({"old": old, "new": new, "changes": [asdict(c) for c in changes]}, indent=2))
+        else:
+            print(audit.budget_line(budget, args.seed))
+            print(audit.render_diff(reports[0], reports[1], changes))
+        return 1 if changes else 0
+    if args.format == "json":
+        print(json.dumps([r.to_json(budget) for r in reports], indent=2))
+    else:
+        print(audit.budget_line(budget, args.seed))
+        for report in reports:
+            print(audit.render(report))
+        counts = {v: sum(r.verdict == v for r in reports) for v in ("ok", "warn", "fail")}
+        shown = ", ".join(f"{n} {v}" for v, n in counts.items())
+        print(f"{len(reports)} script(s) audited in {elapsed:.1f} s: {shown}")
+    worst = audit.SEVERITY_ORDER[args.fail_on]
+    return 1 if any(audit.SEVERITY_ORDER[r.verdict] >= worst for r in reports) else 0
+
+
 # --- try -------------------------------------------------------------------------------------------
 
 
 def run_try(args: argparse.Namespace) -> int:
-    from broker.rehearsal import Rehearsal
+    from broker.rehearsal import Rehearsal, relay
 
     script = _script(args.script)
     if isinstance(script, str):
         return _fail(script)
+    alpn = args.alpn.split(",") if args.alpn else []
+    if args.alpn and not check_alpn(args.alpn.encode()):
+        return _fail(f"--alpn {sanitize(args.alpn, 100)!r} is not protocol names separated by commas")
     config = Config(scripts=Path(), ceilings=Ceilings.from_values(vars(args)))
     log = EventLog(sys.stderr, level="debug")
+    ended: list[object] = []  # the session's end reason, from its session-end event
+
+    def observe(event: str, _where: Where, fields: Mapping[str, object]) -> None:
+        if event == "session.end":
+            ended.append(fields["reason"])
+
+    log.observers.append(observe)
     ours, theirs = socket.socketpair()
+    # --tls, --starttls: the terminal's bytes reach the script through a relay that speaks TLS
+    terminal, relayed = socket.socketpair() if args.tls or args.starttls else (ours, None)
 
     def pump_in() -> None:  # stdin -> the script
         try:
             while chunk := os.read(sys.stdin.fileno(), 65536):
-                ours.sendall(chunk)
+                terminal.sendall(chunk)
         except OSError:
             pass
         with contextlib.suppress(OSError):
-            ours.shutdown(socket.SHUT_WR)
+            terminal.shutdown(socket.SHUT_WR)
 
     def pump_out() -> None:  # the script -> stdout
         try:
-            while chunk := ours.recv(65536):
+            while chunk := terminal.recv(65536):
                 os.write(sys.stdout.fileno(), chunk)
         except OSError:
             pass
@@ -117,7 +215,22 @@ def run_try(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with Rehearsal(config, log) as rehearsal:
             theirs.setblocking(False)
-            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+            if relayed is None:
+                await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock)
+                return
+            tls_wanted = asyncio.Event() if args.starttls else None
+            ours.setblocking(False)
+            relayed.setblocking(False)
+            carrying = asyncio.ensure_future(relay(relayed, ours, tls_wanted, args.sni, alpn))
+            on_starttls = tls_wanted.set if tls_wanted is not None else None
+            await rehearsal.start_session(script, theirs, args.peer_ip, args.allow_clock, on_starttls)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # what the script sent last, on its way to stdout
+                    problem = await asyncio.shield(carrying)
+                    if problem:
+                        print(f"deadend: {problem}", file=sys.stderr)
+            carrying.cancel()
+            await asyncio.gather(carrying, return_exceptions=True)
 
     threading.Thread(target=pump_in, daemon=True).start()
     out = threading.Thread(target=pump_out, daemon=True)
@@ -129,8 +242,13 @@ def run_try(args: argparse.Namespace) -> int:
     finally:
         out.join(2)
         ours.close()
+        if relayed is not None:
+            relayed.close()
+            terminal.close()
         log.close()
-    return 0
+    # A script error or a ceiling is a failed try (a script under development, a CI smoke test); the
+    # session-end line on stderr says which.
+    return 0 if ended == [Reason.DONE] else 1
 
 
 # --- test ------------------------------------------------------------------------------------------

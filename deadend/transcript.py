@@ -2,7 +2,8 @@
 `load`). docs/transcripts.md is the full reference.
 
     # comment; blank lines are ignored
-    % allow-clock | peer-ip ADDR | timeout MS     options, before the first exchange
+    % allow-clock | peer-ip ADDR | seed HI LO | timeout MS     options, before the first exchange
+    % tls | sni NAME | alpn LIST                  TLS from the start; the client's SNI and ALPN offers
     > TEXT        the client sends TEXT and CRLF
     >| TEXT       the client sends TEXT exactly
     >* N TEXT     the client sends TEXT and CRLF, N times
@@ -16,6 +17,7 @@
     @ after MS    ... and not sooner than MS ms
     ! close       the client closes the connection
     ! shutdown    the client stops sending (half-close) and goes on reading
+    ! starttls    the client starts TLS (the script's deadend.starttls() takes its ClientHello)
     = eof         the server closes the connection: nothing more arrives
     ~ log REGEX   by the end, a script log line "LEVEL MESSAGE" (escaped as in the log) matches REGEX
 
@@ -37,6 +39,7 @@ from typing import Any, Final
 
 from deadend.logs import first_hidden, sanitize
 from deadend.proxy import peer_address
+from deadend.wire import SEED_MAX, check_alpn
 
 DEFAULT_TIMEOUT_MS: Final = 5000.0
 DEFAULT_PEER_IP: Final = "192.0.2.10"  # TEST-NET-1: what deadend.get_ip() returns without `% peer-ip`
@@ -52,6 +55,9 @@ _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[rnts\\])")
 _SIMPLE = {"r": b"\r", "n": b"\n", "t": b"\t", "s": b" ", "\\": b"\\"}
 _MS = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,6})?")
 _COUNT = re.compile(r"[1-9][0-9]{0,9}")
+_SEED = re.compile(r"0|[1-9][0-9]{0,18}")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")  # what an SNI carries (RFC 6066 3)
 
 
 class TranscriptError(Exception):
@@ -74,7 +80,8 @@ class _Bad(ValueError):
 @dataclass(frozen=True, slots=True)
 class Step:
     line: int  # where it is in the transcript, for reports
-    # send | expect_line | expect_match | expect_bytes | expect_prefix | skip_until | close | shutdown | eof
+    # send | expect_line | expect_match | expect_bytes | expect_prefix | skip_until | close | shutdown |
+    # starttls | eof
     kind: str
     data: bytes = b""
     pattern: re.Pattern[bytes] | None = None
@@ -99,6 +106,10 @@ class Transcript:
     allow_clock: bool = False
     peer_ip: str = DEFAULT_PEER_IP
     timeout_ms: float = DEFAULT_TIMEOUT_MS
+    seed: tuple[int, int] | None = None  # the script's PRNG seed; None: a fresh one, as the broker does
+    tls: bool = False  # TLS from the start: a starttls before the first step
+    sni: str | None = None  # the server name the client's ClientHello asks for
+    alpn: tuple[str, ...] = ()  # the protocols it offers
 
 
 def unescape(text: str, column: int = 1) -> bytes:
@@ -175,7 +186,7 @@ def parse(text: str, path: str = "<transcript>") -> Transcript:
                 continue
             started = True
             step = _step(head, rest, number, line, at)
-            if step.kind in ("send", "close", "shutdown") and timing:
+            if step.kind in ("send", "close", "shutdown", "starttls") and timing:
                 raise _Bad("'@' timing applies to an expectation, not to a client action")
             sent += len(step.data) * step.repeat if step.kind == "send" else 0
             if sent > MAX_SEND_BYTES:
@@ -211,8 +222,31 @@ def _option(t: Transcript, rest: str, at: int) -> None:
         t.timeout_ms = _ms(value, "'% timeout'", at_value)
         if t.timeout_ms == 0:
             raise _Bad("'% timeout' must be more than 0 ms", at_value)
+    elif name == "seed":
+        halves = value.split(" ")
+        if len(halves) != 2 or not all(_SEED.fullmatch(h) and int(h) <= SEED_MAX for h in halves):
+            raise _Bad(f"'% seed' needs two whole numbers in 0..{SEED_MAX}, not {_shown(value)!r}", at_value)
+        t.seed = (int(halves[0]), int(halves[1]))
+    elif name == "tls":
+        if value.strip():
+            raise _Bad("'% tls' takes no value", at_value)
+        t.tls = True
+    elif name == "sni":
+        if not _HOST_NAME.fullmatch(value.strip()):
+            raise _Bad(f"'% sni' needs a DNS name such as www.example.com, not {_shown(value)!r}", at_value)
+        t.sni = value.strip()
+    elif name == "alpn":
+        names = value.strip()
+        if not names or not check_alpn(names.encode()):
+            raise _Bad(
+                f"'% alpn' needs protocol names separated by commas (h2,http/1.1), not {_shown(value)!r}",
+                at_value,
+            )
+        t.alpn = tuple(names.split(","))
     else:
-        raise _Bad(f"unknown option {_shown(name)!r} (allow-clock, peer-ip, timeout)", at)
+        raise _Bad(
+            f"unknown option {_shown(name)!r} (allow-clock, peer-ip, seed, timeout, tls, sni, alpn)", at
+        )
 
 
 def _ms(value: str, what: str, column: int) -> float:
@@ -265,7 +299,7 @@ def _step(head: str, rest: str, number: int, line: str, at: int) -> Step:
         return Step(number, "expect_prefix", pattern=regex(rest), source=line)
     if head == "<*":
         return Step(number, "skip_until", pattern=regex(rest), source=line)
-    if head == "!" and rest.strip() in ("close", "shutdown"):
+    if head == "!" and rest.strip() in ("close", "shutdown", "starttls"):
         return Step(number, rest.strip(), source=line)
     if head == "=" and rest.strip() == "eof":
         return Step(number, "eof", source=line)

@@ -14,6 +14,7 @@ Four channels, five dialects, all msgpack:
       ──▶ ["start", {Start}]                          mode "run": the session begins at once
       ──▶ ["start", {Start, mode "prepare"}]  ◀── ["prepared"]  ──▶ ["go", seed_hi, seed_lo]   [PREPARE/GO]
       ◀── [op, arg...]  ──▶ reply                     one request, then the worker waits for its reply
+      ◀── ["usage", peak, instructions, cpu_us]  ──▶ nil    Start with measure (`deadend audit`) only
       ◀── ["done", kind, message]                    the last frame; the worker then exits
 
     broker ◀──pipe pair──▶ dense worker, up to K sessions (--sessions-per-worker)            [DENSE]
@@ -38,7 +39,10 @@ compromised) worker are the same numbers.
 
 from __future__ import annotations
 
+import array
 import enum
+import functools
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -55,6 +59,7 @@ SLEEP_MAX_MS: Final = 3_600_000
 TARPIT_MAX_MS: Final = 60_000
 SEND_MAX: Final = 1 << 20  # bytes per send() call (decided)
 LIMIT_MAX: Final = (1 << 63) - 1  # set_limits takes any non-negative Lua integer
+SEED_MAX: Final = (1 << 63) - 1  # each half of a session's PRNG seed (math.randomseed takes Lua integers)
 LOG_MAX: Final = 4096  # a log message is cut here (after escaping), with a marker
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 # deadend.log's optional third argument (decided): what the attacker did, as named values a SIEM can
@@ -64,6 +69,10 @@ FIELDS_MAX: Final = 16
 FIELD_MAX: Final = 1024
 FIELD_KEY_MAX: Final = 32
 FIELD_KEY: Final = re.compile(rb"[a-z][a-z0-9_.]{0,31}")
+# starttls(alpn): the ALPN protocols the server may select, comma-separated in its order of preference
+# ("h2,http/1.1"); each 1..255 bytes of printable ASCII but the comma (RFC 7301 names are opaque, but
+# every registered one is such text), all of it at most ALPN_MAX bytes.
+ALPN_MAX: Final = 255
 
 # Caps on C loops that never reach the Lua hook: string.rep with an empty result and table.move loop in C
 # without executing a VM instruction, so their size is checked before the call.
@@ -92,8 +101,64 @@ BASE_FUNCTIONS: Final = (
     "xpcall",
     "_VERSION",
 )
-LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend")
+LIBRARIES: Final = ("string", "table", "math", "utf8", "deadend", "std")  # std: sandbox/std.lua
 CLOCK_FUNCTIONS: Final = ("time", "date", "clock", "difftime")  # os.*, with the operator's clock option
+
+# --- what a log line shows as an escape --------------------------------------------------------------
+# The broker's log (deadend.logs.sanitize) and the sandbox's `std.quote` escape the same characters, so a
+# script can quote a value exactly as the log would show it. Characters are escaped by Unicode category:
+# control (Cc), format (Cf: bidi controls, zero-width characters, the tag block), surrogate (Cs),
+# private-use (Co), unassigned (Cn), line and paragraph separators (Zl, Zp) and spaces other than the ASCII
+# space (Zs); and the ranges below.
+UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) outside UNSAFE_CATEGORIES: characters
+# that render as nothing, so they could hide text (Hangul fillers, variation selectors, the combining
+# grapheme joiner, Khmer inherent vowels, Mongolian free variation selectors).
+IGNORABLE_RANGES: Final = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180D),
+    (0x180F, 0x180F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0000, 0xE0FFF),  # the tag block and its neighbours, whatever their category in this Python
+)
+
+
+@functools.cache
+def unsafe_ranges() -> tuple[tuple[int, int], ...]:
+    """Every non-ASCII code point the log escapes, as (first, last) ranges, by this Python's Unicode data.
+
+    `str.isprintable()` is false exactly for UNSAFE_CATEGORIES (Python's own definition of printable; a test
+    checks it code point by code point), which makes this a scan at C speed: about 0.1 s, once per process
+    (the zygote's, before its first fork).
+    """
+    text = array.array("I", range(0x80, 0x110000)).tobytes().decode("utf-32-le", "surrogatepass")
+    ranges: list[tuple[int, int]] = []
+    code = 0x80
+    for printable, run in itertools.groupby(map(str.isprintable, text)):
+        n = sum(1 for _ in run)
+        if not printable:
+            ranges.append((code, code + n - 1))
+        code += n
+    for lo, hi in IGNORABLE_RANGES:
+        ranges.append((lo, hi))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return tuple(merged)
+
+
+@functools.cache
+def packed_unsafe_ranges() -> bytes:
+    """unsafe_ranges() for Lua: each range as two 3-byte little-endian code points (string.unpack "<I3I3")."""
+    return b"".join(lo.to_bytes(3, "little") + hi.to_bytes(3, "little") for lo, hi in unsafe_ranges())
+
 
 # --- framing limits --------------------------------------------------------------------------------
 
@@ -189,6 +254,7 @@ class Start:
     memory: int  # bytes of Lua heap
     instructions: int  # VM instructions allowed between two API calls
     clock: bool  # expose the read-only os clock subset
+    measure: bool = False  # `deadend audit`: report the session's usage (a "usage" request) before "done"
 
     def to_frame(self) -> list[Any]:
         # Field by field: dataclasses.asdict deep-copies every value, the script's source included.
@@ -217,6 +283,7 @@ class Start:
             memory=f["memory"],
             instructions=f["instructions"],
             clock=f["clock"],
+            measure=f.get("measure", False),
         )
         if (
             start.mode not in {m.value for m in START_MODES}
@@ -225,6 +292,7 @@ class Start:
             or not isinstance(start.memory, int)
             or not isinstance(start.instructions, int)
             or not isinstance(start.clock, bool)
+            or not isinstance(start.measure, bool)
         ):
             raise ValueError("malformed start frame")
         return start
@@ -344,6 +412,23 @@ def _check_limits(a: tuple[Any, ...]) -> bool:
     return all(_int_in(v, 0, LIMIT_MAX) for v in a)
 
 
+def _check_usage(a: tuple[Any, ...]) -> bool:
+    return all(_int_in(v, 0, LIMIT_MAX) for v in a)
+
+
+def check_alpn(value: Any) -> bool:
+    """starttls's argument: empty (select none), or protocol names as described at ALPN_MAX."""
+    if type(value) is not bytes or len(value) > ALPN_MAX:
+        return False
+    return not value or all(
+        name and all(0x21 <= c <= 0x7E and c != 0x2C for c in name) for name in value.split(b",")
+    )
+
+
+def _check_starttls(a: tuple[Any, ...]) -> bool:
+    return check_alpn(a[0])
+
+
 def _check_dump(a: tuple[Any, ...]) -> bool:
     return type(a[0]) is bytes
 
@@ -378,6 +463,13 @@ REQUESTS: Final = (
     RequestRow("set_tarpit", 2, _check_tarpit, SESSION),
     RequestRow("set_limits", 2, _check_limits, SESSION),
     RequestRow("close", 0, _check_none, SESSION),
+    # The broker's TLS handshake on the client connection. A second one in a session is a violation: the
+    # bootstrap refuses it with an argument error and never sends it (SPEC.md).
+    RequestRow("starttls", 1, _check_starttls, SESSION, io=True),
+    RequestRow("tls_info", 0, _check_none, SESSION),
+    # `deadend audit` (a Start with measure set): the session's peak Lua heap in bytes, its instructions
+    # (counted as the budget counts them) and its CPU time in microseconds, once, just before "done".
+    RequestRow("usage", 3, _check_usage, frozenset({Mode.RUN})),
     RequestRow("dump", 1, _check_dump, frozenset({Mode.CHECK})),  # the compiled chunk, for `deadend check`
     RequestRow("done", 2, _check_done, EVERY_MODE),
 )
@@ -552,6 +644,56 @@ def kill_message(pid: int) -> bytes:
     return pack(["kill", pid])
 
 
+# --- the reply to tls_info -------------------------------------------------------------------------
+
+# A Lua table cannot cross the pipe (nothing but bytes, integers, booleans and nil does), so the broker
+# packs the table's fields into one string and the bootstrap unpacks it with Lua's string.unpack, in this
+# format: version, cipher, ja4, ja3 and the selected ALPN protocol as `s1` strings; a byte 1 or 0 for
+# whether an SNI came, then the SNI as `s2`; the number of ALPN offers as a byte, then each as `s1`.
+TLS_INFO_FORMAT: Final = ">s1s1s1s1s1Bs2B"  # Lua's string.pack notation; Python's struct has no `s1`
+
+
+def pack_tls_info(
+    version: str, cipher: str, ja4: str, ja3: str, selected: str, sni: bytes | None, alpn: tuple[bytes, ...]
+) -> bytes:
+    """The tls_info reply; every field fits its length prefix (the caller bounds sni and alpn)."""
+    out = bytearray()
+    for text in (version, cipher, ja4, ja3, selected):
+        raw = text.encode("ascii")
+        out += bytes([len(raw)]) + raw
+    out += b"\x01" if sni is not None else b"\x00"
+    out += len(sni or b"").to_bytes(2, "big") + (sni or b"")
+    out.append(len(alpn))
+    for name in alpn:
+        out += bytes([len(name)]) + name
+    return bytes(out)
+
+
+def unpack_tls_info(blob: bytes) -> dict[str, Any]:
+    """The bootstrap's reading of a tls_info reply, in Python (for tests): the table a script gets."""
+    fields: dict[str, Any] = {}
+    pos = 0
+
+    def take(width: int) -> bytes:
+        nonlocal pos
+        n = int.from_bytes(blob[pos : pos + width], "big")
+        pos += width + n
+        return blob[pos - n : pos]
+
+    for name in ("version", "cipher", "ja4", "ja3", "alpn_selected"):
+        fields[name] = take(1)
+    has_sni = blob[pos]
+    pos += 1
+    sni = take(2)
+    fields["sni"] = sni if has_sni else None
+    count = blob[pos]
+    pos += 1
+    fields["alpn"] = [take(1) for _ in range(count)]
+    if not fields["alpn_selected"]:
+        fields["alpn_selected"] = None
+    return fields
+
+
 # --- the Lua side ----------------------------------------------------------------------------------
 
 
@@ -569,6 +711,7 @@ def lua_constants() -> dict[str, int | str]:
         "FIELDS_MAX": FIELDS_MAX,
         "FIELD_MAX": FIELD_MAX,
         "FIELD_KEY_MAX": FIELD_KEY_MAX,
+        "ALPN_MAX": ALPN_MAX,
         # "_G" and "print" are built by the bootstrap itself; the rest are copied from the real state
         "BASE_NAMES": ",".join(name for name in BASE_FUNCTIONS if name not in ("setmetatable", "xpcall")),
     }

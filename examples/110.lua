@@ -19,61 +19,12 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
+local b64decode = std.base64.decode
 
 -- Bounded line reader (CRLF or bare LF): the line, or nil and "closed" / "too-long".
-local inbuf = ""
-local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > MAX_LINE then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > MAX_LINE then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-end
+local input = std.reader()
+local function read_line() return input:line(MAX_LINE) end
 
 local function reply(text)
   return deadend.send(text .. "\r\n")
@@ -93,8 +44,8 @@ local ending = nil
 -- Log and refuse one set of credentials; false when the client must now be dropped.
 local function refuse(mech, username, password)
   attempts = attempts + 1
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, attempts, q(username),
-    q(password)), "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, attempts), "warn",
+    { user = username, password = password })
   deadend.sleep(FAIL_DELAY_MS)
   user, state = nil, STATE_AUTHORIZATION
   reply("-ERR [AUTH] Authentication failed.")
@@ -135,10 +86,10 @@ local function do_auth(arg)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed message", "warn", { data = blob })
         return reply("-ERR [AUTH] Authentication failed.")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       username, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -150,14 +101,14 @@ local function do_auth(arg)
     end
     if username then password, why = sasl_step("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return reply("-ERR Unsupported authentication mechanism.")
   end
   if why == "closed" or why == "too-long" then
-    deadend.log(string.format("auth %s client left mid-exchange user=%s", mech, q(username)), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = username })
     return false
   elseif why == "aborted" then
-    deadend.log(string.format("auth %s aborted by client user=%s", mech, q(username)))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = username })
     return reply("-ERR Authentication aborted by client.")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
@@ -175,7 +126,7 @@ local function handle(line)
   elseif verb == "USER" then
     if arg == "" then return reply("-ERR No username given.") end
     user, state = arg, STATE_USER
-    deadend.log("user " .. q(arg))
+    deadend.log("user", "info", { user = arg })
     return reply("+OK")
   elseif verb == "PASS" then
     if state ~= STATE_USER then return reply("-ERR No username given.") end
@@ -183,7 +134,7 @@ local function handle(line)
   elseif verb == "AUTH" then
     return do_auth(arg)
   elseif verb == "APOP" then
-    deadend.log("apop " .. q(arg), "warn")
+    deadend.log("apop", "warn", { apop = arg })
     return reply("-ERR APOP not enabled.")
   elseif verb == "STLS" then
     return reply("-ERR TLS support isn't enabled.")
@@ -193,7 +144,7 @@ local function handle(line)
     return false
   end
   bad = bad + 1
-  deadend.log("unknown command " .. q(line), "warn")
+  deadend.log("unknown command", "warn", { command = line })
   if bad >= MAX_BAD then
     reply("-ERR Too many bad commands.")
     ending = "too many bad commands"
@@ -231,6 +182,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) user=%s commands=%d auth_attempts=%d", ending or "?", q(user),
-  commands, attempts))
+deadend.log(string.format("disconnect (%s) commands=%d auth_attempts=%d", ending or "?", commands, attempts),
+  "info", { user = user })
 deadend.close()

@@ -24,72 +24,13 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
+local b64decode = std.base64.decode
 
 -- Input: a bounded line reader (CRLF or bare LF) and an exact-count reader for literals.
-local inbuf = ""
-local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > MAX_LINE then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > MAX_LINE then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-end
-
-local function read_exactly(n)
-  while #inbuf < n do
-    local chunk = deadend.recv(math.min(16384, n - #inbuf))
-    if not chunk then return nil end
-    inbuf = inbuf .. chunk
-  end
-  local out = inbuf:sub(1, n)
-  inbuf = inbuf:sub(n + 1)
-  return out
-end
+local input = std.reader()
+local function read_line() return input:line(MAX_LINE) end
+local function read_exactly(n) return input:exactly(n) end
 
 local function send(text)
   return deadend.send(text .. "\r\n")
@@ -176,8 +117,8 @@ end
 local function refuse(tag, mech, user, password)
   attempts = attempts + 1
   last_user = user
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, attempts, q(user), q(password)),
-    "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, attempts), "warn",
+    { user = user, password = password })
   deadend.sleep(FAIL_DELAY_MS)
   tagged(tag, "NO [AUTHENTICATIONFAILED] Authentication failed.")
   if attempts >= MAX_AUTH then
@@ -215,10 +156,10 @@ local function authenticate(tag, args)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed message", "warn", { data = blob })
         return tagged(tag, "NO [AUTHENTICATIONFAILED] Authentication failed.")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       user, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -230,14 +171,14 @@ local function authenticate(tag, args)
     end
     if user then password, why = sasl_step("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return tagged(tag, "NO Unsupported authentication mechanism.")
   end
   if why == "closed" or why == "too-long" then
-    deadend.log(string.format("auth %s client left mid-exchange user=%s", mech, q(user)), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = user })
     return false
   elseif why == "aborted" then
-    deadend.log(string.format("auth %s aborted by client user=%s", mech, q(user)))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = user })
     return tagged(tag, "BAD Authentication aborted by client.")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
@@ -256,7 +197,7 @@ local function id(tag, args)
       if not is_string(args[i]) then return nil end
       fields[#fields + 1] = args[i].value
     end
-    deadend.log("client id " .. q(table.concat(fields, " ")))
+    deadend.log("client id", "info", { client_id = table.concat(fields, " ") })
   else
     return nil
   end
@@ -326,11 +267,11 @@ if send("* OK [CAPABILITY " .. CAPABILITIES .. "] Dovecot ready.") then
     for i = 3, #toks do args[#args + 1] = toks[i] end
     local ok
     if tokens and tag ~= "*" then
-      deadend.log(string.format("command %s %s", q(tag), q(command)))
+      deadend.log("command", "info", { tag = tag, command = command })
       ok = execute(tag, command, args)
     end
     if ok == nil then
-      deadend.log("bad command " .. q(tag .. " " .. command), "warn")
+      deadend.log("bad command", "warn", { tag = tag, command = command })
       if tag:upper() == "LOGIN" then
         ok = bad_command(tag, "First parameter in line is IMAP's command tag, not the command name. Add "
           .. "that before the command, like: a login user pass")
@@ -347,6 +288,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) user=%s commands=%d auth_attempts=%d", ending or "?",
-  q(last_user), commands, attempts))
+deadend.log(string.format("disconnect (%s) commands=%d auth_attempts=%d", ending or "?", commands, attempts),
+  "info", { user = last_user })
 deadend.close()

@@ -22,32 +22,9 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 -- Bounded line reader (CRLF or bare LF): the line, or nil and "closed" / "too-long".
-local inbuf = ""
-local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > MAX_LINE then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > MAX_LINE then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-end
+local input = std.reader()
+local function read_line() return input:line(MAX_LINE) end
 
 local function reply(text)
   return deadend.send(text .. "\r\n")
@@ -114,11 +91,11 @@ local function do_pass(arg)
   attempts = attempts + 1
   local upper = user:upper()
   if ALLOW_ANONYMOUS and (upper == "ANONYMOUS" or upper == "FTP") then
-    deadend.log(string.format("anonymous login user=%s password=%s", q(user), q(arg)), "warn")
+    deadend.log("anonymous login", "warn", { user = user, password = arg })
     state = STATE_LOGGED_IN
     return reply("230 Login successful.")
   end
-  deadend.log(string.format("login attempt %d user=%s password=%s", attempts, q(user), q(arg)), "warn")
+  deadend.log("login attempt " .. attempts, "warn", { user = user, password = arg })
   deadend.sleep(FAIL_DELAY_MS)
   fails = fails + 1
   user, state = nil, STATE_NEED_USER
@@ -218,7 +195,7 @@ local function handle(line)
   if verb == "USER" then
     if state == STATE_LOGGED_IN then return reply("530 Can't change to another user.") end
     user, state = arg, STATE_NEED_PASS
-    deadend.log("user " .. q(arg))
+    deadend.log("user", "info", { user = arg })
     return reply("331 Please specify the password.")
   elseif verb == "PASS" then
     if state == STATE_LOGGED_IN then return reply("230 Already logged in.") end
@@ -235,10 +212,10 @@ local function handle(line)
   end
 
   if state ~= STATE_LOGGED_IN then
-    deadend.log("command before login " .. q(line))
+    deadend.log("command before login", "info", { command = line })
     return reply("530 Please login with USER and PASS.")
   end
-  deadend.log("command " .. q(line), WRITES[verb] and "warn" or "info")
+  deadend.log("command", WRITES[verb] and "warn" or "info", { command = line })
   return logged_in(verb, arg)
 end
 
@@ -271,6 +248,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) user=%s state=%s commands=%d login_attempts=%d", ending or "?",
-  q(user), state, commands, attempts))
+deadend.log(string.format("disconnect (%s) state=%s commands=%d login_attempts=%d", ending or "?", state,
+  commands, attempts), "info", { user = user })
 deadend.close()

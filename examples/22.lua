@@ -4,7 +4,7 @@
 -- it. This script never sends one: it trickles a random line every DELAY_MS (plus jitter), forever, so
 -- a scanner or brute-forcer sits waiting for a banner that never comes. The first line goes out at once,
 -- so the client sees data immediately. The script never reads: when the peer leaves, the broker ends the
--- sleep in progress, the next send fails, and the script says how long it held the peer. It gives up on
+-- sleep in progress, and the script says how long it held the peer. It gives up on
 -- its own after MAX_HOLD_MS, before the broker's default one-hour session ceiling.
 
 local DELAY_MS = 10000       -- between two lines (endlessh's default)
@@ -43,11 +43,19 @@ while held_ms < MAX_HOLD_MS do
     break
   end
   lines, bytes = lines + 1, bytes + #line
-  -- sleep returns the milliseconds slept: fewer when the peer left meanwhile
-  held_ms = held_ms + deadend.sleep(DELAY_MS + math.random(0, JITTER_MS))
+  -- sleep returns the milliseconds slept: fewer when the peer left meanwhile. A send to a peer that has
+  -- just left may still succeed (TCP takes it; the peer's reset comes later), so the short sleep is the
+  -- sign to stop, not the next send: waiting for that would keep the sandbox another whole delay.
+  local delay = DELAY_MS + math.random(0, JITTER_MS)
+  local slept = deadend.sleep(delay)
+  held_ms = held_ms + slept
+  if slept < delay then
+    outcome = "peer gone"
+    break
+  end
 end
 
 -- held_ms counts the sleeps, so it needs no clock.
 deadend.log(string.format("tarpit end: %s, held %s, %d lines, %d bytes", outcome, seconds(held_ms), lines,
-  bytes))
+  bytes), "info", { held_ms = held_ms })
 deadend.close()

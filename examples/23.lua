@@ -12,6 +12,7 @@ local NEGOTIATE = true          -- send BusyBox telnetd's opening options
 local MAX_ATTEMPTS = 3          -- BusyBox login gives up after three bad passwords
 local MAX_EMPTY = 10            -- empty user names before giving up (BusyBox: EMPTY_USERNAME_COUNT)
 local MAX_LINE = 256            -- longer input lines are cut (BusyBox login reads 64 bytes)
+local MAX_INPUT = 4096          -- bytes without a line end before the script gives up on the client
 local MAX_SUBNEG = 512          -- an IAC SB ... IAC SE longer than this is dropped
 local FAIL_DELAY_MS = 1000      -- BusyBox waits 3 s (LOGIN_FAIL_DELAY); a honeypot can be quicker
 local TARPIT_BASE, TARPIT_JITTER = 100, 200
@@ -24,17 +25,9 @@ local peer = deadend.get_ip()
 local IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 local OPT_ECHO, OPT_SGA, OPT_NAWS = 1, 3, 31
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
--- Telnet input: bytes from the socket go through an IAC filter into `data`, which holds only what the
--- user typed. The filter keeps its state across reads, so a sequence split between two reads is fine.
-local data = ""
+-- Telnet input: bytes from the socket go through an IAC filter into the reader (below), which then holds
+-- only what the user typed. The filter keeps its state across reads, so a sequence split between two
+-- reads is fine.
 local iac_state = "data"   -- data | iac | option | sb | sb-iac
 local subneg, subneg_len = nil, 0
 local options_seen = 0
@@ -79,46 +72,48 @@ end
 
 -- One line of user input; bytes are echoed as they are consumed when `echo` is set (the tty echo the
 -- user would see). A line ends at CR (CR LF and CR NUL count once) or LF; BS and DEL erase; the line is
--- cut at MAX_LINE. Returns the line, or nil when the client left.
+-- cut at MAX_LINE. Returns the line, or nil and why: the client left, or sent MAX_INPUT bytes without a
+-- line end (a flood: read at the tarpit's pace it would hold the sandbox long after the client left).
+local input = std.reader(function()
+  local chunk = deadend.recv(1024)
+  return chunk and filter(chunk)
+end)
 local pending_cr = false
 local function read_line(echo)
-  local line, out = {}, {}
+  local line, out, taken = {}, {}, 0
   while true do
-    while #data > 0 do
-      local c = data:sub(1, 1)
-      data = data:sub(2)
-      if pending_cr and (c == "\n" or c == "\0") then
-        pending_cr = false
-      else
-        pending_cr = false
-        if c == "\r" or c == "\n" then
-          pending_cr = c == "\r"
-          if echo then out[#out + 1] = "\r\n" end
-          if #out > 0 then deadend.send(table.concat(out)) end
-          return table.concat(line)
-        elseif c == "\3" or (c == "\4" and #line == 0) then  -- ^C, or ^D on an empty line: login exits
-          if #out > 0 then deadend.send(table.concat(out)) end
-          return nil
-        elseif c == "\b" or c == "\127" then
-          if #line > 0 then
-            line[#line] = nil
-            if echo then out[#out + 1] = "\b \b" end
-          end
-        elseif c:byte() >= 32 or c == "\t" then
-          if #line < MAX_LINE then
-            line[#line + 1] = c
-            if echo then out[#out + 1] = c end
-          end
-        end
-      end
-    end
-    if #out > 0 then
+    if #out > 0 and input:buffered() == 0 then  -- about to wait for the user: show the echo so far
       deadend.send(table.concat(out))
       out = {}
     end
-    local chunk = deadend.recv(1024)
-    if not chunk then return nil end
-    data = data .. filter(chunk)
+    local c = input:some(1)
+    if not c then return nil, "left" end
+    taken = taken + 1
+    if taken > MAX_INPUT then return nil, "flood" end
+    if pending_cr and (c == "\n" or c == "\0") then
+      pending_cr = false
+    else
+      pending_cr = false
+      if c == "\r" or c == "\n" then
+        pending_cr = c == "\r"
+        if echo then out[#out + 1] = "\r\n" end
+        if #out > 0 then deadend.send(table.concat(out)) end
+        return table.concat(line)
+      elseif c == "\3" or (c == "\4" and #line == 0) then  -- ^C, or ^D on an empty line: login exits
+        if #out > 0 then deadend.send(table.concat(out)) end
+        return nil
+      elseif c == "\b" or c == "\127" then
+        if #line > 0 then
+          line[#line] = nil
+          if echo then out[#out + 1] = "\b \b" end
+        end
+      elseif c:byte() >= 32 or c == "\t" then
+        if #line < MAX_LINE then
+          line[#line + 1] = c
+          if echo then out[#out + 1] = c end
+        end
+      end
+    end
   end
 end
 
@@ -141,9 +136,9 @@ end
 
 while state ~= STATE_DONE do
   if state == STATE_LOGIN then
-    local line = read_line(true)
+    local line, why = read_line(true)
     if not line then
-      ending = "client disconnected at login prompt"
+      ending = why == "flood" and "input without a line end" or "client disconnected at login prompt"
       break
     end
     user = line:match("^%s*(%S+)")  -- BusyBox login takes the first word
@@ -159,15 +154,14 @@ while state ~= STATE_DONE do
       deadend.send("Password: ")
     end
   elseif state == STATE_PASSWORD then
-    local password = read_line(false)
+    local password, why = read_line(false)
     if not password then
-      deadend.log(string.format("client left at the password prompt user=%s", q(user)), "warn")
-      ending = "client disconnected at password prompt"
+      deadend.log("client left at the password prompt", "warn", { user = user })
+      ending = why == "flood" and "input without a line end" or "client disconnected at password prompt"
       break
     end
     attempts = attempts + 1
-    deadend.log(string.format("login attempt %d user=%s password=%s", attempts, q(user), q(password)),
-      "warn")
+    deadend.log("login attempt " .. attempts, "warn", { user = user, password = password })
     deadend.send("\r\n")  -- the newline the unechoed Enter did not show
     deadend.sleep(FAIL_DELAY_MS)
     if not deadend.send("\r\nLogin incorrect\r\n") then

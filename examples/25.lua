@@ -2,9 +2,9 @@
 --
 -- It walks clients through a whole ESMTP dialogue (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT)
 -- and accepts the mail without keeping it, logging envelope and size. AUTH PLAIN and AUTH LOGIN are
--- offered without TLS; the credentials are decoded, logged and refused with 535. STARTTLS and CHUNKING
--- are not offered because this script cannot answer them. Everything is bounded: commands, errors, auth
--- attempts, recipients, line length, message size, bytes read.
+-- offered with or without TLS; the credentials are decoded, logged and refused with 535. STARTTLS is
+-- offered, and the broker does the TLS handshake (deadend.starttls); CHUNKING is not offered. Everything
+-- is bounded: commands, errors, auth attempts, recipients, line length, message size, bytes read.
 
 local HOSTNAME = "mail.example.com"
 local BANNER = "220 " .. HOSTNAME .. " ESMTP Postfix (Debian/GNU)"
@@ -24,70 +24,17 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+local b64decode = std.base64.decode
 
--- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then  -- "xx=="
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then     -- "xxx="
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
-
--- Line reader: input may arrive split or joined; lines end in LF or CRLF. The buffer never holds more
--- than MAX_LINE bytes plus one read. read_line() returns the line, or nil and "closed" / "too-long".
--- With `partial` set, an over-long line is handed out in MAX_LINE pieces instead (the DATA phase).
-local inbuf = ""
+-- Input may arrive split or joined; lines end in LF or CRLF, at most MAX_LINE bytes. read_line()
+-- returns the line, or nil and "closed" / "too-long". With `partial` set, an over-long line is handed out
+-- in MAX_LINE pieces instead (the DATA phase): the text and "line" or "piece".
+local input = std.reader()
 local function read_line(partial)
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      if #line > MAX_LINE and not partial then return nil, "too-long" end
-      return line, "line"
-    end
-    if #inbuf > MAX_LINE then
-      if not partial then
-        inbuf = ""
-        return nil, "too-long"
-      end
-      local piece = inbuf:sub(1, MAX_LINE)
-      inbuf = inbuf:sub(MAX_LINE + 1)
-      return piece, "piece"
-    end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
+  if not partial then return input:line(MAX_LINE) end
+  local text, whole = input:piece(MAX_LINE)
+  if text == nil then return nil, whole end
+  return text, whole and "line" or "piece"
 end
 
 local function reply(text)
@@ -101,6 +48,7 @@ local helo_name = nil
 local mail_from, rcpts = nil, {}
 local errors, auth_attempts, messages, commands = 0, 0, 0, 0
 local ending = nil  -- why the loop stopped
+local tls_active = false
 
 local function queue_id()
   local id = { string.format("%X", math.random(1, 15)) }
@@ -178,10 +126,10 @@ local function do_auth(arg)
     if blob then
       local authzid, authcid, pw = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
       if not authzid then
-        deadend.log("auth PLAIN malformed blob " .. q(blob), "warn")
+        deadend.log("auth PLAIN malformed blob", "warn", { data = blob })
         return fail("535 5.7.8 Error: authentication failed: authentication failure")
       end
-      if authzid ~= "" then deadend.log("auth PLAIN authzid=" .. q(authzid)) end
+      if authzid ~= "" then deadend.log("auth PLAIN authzid", "info", { authzid = authzid }) end
       user, password = authcid, pw
     end
   elseif mech == "LOGIN" then
@@ -193,23 +141,48 @@ local function do_auth(arg)
     end
     if user then password, why = auth_response("UGFzc3dvcmQ6") end  -- "Password:"
   else
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return fail("535 5.7.8 Error: authentication failed: Invalid authentication mechanism")
   end
 
   if why == "closed" or why == "too-long" then
-    deadend.log("auth " .. mech .. " client left mid-exchange user=" .. q(user), "warn")
+    deadend.log("auth " .. mech .. " client left mid-exchange", "warn", { user = user })
     return false
   elseif why == "aborted" then
-    deadend.log("auth " .. mech .. " aborted by client user=" .. q(user))
+    deadend.log("auth " .. mech .. " aborted by client", "info", { user = user })
     return fail("501 5.7.0 Authentication aborted")
   elseif why == "undecodable" then
     deadend.log("auth " .. mech .. " bad base64", "warn")
     return fail("501 5.5.2 Cannot decode response")
   end
-  deadend.log(string.format("auth %s attempt %d user=%s password=%s", mech, auth_attempts, q(user),
-    q(password)), "warn")
+  deadend.log(string.format("auth %s attempt %d", mech, auth_attempts), "warn",
+    { user = user, password = password })
   return fail("535 5.7.8 Error: authentication failed: authentication failure")
+end
+
+-- STARTTLS (RFC 3207): "220 Ready", then the broker's TLS handshake. What the client sent behind the
+-- command is plaintext pipelined past it (the CVE-2011-0411 injection): dropped, as Postfix does. Then the
+-- session starts over: the client must say EHLO again.
+local function do_starttls(arg)
+  if arg ~= "" then return fail("501 5.5.4 Syntax: STARTTLS") end
+  if tls_active then return fail("554 5.5.1 Error: TLS already active") end
+  if state == STATE_MAIL or state == STATE_RCPT then
+    return fail("503 5.5.1 Error: MAIL transaction in progress")
+  end
+  if not reply("220 2.0.0 Ready to start TLS") then return false end
+  local pipelined = input:drop()
+  if pipelined ~= "" then
+    deadend.log("plaintext pipelined after STARTTLS dropped", "warn", { data = pipelined })
+  end
+  if not deadend.starttls() then
+    ending = "TLS handshake failed"
+    return false
+  end
+  tls_active = true
+  local tls = deadend.tls_info()
+  deadend.log("tls " .. tls.version .. " " .. tls.cipher, "info", { sni = tls.sni })
+  helo_name, state = nil, STATE_GREETING
+  return true
 end
 
 -- DATA: read until the lone dot, unstuff, count; only the Subject is kept, for the log.
@@ -243,8 +216,8 @@ local function do_data()
     return fail("552 5.3.4 Message size exceeds fixed limit")
   end
   local id = queue_id()
-  deadend.log(string.format("message %s queued from=%s rcpts=%d size=%d lines=%d subject=%s", id,
-    q(from), count, size, lines, q(subject)))
+  deadend.log(string.format("message %s queued rcpts=%d size=%d lines=%d", id, count, size, lines), "info",
+    { ["email.from"] = from, subject = subject })
   return reply("250 2.0.0 Ok: queued as " .. id)
 end
 
@@ -270,9 +243,11 @@ local function handle(line)
     helo_name = arg
     reset_transaction()
     state = STATE_READY
-    deadend.log(verb .. " " .. q(arg))
+    deadend.log(verb, "info", { helo = arg })
     if verb == "HELO" then return reply("250 " .. HOSTNAME) end
-    return deadend.send(table.concat(EHLO_LINES, "\r\n") .. "\r\n")
+    local lines = { table.unpack(EHLO_LINES) }
+    if not tls_active then table.insert(lines, 4, "250-STARTTLS") end  -- where Postfix lists it
+    return deadend.send(table.concat(lines, "\r\n") .. "\r\n")
   elseif verb == "MAIL" then
     if state == STATE_GREETING then return fail("503 5.5.1 Error: send HELO/EHLO first") end
     if state ~= STATE_READY then return fail("503 5.5.1 Error: nested MAIL command") end
@@ -283,7 +258,7 @@ local function handle(line)
       return fail("552 5.3.4 Message size exceeds fixed limit")
     end
     mail_from, state = addr, STATE_MAIL
-    deadend.log("mail from=" .. q(addr) .. (params ~= "" and " params=" .. q(params) or ""))
+    deadend.log("mail", "info", { ["email.from"] = addr, params = params ~= "" and params or nil })
     return reply("250 2.1.0 Ok")
   elseif verb == "RCPT" then
     if state ~= STATE_MAIL and state ~= STATE_RCPT then
@@ -294,7 +269,7 @@ local function handle(line)
     if #rcpts >= MAX_RCPT then return fail("452 4.5.3 Error: too many recipients") end
     rcpts[#rcpts + 1] = addr
     state = STATE_RCPT
-    deadend.log("rcpt to=" .. q(addr))
+    deadend.log("rcpt", "info", { ["email.to"] = addr })
     return reply("250 2.1.5 Ok")
   elseif verb == "DATA" then
     if state == STATE_GREETING then return fail("503 5.5.1 Error: send HELO/EHLO first") end
@@ -311,6 +286,8 @@ local function handle(line)
     return fail("502 5.5.1 VRFY command is disabled")
   elseif verb == "AUTH" then
     return do_auth(arg)
+  elseif verb == "STARTTLS" then
+    return do_starttls(arg)
   elseif verb == "QUIT" then
     reply("221 2.0.0 Bye")
     ending = "quit"
@@ -318,12 +295,12 @@ local function handle(line)
   elseif verb == "GET" or verb == "POST" or verb == "CONNECT" or not verb:match("^%a") then
     -- Postfix's smtpd_forbidden_commands (CONNECT GET POST, and anything not starting with a letter):
     -- someone is talking HTTP, a proxy probe or binary to port 25.
-    deadend.log("non-SMTP command " .. q(line), "warn")
+    deadend.log("non-SMTP command", "warn", { command = line })
     reply("221 2.7.0 Error: I can break rules, too. Goodbye.")
     ending = "non-SMTP command"
     return false
   end
-  deadend.log("unknown command " .. q(line), "warn")
+  deadend.log("unknown command", "warn", { command = line })
   return fail("502 5.5.2 Error: command not recognized")
 end
 
@@ -357,6 +334,6 @@ else
   ending = "client disconnected"
 end
 
-deadend.log(string.format("disconnect (%s) helo=%s commands=%d messages=%d auth_attempts=%d errors=%d",
-  ending or "?", q(helo_name), commands, messages, auth_attempts, errors))
+deadend.log(string.format("disconnect (%s) commands=%d messages=%d auth_attempts=%d errors=%d", ending or "?",
+  commands, messages, auth_attempts, errors), "info", { helo = helo_name })
 deadend.close()

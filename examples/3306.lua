@@ -35,14 +35,6 @@ local SERVER_CAPABILITIES = 0xdfffffff & ~(CLIENT_SSL | CLIENT_COMPRESS | CLIENT
 local CHARSET_UTF8MB4_0900_AI_CI = 255
 local SERVER_STATUS_AUTOCOMMIT = 0x0002
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
@@ -63,23 +55,15 @@ local function packet(seq, payload)
   return string.pack("<I3B", #payload, seq) .. payload
 end
 
--- Input: a buffer, and a reader for one whole packet (nil and why when there is none).
-local inbuf = ""
+-- Input: one whole packet at a time (nil and why when there is none).
+local input = std.reader()
 local function read_packet()  -- the payload and its sequence id, or nil and "closed" / "too-big"
-  while #inbuf < 4 do
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-  local len, seq = string.unpack("<I3B", inbuf)
+  local header = input:exactly(4)
+  if not header then return nil, "closed" end
+  local len, seq = string.unpack("<I3B", header)
   if len > MAX_PACKET then return nil, "too-big" end
-  while #inbuf < 4 + len do
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
-  local payload = inbuf:sub(5, 4 + len)
-  inbuf = inbuf:sub(5 + len)
+  local payload = input:exactly(len)
+  if not payload then return nil, "closed" end
   return payload, seq
 end
 
@@ -206,7 +190,7 @@ else
     end
     local reply_seq = (seq + 1) & 0xff
     if not r or seq ~= 1 then
-      deadend.log(string.format("bad handshake seq=%d payload=%s", seq, q(payload:sub(1, 64))), "warn")
+      deadend.log("bad handshake seq=" .. seq, "warn", { data = payload:sub(1, 64) })
       deadend.send(err_packet(reply_seq, 1043, "08S01", "Bad handshake"))
       ending = "bad handshake"
     elseif r.ssl_request then
@@ -214,10 +198,12 @@ else
       ending = "ssl request"
     else
       state = "refused"
-      deadend.log(string.format("auth attempt user=%s auth_response=%s database=%s plugin=%s scramble=%s "
-        .. "caps=0x%08x charset=%d", q(r.user), hex(r.auth), q(r.database), q(r.plugin), hex(salt), r.caps,
-        r.charset or 0), "warn")
-      if #r.attrs > 0 then deadend.log("client attributes " .. q(table.concat(r.attrs, " "))) end
+      deadend.log(string.format("auth attempt scramble=%s caps=0x%08x charset=%d", hex(salt), r.caps,
+        r.charset or 0), "warn", { user = r.user, auth_response = hex(r.auth), database = r.database,
+        plugin = r.plugin })
+      if #r.attrs > 0 then
+        deadend.log("client attributes", "info", { attributes = table.concat(r.attrs, " ") })
+      end
       local message = string.format("Access denied for user '%s'@'%s' (using password: %s)", r.user, peer,
         #r.auth > 0 and "YES" or "NO")
       deadend.send(err_packet(reply_seq, 1045, "28000", message, r.old))

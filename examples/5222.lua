@@ -1,9 +1,11 @@
 -- 5222.lua: an XMPP client-to-server honeypot (RFC 6120) in the manner of a fresh ejabberd.
 --
--- It answers the client's stream header with its own (from = the requested domain, a random stream id)
--- and stream features offering SASL SCRAM-SHA-1 and PLAIN, no STARTTLS. Every authentication is logged
--- and refused: PLAIN credentials in clear, SCRAM-SHA-1 with the user name and everything needed to test
--- password guesses offline. Input that is not XML, or not an XMPP stream, gets the matching stream error.
+-- It answers the client's stream header with its own, as ejabberd writes it (from = the requested domain,
+-- a random stream id, xml:lang only when the client gave one), and stream features offering STARTTLS
+-- (not required; the broker does the handshake) and SASL SCRAM-SHA-1 and PLAIN. Every authentication is
+-- logged and refused: PLAIN credentials in clear, SCRAM-SHA-1 with the user name and everything needed to
+-- test password guesses offline. Input that is not XML, or not an XMPP stream, gets the matching stream
+-- error after a stream header of ours, which is what fingerprinting tools (nmap -sV) recognise.
 -- A small incremental tokenizer reads the stream: only the first-level elements a client may send
 -- before authenticating are understood; comments, processing instructions and DTDs are refused
 -- (restricted-xml) as RFC 6120 requires.
@@ -24,54 +26,11 @@ deadend.set_tarpit(150, 250)
 
 local peer = deadend.get_ip()
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
+-- Log values quoted as the log quotes them (std.quote), so fields stay unambiguous.
+local q = std.quote
 
 -- Base64 (RFC 4648).
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
-
-local function b64encode(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a << 16 | (b or 0) << 8 | (c or 0)
-    local d1, d2, d3, d4 = n >> 18 & 63, n >> 12 & 63, n >> 6 & 63, n & 63
-    out[#out + 1] = B64:sub(d1 + 1, d1 + 1) .. B64:sub(d2 + 1, d2 + 1)
-      .. (b and B64:sub(d3 + 1, d3 + 1) or "=") .. (c and B64:sub(d4 + 1, d4 + 1) or "=")
-  end
-  return table.concat(out)
-end
+local b64decode, b64encode = std.base64.decode, std.base64.encode
 
 local function random_bytes(n)
   local t = {}
@@ -211,17 +170,24 @@ local header_sent = false
 local auth_attempts, elements = 0, 0
 local scram = nil  -- {user, client_first_bare, server_first}
 local ending = nil
+local tls_active = false
+local lang = nil  -- the client's xml:lang, echoed
 
 local function stream_header()
   local id = { tostring(math.random(1, 9)) }
   for i = 2, 19 do id[i] = tostring(math.random(0, 9)) end
   header_sent = true
   return "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAM_NS
-    .. "' xml:lang='en' id='" .. table.concat(id) .. "' from='" .. domain .. "' version='1.0'>"
+    .. "' id='" .. table.concat(id) .. "' from='" .. domain .. "' version='1.0'"
+    .. (lang and (" xml:lang='" .. lang .. "'") or "") .. ">"
 end
 
-local FEATURES = "<stream:features><mechanisms xmlns='" .. SASL_NS .. "'>"
-  .. "<mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms></stream:features>"
+local MECHANISMS = "<mechanisms xmlns='" .. SASL_NS .. "'>"
+  .. "<mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>"
+local function features()
+  local starttls = tls_active and "" or ("<starttls xmlns='" .. TLS_NS .. "'/>")
+  return "<stream:features>" .. starttls .. MECHANISMS .. "</stream:features>"
+end
 
 -- A stream error ends the stream; before the header was sent we must still open ours (RFC 6120 4.9.1.1).
 local function stream_error(condition, detail)
@@ -250,12 +216,12 @@ end
 local function plain_credentials(blob)
   local authzid, authcid, password = blob:match("^([^\0]*)\0([^\0]*)\0([^\0]*)$")
   if not authzid then
-    deadend.log("auth PLAIN malformed message " .. q(blob), "warn")
+    deadend.log("auth PLAIN malformed message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
-  deadend.log(string.format("auth PLAIN attempt %d authzid=%s authcid=%s password=%s", auth_attempts,
-    q(authzid), q(authcid), q(password)), "warn")
+  deadend.log("auth PLAIN attempt " .. auth_attempts, "warn",
+    { authzid = authzid, user = authcid, password = password })
   return auth_refused()
 end
 
@@ -276,12 +242,12 @@ local function scram_first(blob)
   local cbind, authzid, bare = blob:match("^([nyp][^,]*),([^,]*),(.*)$")
   local user, cnonce = (bare or ""):match("^n=([^,]*),r=([^,]+)")
   if not user then
-    deadend.log("auth SCRAM-SHA-1 malformed first message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed first message", "warn", { data = blob })
     state = STATE_FEATURES
     return sasl_failure("malformed-request")
   end
   if cbind:sub(1, 1) == "p" then
-    deadend.log("auth SCRAM-SHA-1 asks for channel binding " .. q(cbind), "warn")
+    deadend.log("auth SCRAM-SHA-1 asks for channel binding", "warn", { cbind = cbind })
     return auth_refused()
   end
   local server_first = string.format("r=%s%s,s=%s,i=%d", cnonce, b64encode(random_bytes(18)),
@@ -289,20 +255,20 @@ local function scram_first(blob)
   scram = { user = saslname(user), authzid = authzid, client_first_bare = bare,
             server_first = server_first }
   state = STATE_SCRAM
-  deadend.log(string.format("auth SCRAM-SHA-1 attempt %d user=%s", auth_attempts, q(scram.user)))
+  deadend.log("auth SCRAM-SHA-1 attempt " .. auth_attempts, "info", { user = scram.user })
   return deadend.send("<challenge xmlns='" .. SASL_NS .. "'>" .. b64encode(server_first) .. "</challenge>")
 end
 
 local function scram_final(blob)
   local without_proof, proof = blob:match("^(.*),p=([^,]+)$")
   if not without_proof then
-    deadend.log("auth SCRAM-SHA-1 malformed final message " .. q(blob), "warn")
+    deadend.log("auth SCRAM-SHA-1 malformed final message", "warn", { data = blob })
     return auth_refused()
   end
   -- Enough to test password guesses offline: SaltedPassword from the salt and count in server_first,
   -- then ClientProof over AuthMessage (RFC 5802 section 3).
-  deadend.log(string.format("auth SCRAM-SHA-1 user=%s auth_message=%s proof=%s", q(scram.user),
-    q(scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof), q(proof)), "warn")
+  deadend.log("auth SCRAM-SHA-1 proof", "warn", { user = scram.user, proof = proof,
+    auth_message = scram.client_first_bare .. "," .. scram.server_first .. "," .. without_proof })
   return auth_refused()
 end
 
@@ -311,7 +277,7 @@ local function on_auth(el)
   auth_attempts = auth_attempts + 1
   local mech = el.attrs.mechanism or ""
   if mech ~= "PLAIN" and mech ~= "SCRAM-SHA-1" then
-    deadend.log("auth unsupported mechanism " .. q(mech), "warn")
+    deadend.log("auth unsupported mechanism", "warn", { mechanism = mech })
     return sasl_failure("invalid-mechanism")
   end
   local data = sasl_data(el.text)
@@ -346,13 +312,35 @@ local function on_response(el)
   return scram_final(data)
 end
 
+-- STARTTLS (RFC 6120 5.4): <proceed/>, the broker's TLS handshake, then the client opens a new stream.
+-- Anything it pipelined behind <starttls/> was plaintext: dropped.
+local function on_starttls()
+  if tls_active then
+    deadend.log("client asked for STARTTLS again", "warn")
+    deadend.send("<failure xmlns='" .. TLS_NS .. "'/></stream:stream>")
+    ending = "starttls refused"
+    return false
+  end
+  if not deadend.send("<proceed xmlns='" .. TLS_NS .. "'/>") then return false end
+  inbuf = ""
+  if not deadend.starttls() then
+    ending = "TLS handshake failed"
+    return false
+  end
+  tls_active = true
+  local tls = deadend.tls_info()
+  deadend.log("tls " .. tls.version .. " " .. tls.cipher, "info", { sni = tls.sni })
+  state, header_sent = STATE_HEADER, false
+  return true
+end
+
 -- One token; returns false when the stream is over.
 local function handle(tok)
   if state == STATE_HEADER then
     if tok.kind == "decl" then return true end
     if tok.kind ~= "open" then return stream_error("not-well-formed", "no stream header") end
     local a = tok.attrs
-    deadend.log(string.format("stream open to=%s from=%s version=%s", q(a.to), q(a.from), q(a.version)))
+    deadend.log("stream open", "info", { to = a.to, from = a.from, version = a.version })
     if a.to then
       local to = a.to:lower()
       if #to > 253 or not to:match("^[%w][%w%.%-]*$") then
@@ -362,11 +350,13 @@ local function handle(tok)
     end
     if a["xmlns:stream"] ~= STREAM_NS then return stream_error("invalid-namespace", "stream namespace") end
     if a.xmlns ~= "jabber:client" then return stream_error("invalid-namespace", "xmlns=" .. q(a.xmlns)) end
+    local xml_lang = a["xml:lang"]
+    if xml_lang and xml_lang:match("^[%a%d%-]+$") and #xml_lang <= 35 then lang = xml_lang end
     if a.version and not a.version:match("^1%.%d+$") then
       return stream_error("unsupported-version", "version=" .. q(a.version))
     end
     state = STATE_FEATURES
-    return deadend.send(stream_header() .. FEATURES)
+    return deadend.send(stream_header() .. features())
   end
 
   if tok.kind == "close" then
@@ -384,13 +374,8 @@ local function handle(tok)
   local name = tok.name
   if state == STATE_FEATURES then
     if name == "auth" then return on_auth(tok) end
-    if name == "starttls" and tok.attrs.xmlns == TLS_NS then
-      deadend.log("client asked for STARTTLS (not offered)")
-      deadend.send("<failure xmlns='" .. TLS_NS .. "'/></stream:stream>")
-      ending = "starttls refused"
-      return false
-    end
-    deadend.log("stanza before authentication: " .. q(name), "warn")
+    if name == "starttls" and tok.attrs.xmlns == TLS_NS then return on_starttls() end
+    deadend.log("stanza before authentication", "warn", { stanza = name })
     return stream_error("not-authorized", "<" .. name .. "> before authentication")
   end
   -- In a SASL exchange (STATE_PLAIN or STATE_SCRAM).

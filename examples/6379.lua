@@ -27,14 +27,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.time) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 -- ---------------------------------------------------------------------------------------------------
 -- Replies, in RESP2 until the client asks for RESP3 with HELLO 3.
 
@@ -63,41 +55,10 @@ end
 local OK = simple("OK")
 
 -- ---------------------------------------------------------------------------------------------------
--- Input. A buffer and a cursor; everything is bounded by the constants above.
-
-local inbuf = ""
-
-local function fill()
-  local chunk = deadend.recv(16384)
-  if not chunk then return false end
-  inbuf = inbuf .. chunk
-  return true
-end
-
--- A line ending in LF (CR stripped); nil and "closed" / "too-long".
-local function read_line(max)
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      if #line > max then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if #inbuf > max then return nil, "too-long" end
-    if not fill() then return nil, "closed" end
-  end
-end
-
-local function read_exactly(n)
-  while #inbuf < n do
-    if not fill() then return nil end
-  end
-  local out = inbuf:sub(1, n)
-  inbuf = inbuf:sub(n + 1)
-  return out
-end
+-- Input, bounded by the constants above.
+local input = std.reader(16384)
+local function read_line(max) return input:line(max) end
+local function read_exactly(n) return input:exactly(n) end
 
 -- Redis' sdssplitargs: words separated by blanks; "..." with \n \r \t \b \a \\ \" \xHH escapes; '...'
 -- with \' only. A closing quote must be followed by a blank. nil on unbalanced quotes.
@@ -144,8 +105,9 @@ end
 
 -- One command: its arguments, {} for an empty one (ignored), or nil and "closed" or a protocol error.
 local function read_command()
-  if #inbuf == 0 and not fill() then return nil, "closed" end
-  if inbuf:sub(1, 1) ~= "*" then
+  local first = input:peek(1)  -- RESP or inline: the first byte says
+  if not first then return nil, "closed" end
+  if first ~= "*" then
     local line, why = read_line(MAX_INLINE)
     if not line then
       return nil, why == "too-long" and "Protocol error: too big inline request" or why
@@ -373,8 +335,7 @@ end
 
 local function auth_reply(user, password)
   auth_attempts = auth_attempts + 1
-  deadend.log(string.format("auth attempt %d user=%s password=%s", auth_attempts, q(user), q(password)),
-    "warn")
+  deadend.log("auth attempt " .. auth_attempts, "warn", { user = user, password = password })
   if user == nil then
     return err("ERR AUTH <password> called without any password configured for the default user. "
       .. "Are you sure your configuration is correct?")
@@ -548,8 +509,9 @@ local function execute(args)
     table.concat(shown)))
 end
 
--- The command as one log field, in redis-cli's notation: an argument with blanks, quotes, backslashes or
--- unprintable bytes is double-quoted with \n, \r, \t, \", \\ and \xHH escapes (Redis' sdscatrepr).
+-- The command as a log field's value, in redis-cli's notation: an argument with blanks, quotes,
+-- backslashes or unprintable bytes is double-quoted with \n, \r, \t, \", \\ and \xHH escapes (Redis'
+-- sdscatrepr).
 local REPR = { ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t", ['"'] = '\\"', ["\\"] = "\\\\" }
 local function repr(a)
   if a ~= "" and not a:find("[^%w%p]") and not a:find('["\\]') then return a end
@@ -592,7 +554,8 @@ while true do
   if #args > 0 then
     local name = args[1]:upper()
     if name == "POST" or name == "HOST:" then
-      deadend.log("Possible SECURITY ATTACK detected: HTTP sent to Redis: " .. describe(args), "warn")
+      deadend.log("Possible SECURITY ATTACK detected: HTTP sent to Redis", "warn",
+        { command = describe(args) })
       ending = "http request"
       break
     end
@@ -601,7 +564,7 @@ while true do
         or (name == "SET" and payload(args[3])) then
       level = "warn"
     end
-    if name ~= "AUTH" then deadend.log("command " .. describe(args), level) end
+    if name ~= "AUTH" then deadend.log("command", level, { command = describe(args) }) end
     local r = execute(args)
     if not r then break end
     if not deadend.send(r) then

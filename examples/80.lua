@@ -21,14 +21,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
-
 -- The stock index.html of nginx 1.24.0 (615 bytes; its ETag and Last-Modified are those of the release).
 local INDEX = [[
 <!DOCTYPE html>
@@ -70,42 +62,29 @@ local function error_page(status, title)
     .. "</h1></center>\r\n<hr><center>" .. SERVER .. "</center>\r\n</body>\r\n</html>\r\n"
 end
 
--- Input buffer and a bounded line reader (CRLF or bare LF). Returns the line, or nil and "closed" /
--- "too-long" (the line, or the head so far, went past MAX_HEAD).
-local inbuf = ""
+-- A bounded line reader (CRLF or bare LF) over the input. Returns the line, or nil and "closed" /
+-- "too-long" (the line, or the head so far, went past MAX_HEAD) / "garbage".
+local input = std.reader()
 local head_used = 0
 local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      head_used = head_used + nl
-      if head_used > MAX_HEAD then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if head_used + #inbuf > MAX_HEAD then return nil, "too-long" end
+  if head_used == 0 then
     -- nginx answers as soon as the method cannot be a method: a TLS ClientHello, binary junk...
-    local first = inbuf:match("^[\r\n]*(.)")
-    if first and head_used == 0 and not first:match("[A-Z_%-]") then return nil, "garbage" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
+    local first = input:peek()
+    if not first then return nil, "closed" end
+    if not first:match("[A-Z_%-\r\n]") then return nil, "garbage" end
   end
+  if head_used >= MAX_HEAD then return nil, "too-long" end
+  local line, why = input:line(MAX_HEAD - head_used)
+  if line then head_used = head_used + #line + 2 end
+  return line, why
 end
 
--- Read and discard n body bytes; false when the client left.
+-- Read and discard n body bytes, a read at a time; false when the client left.
 local function discard(n)
   while n > 0 do
-    if #inbuf == 0 then
-      local chunk = deadend.recv(math.min(n, 16384))
-      if not chunk then return false end
-      inbuf = chunk
-    end
-    local take = math.min(n, #inbuf)
-    inbuf = inbuf:sub(take + 1)
-    n = n - take
+    local piece = input:some(math.min(n, 16384))
+    if not piece then return false end
+    n = n - #piece
   end
   return true
 end
@@ -147,7 +126,8 @@ local function serve(nth)
       if nth == 1 then deadend.log("client closed without a request") end
       return false
     end
-    deadend.log(string.format("bad request (%s) %s", why, q(inbuf:sub(1, 64))), "warn")
+    local held = why == "garbage" and input:peek(64) or nil  -- an over-long line is dropped
+    deadend.log("bad request (" .. why .. ")", "warn", { data = held })
     if why == "too-long" then respond(414) else respond(400) end
     return false
   end
@@ -157,27 +137,27 @@ local function serve(nth)
   if not method then
     method, target = line:match("^(GET) (/%S*)$")
     if method then  -- HTTP/0.9: the body alone, then close
-      deadend.log(string.format("request %s (HTTP/0.9)", q(line)))
+      deadend.log("request (HTTP/0.9)", "info", { ["http.method"] = method, ["http.path"] = target })
       deadend.send(target == "/" and INDEX or error_page(404))
       return false
     end
-    deadend.log("bad request line " .. q(line), "warn")
+    deadend.log("bad request line", "warn", { line = line })
     respond(400)
     return false
   end
   if not method:match("^[A-Z_%-]+$") then
-    deadend.log("bad method " .. q(line), "warn")
+    deadend.log("bad method", "warn", { line = line })
     respond(400)
     return false
   end
   local major, minor = version:match("^HTTP/(%d+)%.(%d+)$")
   major, minor = tonumber(major), tonumber(minor)
   if major >= 2 then
-    deadend.log("unsupported version " .. q(line), "warn")
+    deadend.log("unsupported version", "warn", { line = line })
     respond(505)
     return false
   elseif major ~= 1 or minor > 1 then
-    deadend.log("bad version " .. q(line), "warn")
+    deadend.log("bad version", "warn", { line = line })
     respond(400)
     return false
   end
@@ -188,10 +168,10 @@ local function serve(nth)
     local hline, hwhy = read_line()
     if not hline then
       if hwhy == "closed" then
-        deadend.log("client left during headers of " .. q(line), "warn")
+        deadend.log("client left during headers", "warn", { line = line })
         return false
       end
-      deadend.log("request header too large for " .. q(line), "warn")
+      deadend.log("request header too large", "warn", { line = line })
       respond(400, { title = "400 Request Header Or Cookie Too Large" })
       return false
     end
@@ -201,7 +181,7 @@ local function serve(nth)
       local name, value = hline:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
       count = count + 1
       if not name or count > MAX_HEADERS then
-        deadend.log("bad header line " .. q(hline), "warn")
+        deadend.log("bad header line", "warn", { header = hline })
         respond(400)
         return false
       end
@@ -216,7 +196,8 @@ local function serve(nth)
   end
 
   local host, ua = headers["host"], headers["user-agent"]
-  deadend.log(string.format("request %s host=%s ua=%s", q(line), q(host), q(ua)))
+  deadend.log("request", "info", { ["http.method"] = method, ["http.path"] = target,
+    ["http.version"] = version, ["http.host"] = host, ["http.user_agent"] = ua })
   if minor == 1 and not host then
     deadend.log("HTTP/1.1 request without Host", "warn")
     respond(400)
@@ -235,7 +216,7 @@ local function serve(nth)
   if te then
     if cl then respond(400) return false end
     if te:lower() ~= "chunked" then
-      deadend.log("unsupported Transfer-Encoding " .. q(te), "warn")
+      deadend.log("unsupported Transfer-Encoding", "warn", { ["http.transfer_encoding"] = te })
       respond(501)
       return false
     end
@@ -271,7 +252,7 @@ local function serve(nth)
   if method == "POST" and not exists then
     return respond(404, { keep_alive = keep_alive }) and keep_alive
   end
-  deadend.log("method not allowed " .. q(method))
+  deadend.log("method not allowed", "info", { ["http.method"] = method })
   return respond(405, { keep_alive = keep_alive }) and keep_alive
 end
 

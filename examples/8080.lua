@@ -24,13 +24,6 @@ deadend.set_tarpit(TARPIT_BASE, TARPIT_JITTER)
 local peer = deadend.get_ip()
 local has_clock = type(os) == "table" and type(os.date) == "function"
 
--- Log values quoted, with quotes, backslashes and control bytes escaped, so fields stay unambiguous.
-local function q(s)
-  if s == nil then return "-" end
-  s = tostring(s)
-  if #s > 256 then s = s:sub(1, 256) .. "..." end
-  return '"' .. s:gsub('[%c"\\]', function(c) return string.format("\\x%02x", c:byte()) end) .. '"'
-end
 
 local function html_escape(s)
   return (s:gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;",
@@ -38,33 +31,7 @@ local function html_escape(s)
 end
 
 -- Base64 (RFC 4648) decoding; nil when the input is not valid base64.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_VALUE = {}
-for i = 1, #B64 do B64_VALUE[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("%s", "")
-  if #s % 4 ~= 0 then return nil end
-  local out = {}
-  for i = 1, #s, 4 do
-    local a, b, c, d = s:byte(i, i + 3)
-    local va, vb, vc, vd = B64_VALUE[a], B64_VALUE[b], B64_VALUE[c], B64_VALUE[d]
-    local last = i + 3 == #s
-    if not va or not vb then return nil end
-    if c == 61 and d == 61 and last then
-      out[#out + 1] = string.char(((va << 18 | vb << 12) >> 16) & 0xff)
-    elseif vc and d == 61 and last then
-      local n = va << 18 | vb << 12 | vc << 6
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff)
-    elseif vc and vd then
-      local n = va << 18 | vb << 12 | vc << 6 | vd
-      out[#out + 1] = string.char((n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-    else
-      return nil
-    end
-  end
-  return table.concat(out)
-end
+local b64decode = std.base64.decode
 
 -- application/x-www-form-urlencoded: "+" is a space, %XX a byte.
 local function urldecode(s)
@@ -178,36 +145,16 @@ end
 
 -- A bounded line reader (CRLF or bare LF) over the head of one request: the line, or nil and "closed" /
 -- "too-long" (the head so far went past MAX_HEAD).
-local inbuf = ""
+local input = std.reader()
 local head_used = 0
 local function read_line()
-  while true do
-    local nl = inbuf:find("\n", 1, true)
-    if nl then
-      local line = inbuf:sub(1, nl - 1)
-      inbuf = inbuf:sub(nl + 1)
-      head_used = head_used + nl
-      if head_used > MAX_HEAD then return nil, "too-long" end
-      if line:sub(-1) == "\r" then line = line:sub(1, -2) end
-      return line
-    end
-    if head_used + #inbuf > MAX_HEAD then return nil, "too-long" end
-    local chunk = deadend.recv(4096)
-    if not chunk then return nil, "closed" end
-    inbuf = inbuf .. chunk
-  end
+  if head_used >= MAX_HEAD then return nil, "too-long" end
+  local line, why = input:line(MAX_HEAD - head_used)
+  if line then head_used = head_used + #line + 2 end
+  return line, why
 end
 
-local function read_exactly(n)
-  while #inbuf < n do
-    local chunk = deadend.recv(math.min(16384, n - #inbuf))
-    if not chunk then return nil end
-    inbuf = inbuf .. chunk
-  end
-  local out = inbuf:sub(1, n)
-  inbuf = inbuf:sub(n + 1)
-  return out
-end
+local function read_exactly(n) return input:exactly(n) end
 
 -- A chunked body, at most MAX_BODY bytes; nil and why ("closed", "too-big", "bad").
 local function read_chunked()
@@ -313,7 +260,7 @@ local function serve(nth)
   requests = requests + 1
   local method, target, minor = line:match("^([A-Z]+) (%S+) HTTP/1%.([01])$")
   if not method then
-    deadend.log("bad request line " .. q(line), "warn")
+    deadend.log("bad request line", "warn", { line = line })
     bad_request()
     return false
   end
@@ -324,10 +271,10 @@ local function serve(nth)
     local hline, hwhy = read_line()
     if not hline then
       if hwhy == "closed" then
-        deadend.log("client left during headers of " .. q(line), "warn")
+        deadend.log("client left during headers", "warn", { line = line })
         return false
       end
-      deadend.log("request head too large for " .. q(line), "warn")
+      deadend.log("request head too large", "warn", { line = line })
       bad_request()
       return false
     end
@@ -337,7 +284,7 @@ local function serve(nth)
       local name, value = hline:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
       count = count + 1
       if not name or count > MAX_HEADERS then
-        deadend.log("bad header line " .. q(hline), "warn")
+        deadend.log("bad header line", "warn", { header = hline })
         bad_request()
         return false
       end
@@ -347,8 +294,9 @@ local function serve(nth)
   end
 
   local path = (target:match("^https?://[^/]*(/.*)$") or target):match("^[^?#]*")
-  deadend.log(string.format("request %s host=%s ua=%s", q(line), q(headers["host"]),
-    q(headers["user-agent"])))
+  deadend.log("request", "info", { ["http.method"] = method, ["http.path"] = target,
+    ["http.version"] = "HTTP/1." .. minor, ["http.host"] = headers["host"],
+    ["http.user_agent"] = headers["user-agent"] })
   if minor == "1" and not headers["host"] then
     deadend.log("HTTP/1.1 request without Host", "warn")
     bad_request()
@@ -369,10 +317,10 @@ local function serve(nth)
     local user, password = (decoded or ""):match("^([^:]*):(.*)$")
     if user then
       logins = logins + 1
-      deadend.log(string.format("auth Basic attempt %d path=%s user=%s password=%s", logins, q(path), q(user),
-        q(password)), "warn")
+      deadend.log("auth Basic attempt " .. logins, "warn",
+        { ["http.path"] = path, user = user, password = password })
     else
-      deadend.log("authorization header " .. q(auth), "warn")
+      deadend.log("authorization header", "warn", { authorization = auth })
     end
   end
 
@@ -385,7 +333,7 @@ local function serve(nth)
   end
   if te then
     if cl or te:lower() ~= "chunked" then
-      deadend.log("unsupported Transfer-Encoding " .. q(te), "warn")
+      deadend.log("unsupported Transfer-Encoding", "warn", { ["http.transfer_encoding"] = te })
       bad_request()
       return false
     end
@@ -419,7 +367,7 @@ local function serve(nth)
   local head_only = method == "HEAD"
   local is_login = path == "/login" or path == "/j_security_check"
   if #body > 0 and not (is_login and method == "POST") then
-    deadend.log(string.format("request body %d bytes %s", #body, q(body:sub(1, 200))))
+    deadend.log(string.format("request body %d bytes", #body), "info", { body = body:sub(1, 200) })
   end
   local realm, role = manager_app(path)
   if realm then
@@ -441,8 +389,8 @@ local function serve(nth)
       local user = fields.username or fields.j_username or fields.user or fields.login
       local password = fields.password or fields.j_password or fields.pass or fields.passwd
       logins = logins + 1
-      deadend.log(string.format("auth form attempt %d path=%s user=%s password=%s", logins, q(path), q(user),
-        q(password)), "warn")
+      deadend.log("auth form attempt " .. logins, "warn",
+        { ["http.path"] = path, user = user, password = password })
       return respond(200, login_page("Invalid username or password."), { keep_alive = keep_alive })
         and keep_alive
     end
@@ -459,7 +407,7 @@ local function serve(nth)
       return respond(200, "", { headers = { "Allow: GET, HEAD, POST, OPTIONS" }, keep_alive = keep_alive })
         and keep_alive
     end
-    deadend.log("method not allowed " .. q(method), "warn")
+    deadend.log("method not allowed", "warn", { ["http.method"] = method })
     return respond(405, error_page(405, "Method Not Allowed", "HTTP method " .. method .. " is not supported "
       .. "by this URL", "The method received in the request-line is known by the origin server but not "
       .. "supported by the target resource."),
@@ -467,7 +415,8 @@ local function serve(nth)
         language = true, keep_alive = keep_alive }) and keep_alive
   end
   if method == "PUT" or method == "DELETE" then
-    deadend.log(string.format("%s %s (%d bytes)", method, q(path), #body), "warn")
+    deadend.log(string.format("%s of %d bytes", method, #body), "warn",
+      { ["http.method"] = method, ["http.path"] = path })
   end
   return not_found(path, keep_alive, head_only) and keep_alive
 end

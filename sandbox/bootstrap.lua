@@ -8,7 +8,7 @@
 -- hooked script coroutine.
 
 local RECV_MIN, RECV_MAX, SLEEP_MAX, TARPIT_MAX, SEND_MAX, LOG_MAX, REP_MAX, MOVE_MAX,
-  FIELDS_MAX, FIELD_MAX, FIELD_KEY_MAX, BASE_NAMES = ...
+  FIELDS_MAX, FIELD_MAX, FIELD_KEY_MAX, ALPN_MAX, BASE_NAMES = ...
 
 -- Captured before the globals are wiped.
 local debug_sethook, debug_getregistry, debug_getmetatable = debug.sethook, debug.getregistry, debug.getmetatable
@@ -21,8 +21,10 @@ local math_type, math_tointeger, math_randomseed, maxinteger =
   math.type, math.tointeger, math.randomseed, math.maxinteger
 local string_sub, string_format, string_gsub, string_gmatch = string.sub, string.format, string.gsub, string.gmatch
 local table_pack, table_unpack, table_concat = table.pack, table.unpack, table.concat
+local string_unpack, str_find = string.unpack, string.find
 local os_time, os_date, os_clock, os_difftime = os.time, os.date, os.clock, os.difftime
 local c_rep, c_move, string_dump = string.rep, table.move, string.dump
+local gc_count = collectgarbage  -- "count" only, for `deadend audit`'s measurements; never a script's
 
 -- The C library initialises its time zone on first use, by opening files. Do it now: after lockdown an
 -- open() kills the process. The zygote fixed TZ=UTC, so local time and UTC agree.
@@ -67,6 +69,19 @@ end
 local function charge(n)
   used = used + n
   if exceeded or used > budget then over() end
+end
+-- `deadend audit` (a Start with measure set) also wants the instructions of the whole session and the
+-- peak Lua heap: the heap is sampled each time the hook fires and at every API call.
+local total, peak = 0, 0
+local function measuring_hook()
+  local kib = gc_count("count")
+  if kib > peak then peak = kib end
+  hook()
+end
+local function usage()
+  local kib = gc_count("count")
+  if kib > peak then peak = kib end
+  return math_tointeger(peak * 1024 // 1), total + used
 end
 -- The iterations of a C loop from `from` to `to`: past the whole budget (or past what an integer
 -- holds), the limit is reached at once.
@@ -408,6 +423,37 @@ local function safe_setmetatable(t, mt)
   return setmetatable(t, mt)
 end
 
+-- [std] The scripts' standard library (sandbox/std.lua), loaded at its first use: a script that never
+-- touches `std` pays nothing for it (dense mode holds thousands of sessions). Its compiled chunk is the
+-- driver's own answer to the internal "std" call, never the broker's and never the script's; it is loaded
+-- into an environment of pristine, metered library functions and plain data, so it has no power a script
+-- lacks, and it runs on the script's thread, under its hook. Like an API call, its first use yields, so it
+-- cannot be inside a callback of a C function (a gsub or sort callback).
+-- Built here, in the main chunk (whose code is freed once it has run): only the table stays.
+local STD_ENV = {
+  string = string, table = { concat = concat, sort = sort },
+  math = { type = math_type, tointeger = math_tointeger, random = math_random, huge = math.huge },
+  type = type, select = select, error = error, pcall = pcall, tostring = tostring, tonumber = tonumber,
+  next = next, rawget = rawget, rawlen = rawlen, rawequal = rawequal, setmetatable = safe_setmetatable,
+  RECV_MAX = RECV_MAX, SEND_MAX = SEND_MAX, SLEEP_MAX = SLEEP_MAX, TARPIT_MAX = TARPIT_MAX,
+}
+local rawset = rawset
+local function library(api, fetch)
+  local std, loaded = {}, false
+  local function load_library()
+    if loaded then return end
+    loaded = true
+    local chunk
+    chunk, STD_ENV.UNSAFE = fetch()
+    for name, value in next, load(chunk, "=std", "b", STD_ENV)()(api) do rawset(std, name, value) end
+  end
+  return setmetatable(std, {
+    __metatable = false,
+    __index = function(_, name) load_library() return rawget(std, name) end,
+    __pairs = function() load_library() return next, std, nil end,
+  })
+end
+
 local function value_type(v, present)
   if not present then return "no value" end
   return type(v)
@@ -433,7 +479,7 @@ local function checkint(fname, i, v, present, lo, hi)
   return v
 end
 
-local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, with_clock)
+local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, with_clock, measure)
   local env = {}
   local TOKEN = {}
   local co
@@ -545,6 +591,44 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
     call("close")
   end
 
+  -- The broker does the TLS handshake on the client connection; from then on send and recv carry
+  -- plaintext. Once it succeeded, another call is an error here, and never reaches the broker, which
+  -- would take it for a compromised sandbox. `alpn`: the protocols the server may select, in order of
+  -- preference, comma-separated (deadend.wire.check_alpn); nil or "": none.
+  local tls = false
+  function deadend.starttls(...)
+    local n, alpn = select("#", ...), ...
+    if alpn == nil then
+      alpn = ""
+    elseif type(alpn) ~= "string" then
+      argerror(1, "starttls", "string expected, got " .. value_type(alpn, n > 0))
+    elseif #alpn > ALPN_MAX or (alpn ~= "" and (not str_find(alpn, "^[!-~]+$")
+        or str_find(alpn, "^,") or str_find(alpn, ",$") or str_find(alpn, ",,", 1, true))) then
+      argerror(1, "starttls", string_format(
+        "ALPN protocols must be printable ASCII names separated by commas, %d bytes at most", ALPN_MAX))
+    end
+    if tls then error("bad call to 'starttls' (the connection already speaks TLS)", 2) end
+    if call("starttls", alpn) == true then
+      tls = true
+      return true
+    end
+    return nil
+  end
+
+  -- The table of deadend.wire.pack_tls_info, unpacked; nil before TLS.
+  function deadend.tls_info()
+    local blob = call("tls_info")
+    if type(blob) ~= "string" then return nil end
+    local version, cipher, ja4, ja3, selected, has_sni, sni, count, pos =
+      string_unpack(">s1s1s1s1s1Bs2B", blob)
+    local alpn = {}
+    for i = 1, count do alpn[i], pos = string_unpack(">s1", blob, pos) end
+    return {
+      version = version, cipher = cipher, ja4 = ja4, ja3 = ja3, alpn = alpn,
+      sni = has_sni == 1 and sni or nil, alpn_selected = selected ~= "" and selected or nil,
+    }
+  end
+
   -- print() is kept as a convenience: deadend.log at level info, arguments joined by tabs.
   local function print(...)
     local n, parts = select("#", ...), {}
@@ -576,6 +660,7 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
   env.print = print
   env.string, env.table, env.math, env.utf8 = string_lib, table_lib, math_lib, utf8_lib
   env.deadend = deadend
+  env.std = library(deadend, function() return co_yield(TOKEN, "std") end)
   env._G = env
   if with_clock then
     -- read-only clock subset only (SPEC.md): nothing else of os, ever
@@ -599,7 +684,11 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
 
   -- The driver's only entry point: resume the script with the broker's reply; report what it did next.
   local function step(...)
-    if not exceeded then used = 0 end
+    if not exceeded then
+      total = total + used
+      used = 0
+    end
+    if measure then usage() end  -- a heap sample at every API call
     local ok, a, op, x, y, z = co_resume(co, ...)
     if not ok then
       if exceeded then return "instructions", "instruction limit exceeded" end
@@ -617,8 +706,8 @@ local function start(source, chunkname, mode, seed_hi, seed_lo, instructions, wi
     co = co_create(fn)
     metered = co
     -- [vector: coroutines] the script gets no coroutine library, so this is the only thread it runs on.
-    debug_sethook(co, hook, "", STEP)
-    return "ready", step
+    debug_sethook(co, measure and measuring_hook or hook, "", STEP)
+    return "ready", step, usage
   end
 
   -- A warm child prepared for one script compiles now and runs when a connection comes (GO).

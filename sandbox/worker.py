@@ -25,6 +25,7 @@ from sandbox.lockdown import Rlimits, lockdown
 # and every page a module takes is one more the zygote copies at each fork (threading's and random's
 # after-fork hooks alone cost a worker ~160 page faults).
 BOOTSTRAP = Path(__file__).with_name("bootstrap.lua").read_bytes()
+STD_SOURCE = Path(__file__).with_name("std.lua").read_bytes()
 HOLD_LIMIT = 0.05  # seconds a dense worker may hold finished frames while it works through its input
 # The Lua heap cap until the start message says otherwise; set_max_memory needs one at construction.
 INITIAL_MEMORY = 64 << 20
@@ -53,7 +54,7 @@ BOOTSTRAP_CHUNK = _compiled_bootstrap()
 _CONSTANTS = wire.lua_constants()
 BOOTSTRAP_ARGS = (  # the bootstrap's `...`, in its order
     *(_CONSTANTS[k] for k in ("RECV_MIN", "RECV_MAX", "SLEEP_MAX", "TARPIT_MAX", "SEND_MAX", "LOG_MAX")),
-    *(_CONSTANTS[k] for k in ("REP_MAX", "MOVE_MAX", "FIELDS_MAX", "FIELD_MAX", "FIELD_KEY_MAX")),
+    *(_CONSTANTS[k] for k in ("REP_MAX", "MOVE_MAX", "FIELDS_MAX", "FIELD_MAX", "FIELD_KEY_MAX", "ALPN_MAX")),
     str(_CONSTANTS["BASE_NAMES"]).encode(),
 )
 
@@ -70,6 +71,28 @@ def new_runtime() -> Any:
     )
     start = lua.execute(BOOTSTRAP_CHUNK, *BOOTSTRAP_ARGS, name="=bootstrap", mode="b")
     return lua, start
+
+
+def _compiled_library() -> tuple[bytes, bytes]:
+    """The scripts' standard library, compiled once per process (in the zygote, before any fork): the
+    chunk without debug information, and std.quote's table of the characters the log escapes. A state
+    gets both only when its script first uses `std` (the bootstrap's internal "std" call)."""
+    lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    compile = b"local source = ... return string.dump(assert(load(source, '=std', 't')), true)"
+    chunk = lua.execute(compile, STD_SOURCE)
+    assert isinstance(chunk, bytes)
+    return chunk, wire.packed_unsafe_ranges()
+
+
+LIBRARY = _compiled_library()
+
+
+def resume(step: Any, *reply: Any) -> tuple[Any, ...]:
+    """Resume a script with `reply`; what it asks next. The library it asks for is answered here."""
+    out = _as_tuple(step(*reply))
+    while out[0] == b"call" and out[1] == b"std":
+        out = _as_tuple(step(*LIBRARY))
+    return out
 
 
 def _write_all(packed: bytes, fd: int = 1) -> None:
@@ -160,6 +183,8 @@ class ScriptRun:
         self.step: Any = None
         self.go_fn: Any = None  # mode "prepare": compiled, waiting for the session's seed
         self.dumped = False
+        self.usage_fn: Any = None  # the bootstrap's (peak heap, instructions) of this session
+        self.cpu_started = time.process_time()
 
     def begin(self) -> Outcome:
         return self._guarded(self._begin)
@@ -183,6 +208,7 @@ class ScriptRun:
                 start.seed[1],
                 start.instructions,
                 start.clock,
+                start.measure,
             )
         )
         if result[0] == b"compile":
@@ -195,8 +221,21 @@ class ScriptRun:
         if result[0] == b"prepared":
             self.go_fn = result[1]
             return list(wire.PREPARED)
-        self.step = result[1]
+        self.step, self.usage_fn = result[1], result[2]
         return self._advance(())
+
+    def usage_frame(self) -> list[Any] | None:
+        """The "usage" request of a measured session (`deadend audit`), once it is over; else None."""
+        if not self.start.measure or self.usage_fn is None:
+            return None
+        try:
+            peak, instructions = _as_tuple(self.usage_fn())
+        except Exception:  # a state that broke (memory) reports nothing rather than crash the worker
+            return None
+        cpu_us = round((time.process_time() - self.cpu_started) * 1e6)
+        if not (type(peak) is int and type(instructions) is int):
+            return None
+        return ["usage", max(0, peak), max(0, instructions), max(0, cpu_us)]
 
     def go(self, frame: Any) -> Outcome:
         """A prepared script's session starts: ["go", seed_hi, seed_lo]."""
@@ -206,11 +245,11 @@ class ScriptRun:
         return self._guarded(lambda: self._started(go_fn(frame[1], frame[2])))
 
     def _started(self, result: Any) -> Outcome:
-        self.step = _as_tuple(result)[1]
+        _ready, self.step, self.usage_fn = _as_tuple(result)
         return self._advance(())
 
     def _advance(self, reply: tuple[Any, ...]) -> Outcome:
-        out = _as_tuple(self.step(*reply))
+        out = resume(self.step, *reply)
         kind = out[0]
         if kind != b"call":
             message = _text(out[1]) if len(out) > 1 else b""
@@ -270,6 +309,10 @@ def session(pipe: Pipe, lua: Any, start_fn: Any) -> int:
         while isinstance(outcome, list):
             pipe.write(outcome)
             outcome = run.resume(pipe.read())
+        usage = run.usage_frame()
+        if usage is not None:  # `deadend audit`: one more request, answered with nil
+            pipe.write(usage)
+            pipe.read()
     except (EOFError, BrokenPipeError):
         return 0  # the broker ended the session; nothing to report to
     except Exception as exc:  # a malformed start message: still a report, not a traceback

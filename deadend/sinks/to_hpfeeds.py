@@ -31,7 +31,7 @@ from deadend.sinks.transport import (
 from deadend.sinks.urls import SinkSpec
 
 SETTLE: Final = 0.3
-MISSING: Final = "hpfeeds:// needs the optional hpfeeds package: pip install 'deadend[hpfeeds]'"
+MISSING: Final = "hpfeeds:// needs the optional hpfeeds package: pip install 'deadend-honeypot[hpfeeds]'"
 
 
 def available() -> bool:

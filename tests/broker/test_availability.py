@@ -247,16 +247,24 @@ def test_zygotes_are_renewed_after_zygote_forks_without_refusing_anyone(
     sandboxes are done): children get fresh address-space layouts over time, and nobody is turned away."""
     b = make_broker({"7.lua": 'deadend.send("up\\n") deadend.recv(1)'}, "--zygote-forks", "20", "--warm", "2")
     bases: set[int] = set()
-    for i in range(60):
-        with b.connect(7, source=f"127.0.10.{i % 200 + 1}") as c:
+    # The old zygote keeps forking while its successor starts (that is what refuses nobody), so on a
+    # loaded machine a renewal can take more than 20 forks to land: go on until three layouts were seen,
+    # bounded in sessions.
+    sessions = 0
+    while len(bases) < 3 and sessions < 200:
+        with b.connect(7, source=f"127.0.10.{sessions % 200 + 1}") as c:
             assert read_until(c, b"\n") == b"up\n"  # its sandbox is alive now
             for pid in descendants(b.proc.pid):
                 if runs(pid, b"sandbox.zygote") and (base := lua_base(pid)) is not None:
                     bases.add(base)
-    print(f"{len(bases)} distinct Lua library bases among sandboxes and zygotes over 60 sessions")
+        sessions += 1
+    print(f"{len(bases)} distinct Lua library bases among sandboxes and zygotes over {sessions} sessions")
     assert len(bases) >= 3, [hex(base) for base in bases]
     assert "refused" not in "\n".join(b.lines)
-    assert len(re.findall(r"session end reason=done", "\n".join(b.lines))) >= 59
+    deadline = time.monotonic() + 5
+    while len(re.findall(r"session end reason=done", "\n".join(b.lines))) < sessions - 1:
+        assert time.monotonic() < deadline, "sessions did not all end done"
+        time.sleep(0.05)
 
 
 def test_a_client_that_stops_reading_ends_idle(make_broker: Callable[..., Broker]) -> None:

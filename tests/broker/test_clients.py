@@ -9,6 +9,7 @@ broker's descriptors, processes and resident memory came back to their idle valu
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import resource
@@ -109,8 +110,12 @@ def usage(pid: int) -> Usage:
 
 
 def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    """The parent of pid, or 0 when it has already gone (a worker may exit between listing and reading)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
 
 
 def idle_usage(b: Broker, warm: int = 4, timeout: float = SETTLE_TIMEOUT) -> Usage:
@@ -516,6 +521,39 @@ def test_reset_while_the_script_sends_a_large_reply(make_broker) -> None:
     assert_back_to_idle(b, idle, "reset mid-send")
     assert_no_traceback(b)
     stop_and_check_stderr(b)
+
+
+# A tarpit that reads a little at a time: its read-ahead buffer fills and empties all the while.
+NIBBLER = """
+deadend.set_tarpit(50, 0)
+local total = 0
+while true do
+  local d = deadend.recv(512)
+  if not d then break end
+  total = total + #d
+end
+deadend.log("read " .. total .. " bytes")
+"""
+
+
+def test_a_peer_gone_behind_queued_bytes_is_seen_by_a_slow_reader(make_broker) -> None:
+    # The client fills the socket buffers and aborts. What it sent is still the script's to read, but the
+    # peer is gone: --linger starts then, although the script keeps making room in its read-ahead buffer.
+    b = make_broker({"7.lua": ECHO, "8.lua": NIBBLER}, "--linger", "2", "--session-time", "30")
+    s = b.connect(8)
+    s.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(64):
+            s.send(b"z" * (64 << 10))
+    time.sleep(0.5)
+    left = time.monotonic()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    _conn, reason, closed_by = wait_session_ends(b, 8, 1, timeout=20)[0]
+    assert (reason, closed_by) == ("linger", "peer")
+    assert time.monotonic() - left < 2 + 1.5 + 1  # --linger, a probe interval, slack
+    assert good(b) == b"echo:ping"
+    assert_no_traceback(b)
 
 
 # --- 5. a burst past workers and queue --------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,56 @@ def test_try_reports_a_hostile_script(tmp_path: Path) -> None:
     result = deadend("try", str(tmp_path / "7.lua"), "--instructions", "100000", stdin=b"")
     assert result.stdout == b"x"
     assert b"session end reason=instruction-limit" in result.stderr
+    assert result.returncode == 1  # a ceiling is a failed try
+
+
+def test_try_exits_non_zero_after_a_script_error(tmp_path: Path) -> None:
+    (tmp_path / "7.lua").write_text("local line = deadend.recv(10)\ndeadend.send(line:upper())\n")
+    failed = deadend("try", str(tmp_path / "7.lua"), stdin=b"")  # recv gives nil: indexing it fails
+    assert b"session end reason=script-error" in failed.stderr
+    assert failed.returncode == 1
+    worked = deadend("try", str(tmp_path / "7.lua"), stdin=b"hi")
+    assert (worked.stdout, worked.returncode) == (b"HI", 0)
+
+
+def test_try_tls_is_a_tls_client_from_the_first_byte() -> None:
+    request = b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
+    result = deadend("try", str(EXAMPLES / "443.lua"), "--tls", "--sni", "shop.example", stdin=request)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"HTTP/1.1 200 OK\r\nServer: nginx/1.24.0\r\n")
+    err = result.stderr.decode()
+    assert re.search(r"TLS TLSv1\.3 \S+ alpn_selected=- ja4=t13d\S+ ja3=\w{32} sni=shop\.example", err), err
+    assert "session end reason=done" in err
+
+
+def test_try_starttls_upgrades_when_the_script_asks() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deadend", "try", str(EXAMPLES / "25.lua"), "--starttls"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"EHLO me\r\nSTARTTLS\r\n")
+        proc.stdin.flush()
+        seen = b""
+        while b"220 2.0.0 Ready to start TLS\r\n" not in seen:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, seen
+            seen += chunk
+        assert b"250-STARTTLS" in seen
+        # The script asks for TLS right after its 220; bytes that beat that request go in plaintext, as
+        # they would from a client that did not wait for the 220.
+        time.sleep(0.5)
+        out, err = proc.communicate(b"EHLO me\r\nQUIT\r\n", timeout=30)  # over TLS now, through the relay
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert b"250 SMTPUTF8" in out and b"250-STARTTLS" not in out and out.endswith(b"221 2.0.0 Bye\r\n")
+    assert b"TLS TLSv1.3" in err and b"session end reason=done" in err
 
 
 # --- test (transcripts) ----------------------------------------------------------------------------
@@ -123,6 +175,28 @@ def test_transcripts_pass_and_fail_with_context(tmp_path: Path) -> None:
     assert f"{bad}:3: < 250 nope" in out
     assert "expected line b'250 nope', got b'250-mail.example.com'" in out
     assert "1 passed, 1 failed" in out
+
+
+@pytest.mark.parametrize(
+    ("script", "failure"),
+    [
+        # 25.lua takes the ClientHello for a command and answers in plaintext
+        (EXAMPLES / "25.lua", "the TLS handshake failed: [SSL: WRONG_VERSION_NUMBER]"),
+        (None, "the TLS handshake did not complete within 1000 ms"),  # a script that never answers
+    ],
+)
+def test_a_transcript_starttls_the_script_does_not_take_is_a_clear_failure(
+    tmp_path: Path, script: Path | None, failure: str
+) -> None:
+    if script is None:
+        script = tmp_path / "7.lua"
+        script.write_text('deadend.send("220 hi\\r\\n") deadend.sleep(3000)')
+    transcript = tmp_path / "t.transcript"
+    transcript.write_text("% timeout 1000\n<~ 220 .*\n! starttls\n")
+    result = deadend("test", str(script), str(transcript))
+    out = result.stdout.decode()
+    assert result.returncode == 1 and f"{transcript}:3: ! starttls" in out
+    assert failure in out
 
 
 def test_transcript_log_and_timing_expectations(tmp_path: Path) -> None:

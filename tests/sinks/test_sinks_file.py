@@ -98,7 +98,8 @@ def test_the_hpfeeds_extra_missing_is_one_clear_error(tmp_path: Path) -> None:
         "    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
-    assert out.stdout == "hpfeeds:// needs the optional hpfeeds package: pip install 'deadend[hpfeeds]'\n"
+    needs = "hpfeeds:// needs the optional hpfeeds package: pip install 'deadend-honeypot[hpfeeds]'\n"
+    assert out.stdout == needs
     assert out.stderr == ""
 
 

@@ -776,3 +776,24 @@ def test_large_dump_is_linear() -> None:
     assert [code[pc + 1].ax for pc in loadkx] == [131072]
     assert p.constants[131072] == 131072.5
     analyze(p)
+
+
+# --- guards: a global whose presence is tested ------------------------------------------------------------
+
+
+def test_guards_are_type_calls_and_conditions() -> None:
+    src = """local has_clock = type(os) == "table"
+if os then x = 1 end
+local d = os and os.date
+local t = type(os.time)
+local n = type(deadend, 1)
+local function f() return type(io) end
+"""
+    a = check(src)
+    # type(os.time) tests a field, not a global; a call of type with two arguments is not a test
+    assert a.guards == {"io": [6], "os": [1, 2, 3]}
+
+
+def test_no_guard_without_a_test() -> None:
+    a = check("local d = os.date('!%Y')\nlocal type = print\ntype(os)\n")
+    assert a.guards == {}

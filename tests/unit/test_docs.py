@@ -42,3 +42,15 @@ def test_local_links_in_the_documents_exist() -> None:
             if not ((REPO / name).parent / target).exists():
                 broken.append(f"{name}: {target}")
     assert not broken, "\n".join(broken)
+
+
+def test_one_version_everywhere() -> None:
+    """The package's version, the distribution's and the changelog's newest release agree."""
+    import tomllib
+
+    from deadend import __version__
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    newest = re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert newest is not None
+    assert project["version"] == __version__ == newest.group(1)

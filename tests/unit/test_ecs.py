@@ -31,6 +31,7 @@ SAMPLES: dict[str, Any] = {
     "str?": None,
     "int?": 3,
     "strs": ["a", "b"],
+    "strs?": ["h2", "http/1.1"],
     "fields": {"user": "root", "password": "x", "http.path": "/", "http": "clash", "tries": 3},
 }
 WHERE = Where(25, "0123456789ab", "192.0.2.7", 40000, "198.51.100.1", 25)
@@ -89,6 +90,22 @@ def test_the_well_known_fields_land_where_ecs_wants_them() -> None:
     assert log["deadend.fields.user"] == "root" and log["deadend.fields.password"] == "x"
     assert log["deadend.fields.http"] == "clash" and log["deadend.fields.http_path"] == "/"
     assert log["deadend.fields.tries"] == 3
+
+
+def test_a_tls_handshake_lands_in_ecs_tls() -> None:
+    fields = {name: SAMPLES[kind] for name, kind in EVENTS["tls.handshake"][1].items()}
+    fields.update(version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", alpn_selected="http/1.1")
+    fields.update(ja4="t13d3112h2_e8f1e7e78f70_b26ce05bbdd6", ja3="0149f47eabf9a20d0893e2a44e5a6323")
+    fields.update(sni="www.example.com")
+    record = json_record("id", "t", "info", "s", WHERE, "tls.handshake", "m", fields)
+    tls = flat_keys(ecs_document(record))
+    assert tls["tls.version"] == "1.3" and tls["tls.version_protocol"] == "tls" and tls["tls.established"]
+    assert tls["tls.cipher"] == "TLS_AES_128_GCM_SHA256" and tls["tls.next_protocol"] == "http/1.1"
+    assert tls["tls.client.ja3"] == "0149f47eabf9a20d0893e2a44e5a6323"
+    assert tls["tls.client.server_name"] == "www.example.com"
+    assert tls["deadend.ja4"] == "t13d3112h2_e8f1e7e78f70_b26ce05bbdd6"  # ECS 8.17 has no JA4 field
+    assert tls["deadend.alpn"] == ["h2", "http/1.1"]
+    assert tls["event.type"] == ["protocol"]
 
 
 def test_every_script_field_mapping_targets_an_ecs_field() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deadend.logs import CUT_MARKER, SCRIPT_LINE, EventLog, Where, sanitize, unquote, utc_timestamp
+from deadend.tlsinfo import NO_TLS
 from deadend.wire import LOG_MAX
 
 
@@ -121,6 +122,7 @@ def test_one_session_cannot_push_out_the_others() -> None:
         bytes_out=0,
         closed_by="peer",
         limit=None,
+        **NO_TLS,
     )
     stream.go.set()
     log.close()

@@ -12,6 +12,7 @@ from broker import monitor as m
 from deadend import wire
 from deadend.config import Ceilings
 from deadend.reasons import ClosedBy, Reason
+from deadend.tlsinfo import TlsInfo
 
 IP = "192.0.2.1"
 
@@ -26,6 +27,28 @@ def req(op: str, *args: object) -> wire.Request:
 
 # --- every request in every state ------------------------------------------------------------------------
 
+INFO = TlsInfo(
+    "t13d1516h2_8daaf6152771_e5627efa2ab1",
+    "1c258ebef8eee2dfa3df6d8d07285af9",
+    b"www.example.com",
+    (b"h2", b"http/1.1"),
+    b"\x16\x03\x01",
+    "TLSv1.3",
+    "TLS_AES_128_GCM_SHA256",
+    "http/1.1",
+)
+
+
+def tls_up(mon: m.Monitor) -> None:
+    assert mon.handle(req("starttls", b"http/1.1"), 1.0) == m.StartTls(b"http/1.1")
+    assert mon.tls_started(INFO, "", False, 1.0) == m.Reply(True)
+
+
+def tls_failed(mon: m.Monitor) -> None:
+    mon.handle(req("starttls", b""), 1.0)
+    assert mon.tls_started(None, "not a TLS handshake record", False, 1.0) == m.Reply(None)
+
+
 # How to bring a fresh monitor into each state.
 STATES: dict[str, Callable[[m.Monitor], object]] = {
     "open": lambda mon: None,
@@ -35,6 +58,8 @@ STATES: dict[str, Callable[[m.Monitor], object]] = {
     "closed-by-limit": lambda mon: mon.close(ClosedBy.LIMIT, 1.0),
     "idled": lambda mon: (mon.handle(req("recv", 5), 1.0), mon.idle(1.0)),
     "shutdown": lambda mon: mon.close(ClosedBy.SHUTDOWN, 1.0),
+    "tls": tls_up,
+    "tls-failed": tls_failed,
 }
 REQUESTS = {
     "send": req("send", b"x"),
@@ -45,6 +70,9 @@ REQUESTS = {
     "set_tarpit": req("set_tarpit", 1, 0),
     "set_limits": req("set_limits", 0, 0),
     "close": req("close"),
+    "starttls": req("starttls", b"http/1.1"),
+    "tls_info": req("tls_info"),
+    "usage": req("usage", 1 << 20, 5000, 1200),
     "done": req("done", "return", b""),
 }
 SEND, RECV, SLEEP = m.Send(b"x"), m.Recv(5), m.Sleep(0.005)
@@ -59,22 +87,38 @@ CLOSED_ROW: dict[str, m.Action] = {
     "set_tarpit": NIL,
     "set_limits": NIL,
     "close": NIL,
+    "starttls": NIL,
+    "tls_info": NIL,
+    "usage": NIL,
     "done": DONE,
 }
+STARTTLS = m.StartTls(b"http/1.1")
+VIOLATION = m.End(Reason.PROTOCOL)  # stands for "raises ProtocolViolation" in the table
 # state -> request -> the action; the rows are the whole contract of SPEC.md "The functions" per state
 TABLE: dict[str, dict[str, m.Action]] = {
-    "open": {**CLOSED_ROW, "send": SEND, "recv": RECV},
-    "peer-left": {**CLOSED_ROW, "send": SEND, "recv": RECV},  # what it sent before is still readable
+    "open": {**CLOSED_ROW, "send": SEND, "recv": RECV, "starttls": STARTTLS},
+    # what it sent before is still readable (a ClientHello, maybe)
+    "peer-left": {**CLOSED_ROW, "send": SEND, "recv": RECV, "starttls": STARTTLS},
     "eof": {**CLOSED_ROW, "send": SEND},  # a half-close: replies may still go out
     "closed-by-script": CLOSED_ROW,
     "closed-by-limit": CLOSED_ROW,
     "idled": CLOSED_ROW,
     "shutdown": CLOSED_ROW,
+    # the bootstrap never asks twice: a second starttls is a compromised sandbox's
+    "tls": {
+        **CLOSED_ROW,
+        "send": SEND,
+        "recv": RECV,
+        "starttls": VIOLATION,
+        "tls_info": m.Reply(INFO.to_wire()),
+    },
+    "tls-failed": CLOSED_ROW,  # as after the peer's close; no TLS to describe
 }
 # the requests that, in a state, count against --linger-calls (I/O on a connection that is done)
+CLOSED_STATES = ("closed-by-script", "closed-by-limit", "idled", "shutdown", "tls-failed")
 COUNTED = {
-    "eof": {"recv"},
-    **{state: {"send", "recv"} for state in ("closed-by-script", "closed-by-limit", "idled", "shutdown")},
+    "eof": {"recv", "starttls"},
+    **{state: {"send", "recv", "starttls"} for state in CLOSED_STATES},
 }
 
 
@@ -84,6 +128,10 @@ def test_every_request_in_every_state(state: str, op: str) -> None:
     mon = monitor()
     STATES[state](mon)
     before = mon.calls_after_close
+    if TABLE[state][op] == VIOLATION:
+        with pytest.raises(wire.ProtocolViolation, match="already speaks TLS"):
+            mon.handle(REQUESTS[op], 2.0)
+        return
     assert mon.handle(REQUESTS[op], 2.0) == TABLE[state][op]
     assert mon.calls_after_close - before == (op in COUNTED.get(state, set()))
 
@@ -231,10 +279,60 @@ def test_a_sleep_is_answered_with_what_was_slept() -> None:
     mon = monitor()
     assert mon.handle(req("sleep", 10_000), 0) == m.Sleep(10.0)
     assert mon.slept(2345) == m.Reply(2345)
+    assert mon.final_closed_by() == ClosedBy.NONE
     assert mon.handle(req("get_ip"), 0) == IP_REPLY  # no longer busy
+
+
+def test_a_sleep_cut_short_by_the_peer_tells_the_script_who_left() -> None:
+    mon = monitor()
+    mon.peer_left(1.0)
+    assert mon.handle(req("sleep", 5000), 1.0) == m.Sleep(5.0)
+    assert mon.slept(0, cut=True) == m.Reply(0)
+    mon.handle(req("close"), 1.1)  # the script closes once it saw the short sleep
+    assert mon.final_closed_by() == ClosedBy.PEER
 
 
 def test_log_fields_reach_the_action_named_and_in_order() -> None:
     action = monitor().handle(req("log", b"m", "info", [b"ok", True, b"tries", 3, b"user", b"root"]), 0)
     assert isinstance(action, m.Log)
     assert action.fields == (("ok", True), ("tries", 3), ("user", b"root"))
+
+
+# --- TLS ---------------------------------------------------------------------------------------------
+
+
+def test_a_failed_handshake_ends_the_session_tls_handshake_and_keeps_the_fingerprint() -> None:
+    mon = monitor()
+    mon.handle(req("starttls", b""), 0)
+    hello_only = TlsInfo(INFO.ja4, INFO.ja3, None, (), b"\x16")
+    assert mon.tls_started(hello_only, "TLS handshake failed: NO_SHARED_CIPHER", False, 1.0) == m.Reply(None)
+    assert not mon.open and mon.closed_by == ClosedBy.PEER and mon.gone_at == 1.0
+    assert mon.tls is hello_only  # the session-end event carries what the client offered
+    assert mon.handle(req("tls_info"), 1.0) == m.Reply(None)
+    assert mon.final_reason(Reason.DONE) == Reason.TLS_HANDSHAKE
+    assert mon.final_reason(Reason.LINGER) == Reason.LINGER  # a ceiling still names itself
+
+
+def test_a_handshake_that_timed_out_was_closed_by_a_limit() -> None:
+    mon = monitor()
+    mon.handle(req("starttls", b""), 0)
+    assert mon.tls_started(None, "no ClientHello within 10s", True, 10.0) == m.Reply(None)
+    assert mon.closed_by == ClosedBy.LIMIT and mon.tls is None
+
+
+def test_a_handshake_the_connection_closed_under_fails() -> None:
+    mon = monitor()
+    mon.handle(req("starttls", b""), 0)
+    mon.close(ClosedBy.SHUTDOWN, 0.5)  # the broker shut down meanwhile
+    assert mon.tls_started(INFO, "", False, 1.0) == m.Reply(None)
+    assert not mon.tls_up and mon.closed_by == ClosedBy.SHUTDOWN
+
+
+def test_after_tls_the_io_rules_are_unchanged() -> None:
+    mon = monitor()
+    tls_up(mon)
+    mon.handle(req("set_limits", 1, 0), 2.0)
+    assert mon.handle(req("recv", 10), 2.0) == m.Recv(10)
+    assert mon.received(b"GET / HTTP/1.1\r\n", 2.0)[0] == m.Reply(b"GET / HTTP/1.1\r\n")
+    assert mon.handle(req("recv", 10), 2.0) == m.Reply(None)  # the limit counts plaintext recvs
+    assert mon.final_reason(Reason.DONE) == Reason.DONE

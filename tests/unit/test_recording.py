@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import json
 import os
+import re
 import socket
 import socketserver
 import stat
@@ -22,6 +25,7 @@ from deadend.recording import (
     Recorder,
     RecordingError,
     SessionMeta,
+    Tls,
     Truncated,
     file_name,
     read_recording,
@@ -77,6 +81,24 @@ def test_round_trip_names_and_permissions(tmp_path: Path) -> None:
     # A restart counts what is already there, on disk.
     on_disk = (folder.stat().st_blocks + path.stat().st_blocks) * 512
     assert Recorder(folder, 1 << 20, 1 << 20).total_bytes == on_disk
+
+
+def test_the_seed_is_kept_and_checked(tmp_path: Path) -> None:
+    seeded = dataclasses.replace(META, seed=(0, 2**63 - 1))
+    folder = tmp_path / "rec"
+    recorder = Recorder(folder, 1 << 20, 1 << 20)
+    rec = recorder.open(seeded)
+    assert rec is not None
+    rec.end("done", 1.0, 0, 0)
+    recorder.close()
+    path = folder / file_name(seeded)
+    assert json.loads(path.read_text().splitlines()[0])["seed"] == [0, 2**63 - 1]
+    assert read_recording(path).meta.seed == (0, 2**63 - 1)
+    header = json.loads(path.read_text().splitlines()[0])
+    for bad in ([1], [1, -1], [1, 2**63], [1, 2.0], "1 2", [True, 1]):
+        path.write_text(json.dumps(header | {"seed": bad}) + "\n")
+        with pytest.raises(RecordingError, match=r"'seed' .* is not two integers"):
+            read_recording(path)
 
 
 def test_hostile_payloads_cannot_break_or_forge_a_line(tmp_path: Path) -> None:
@@ -313,3 +335,90 @@ def test_replay_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
             assert len(err) == 1 and err[0].startswith("deadend: error: ") and message in err[0], err
     os.truncate(path, path.stat().st_size - 3)  # a last line cut mid-write: read up to it
     assert read_recording(path).end is None
+
+
+# --- where TLS began --------------------------------------------------------------------------------
+
+
+def tls_fields(sni: str = "www.example.com") -> dict[str, object]:
+    hello = bytes.fromhex("16030100") + b"\x05" + b"hello"  # the recorder keeps what it is given
+    return {
+        "ja4": "t13d3112h2_e8f1e7e78f70_b26ce05bbdd6",
+        "ja3": "0149f47eabf9a20d0893e2a44e5a6323",
+        "sni": sni,
+        "alpn": ["h2", "http/1.1"],
+        "version": "TLSv1.3",
+        "cipher": "TLS_AES_256_GCM_SHA384",
+        "alpn_selected": "http/1.1",
+        "hello": base64.b64encode(hello).decode(),
+    }
+
+
+def test_a_tls_line_says_where_tls_began(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recorder = Recorder(tmp_path, 1 << 20, 1 << 20)
+    rec = recorder.open(META)
+    assert rec is not None
+    rec.data("out", b"220 hi\r\n", 0.1)
+    rec.data("in", b"STARTTLS\r\n", 0.2)
+    rec.tls(tls_fields("www.example.com\\x1b[2J"), 0.3)
+    rec.data("in", b"EHLO x\r\n", 0.4)
+    rec.end("done", 1.0, 18, 8, closed_by="script")
+    recorder.close()
+    path = tmp_path / file_name(META)
+    recording = read_recording(path)
+    tls = recording.entries[2]
+    assert isinstance(tls, Tls) and tls.version == "TLSv1.3" and tls.alpn == ("h2", "http/1.1")
+    assert tls.hello == b"\x16\x03\x01\x00\x05hello" and not tls.error
+    assert replay(str(path)) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[6] == (
+        "+0.300s ! tls TLSv1.3 TLS_AES_256_GCM_SHA384 alpn_selected=http/1.1 "
+        "ja4=t13d3112h2_e8f1e7e78f70_b26ce05bbdd6 ja3=0149f47eabf9a20d0893e2a44e5a6323 "
+        "sni=www.example.com\\\\x1b[2J alpn=h2,http/1.1"
+    )
+    assert replay(str(path), "--transcript") == 0
+    steps = [line for line in capsys.readouterr().out.splitlines() if line[0] not in "%"]
+    assert steps[-5:] == [
+        ">| STARTTLS\\r\\n",
+        f"# {shown[6].split('! ', 1)[1]}",
+        "! starttls",
+        ">| EHLO x\\r\\n",
+        "= eof",
+    ]
+
+
+def test_a_failed_tls_line_ends_the_transcript(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recorder = Recorder(tmp_path, 1 << 20, 1 << 20)
+    rec = recorder.open(META)
+    assert rec is not None
+    fields = {k: v for k, v in tls_fields().items() if k not in ("version", "cipher", "alpn_selected")}
+    rec.tls(fields, 0.1, error="TLS handshake failed: NO_SHARED_CIPHER")
+    rec.end("tls-handshake", 0.2, 0, 0, closed_by="peer")
+    recorder.close()
+    recording = read_recording(tmp_path / file_name(META))
+    tls = recording.entries[0]
+    assert isinstance(tls, Tls) and tls.error == "TLS handshake failed: NO_SHARED_CIPHER" and not tls.version
+    assert replay(str(tmp_path / file_name(META)), "--transcript") == 0
+    out = capsys.readouterr().out
+    assert "! starttls" not in out and "the client's TLS failed here" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hello": "not base64!"}, "'hello' is not valid base64"),
+        ({"alpn": "h2"}, "'alpn' is missing or not a list of strings"),
+        ({"alpn": [1]}, "'alpn' is missing or not a list of strings"),
+        ({"ja4": None}, "'ja4' is missing or not a string"),
+        ({"version": 3}, "'version' is missing or not a string"),
+    ],
+)
+def test_a_tampered_tls_line_is_refused(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    path = tmp_path / "r.jsonl"
+    header = json.dumps({"format": "deadend-recording", "version": 1, "conn": "0123456789ab", "port": 25,
+                         "peer": "203.0.113.7", "peer_port": 1, "script": "25.lua", "script_sha256": "x",
+                         "started": "2025-11-25T14:24:49.250Z", "started_unix": 1.0})  # fmt: skip
+    line = json.dumps({"t": 0.1, "event": "tls", **tls_fields(), **change})
+    path.write_text(f"{header}\n{line}\n")
+    with pytest.raises(RecordingError, match=re.escape(message)):
+        read_recording(path)

@@ -48,6 +48,8 @@ def test_options() -> None:
     t = parse("# c\n\n% allow-clock\n% peer-ip 2001:DB8::0:1\n% timeout 250.5\n> x\n")
     assert (t.allow_clock, t.peer_ip, t.timeout_ms) == (True, "2001:db8::1", 250.5)
     assert parse("% peer-ip ::ffff:198.51.100.7\n").peer_ip == "198.51.100.7"  # as get_ip() shows it
+    assert parse("% seed 0 9223372036854775807\n").seed == (0, 2**63 - 1)  # the legal extremes
+    assert parse("").seed is None  # a fresh seed each run
 
 
 def test_client_forms() -> None:
@@ -155,6 +157,12 @@ def test_line_separators_do_not_split_lines_they_are_refused() -> None:
         ("% timeout 99999999999999\n", "not '99999999999999'"),
         (f"% timeout {MAX_MS + 1:.0f}\n", f"is more than {MAX_MS:.0f} ms (30 days)"),
         ("% timeout ٣\n", "not '٣'"),  # a digit, but not an ASCII one
+        ("% seed 1\n", "1: column 8: '% seed' needs two whole numbers in 0..9223372036854775807, not '1'"),
+        ("% seed 1 -2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1 9223372036854775808\n", "'% seed' needs two whole numbers"),
+        ("% seed 01 2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1  2\n", "'% seed' needs two whole numbers"),
+        ("% seed 1 2 3\n", "'% seed' needs two whole numbers"),
         ("@ sometime 5\n< x\n", "1: column 3: expected '@ within MS' or '@ after MS'"),
         ("@ within NaN\n< x\n", "1: column 10: '@ within' needs a number of milliseconds"),
         ("@ after -1\n< x\n", "'@ after' needs a number of milliseconds"),
@@ -181,11 +189,30 @@ def test_line_separators_do_not_split_lines_they_are_refused() -> None:
         ("?? what\n", "1: column 1: cannot read '?? what': not a directive"),
         ("  > indented\n", "cannot read"),
         ("! reset\n", "cannot read '! reset'"),
+        ("% tls yes\n", "1: column 7: '% tls' takes no value"),
+        ("% sni www.example.com.\n", "'% sni' needs a DNS name such as www.example.com"),
+        ("% sni 192.0.2.1:443\n", "'% sni' needs a DNS name"),
+        ("% sni a_b.example\n", "'% sni' needs a DNS name"),
+        ("% sni " + "a" * 64 + ".example\n", "'% sni' needs a DNS name"),
+        ("% alpn\n", "'% alpn' needs protocol names separated by commas"),
+        ("% alpn h2,,http/1.1\n", "not 'h2,,http/1.1'"),
+        ("% alpn " + "x" * 256 + "\n", "'% alpn' needs protocol names"),
+        ("% alpn h2 http/1.1\n", "'% alpn' needs protocol names"),
+        ("< x\n% tls\n", "2: options must come before the first exchange"),
+        ("@ within 5\n! starttls\n", "2: '@' timing applies to an expectation, not to a client action"),
         ("= end\n", "cannot read"),
     ],
 )
 def test_errors(text: str, message: str) -> None:
     assert message in error(text)
+
+
+def test_tls_options_and_starttls() -> None:
+    t = parse("% tls\n% sni mail.example.com\n% alpn h2,http/1.1\n< 220 hi\n! starttls\n")
+    assert (t.tls, t.sni, t.alpn) == (True, "mail.example.com", ("h2", "http/1.1"))
+    assert [s.kind for s in t.steps] == ["expect_line", "starttls"]
+    assert parse("").tls is False and parse("").sni is None and parse("").alpn == ()
+    assert parse("% sni " + ".".join(["a" * 63] * 3) + "\n").sni  # 191 characters: a name can be long
 
 
 def test_error_text_escapes_the_path() -> None:

@@ -34,9 +34,20 @@ VALID = [
     ["set_tarpit", 0, 60000],
     ["set_limits", 0, (1 << 63) - 1],
     ["close"],
+    ["starttls", b""],
+    ["starttls", b"http/1.1"],
+    ["starttls", b"h2,http/1.1"],
+    ["starttls", b"x" * wire.ALPN_MAX],
+    ["starttls", b"!~," * 10 + b"a"],
+    ["tls_info"],
     ["done", "error", b"boom"],
 ]
 INVALID: list[object] = [
+    ["usage", -1, 0, 0],
+    ["usage", 0, 1 << 63, 0],
+    ["usage", 1.5, 0, 0],
+    ["usage", True, 0, 0],
+    ["usage", 1, 2],
     None,
     5,
     "send",
@@ -78,6 +89,18 @@ INVALID: list[object] = [
     ["set_limits", -1, 0],
     ["set_limits", 1 << 63, 0],
     ["close", None],
+    ["starttls"],
+    ["starttls", "http/1.1"],
+    ["starttls", None],
+    ["starttls", b"x" * (wire.ALPN_MAX + 1)],
+    ["starttls", b","],
+    ["starttls", b"h2,"],
+    ["starttls", b",h2"],
+    ["starttls", b"h2,,http/1.1"],
+    ["starttls", b"http 1.1"],
+    ["starttls", b"h2\x00"],
+    ["starttls", b"h\xc3\xa9"],
+    ["tls_info", b""],
     ["done", "pwned", b""],
     ["done", "aborted", b""],  # only the answer to ABORT, which the dense channel routes itself
     ["done", "return", "text"],
@@ -120,6 +143,9 @@ SAMPLE_ARGS: dict[str, list[object]] = {
     "set_tarpit": [1, 2],
     "set_limits": [3, 4],
     "close": [],
+    "starttls": [b"http/1.1"],
+    "tls_info": [],
+    "usage": [1 << 20, 5000, 1200],
     "dump": [b"\x1bLua"],
     "done": ["return", b""],
 }
@@ -140,10 +166,13 @@ def test_the_table_is_complete_and_consistent() -> None:
         "set_tarpit",
         "set_limits",
         "close",
+        "starttls",
+        "tls_info",
     )
     assert wire.ROWS["done"].modes == frozenset(Mode)
-    assert {r.name for r in wire.REQUESTS if r.io} == {"send", "recv"}
+    assert {r.name for r in wire.REQUESTS if r.io} == {"send", "recv", "starttls"}
     assert wire.ROWS["dump"].modes == frozenset({Mode.CHECK})
+    assert wire.ROWS["usage"].modes == frozenset({Mode.RUN})  # a measured session: one per worker
 
 
 def test_wrong_arity_is_refused_for_every_row() -> None:
@@ -317,3 +346,30 @@ def test_lua_constants_are_plain_values() -> None:
     constants = wire.lua_constants()
     assert all(type(v) in (int, str) for v in constants.values())
     assert "setmetatable" not in str(constants["BASE_NAMES"]).split(",")
+
+
+# --- the reply to tls_info ---------------------------------------------------------------------------
+
+
+@given(
+    st.sampled_from(["TLSv1", "TLSv1.2", "TLSv1.3"]),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", max_size=60),
+    st.sampled_from(["", "http/1.1", "h2"]),
+    st.none() | st.binary(max_size=255),
+    st.lists(st.binary(min_size=1, max_size=255), max_size=16),
+)
+def test_tls_info_packs_and_unpacks(
+    version: str, cipher: str, selected: str, sni: bytes | None, alpn: list[bytes]
+) -> None:
+    ja4, ja3 = "t13d1516h2_8daaf6152771_e5627efa2ab1", "1c258ebef8eee2dfa3df6d8d07285af9"
+    blob = wire.pack_tls_info(version, cipher, ja4, ja3, selected, sni, tuple(alpn))
+    table = wire.unpack_tls_info(blob)
+    assert table == {
+        "version": version.encode(),
+        "cipher": cipher.encode(),
+        "ja4": ja4.encode(),
+        "ja3": ja3.encode(),
+        "alpn_selected": selected.encode() or None,
+        "sni": sni,
+        "alpn": alpn,
+    }

@@ -119,6 +119,13 @@ def judge(report: Report, analysis: bytecode.Analysis) -> None:
             )
         elif table in NEVER:
             report.forbidden[f"{table}.{key}"] = lines
+    clock = sorted(key for table, key in analysis.field_uses if table == "os" and key in wire.CLOCK_FUNCTIONS)
+    if clock and "os" not in analysis.guards:
+        lines = sorted({n for key in clock for n in analysis.field_uses[("os", key)]})
+        report.problems.append(
+            f"uses os.{', os.'.join(clock)} ({_lines(lines)}) without testing for os: it is nil unless "
+            'the broker runs with --allow-clock (guard it: `if type(os) == "table" then`)'
+        )
     for method, lines in sorted(analysis.method_names.items()):
         if method == "dump":
             report.forbidden[":dump"] = lines

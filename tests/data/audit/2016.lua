@@ -1,0 +1,6 @@
+-- expect: fail cpu-deadline: a catastrophic pattern (nested backtracking in C, past the hook)
+deadend.set_limits(100, 4096) deadend.set_tarpit(100, 50)
+deadend.send("220 ready\r\n")
+local subject = ("a"):rep(40)
+local found = subject:find(("a*"):rep(30) .. "b")
+deadend.send(tostring(found) .. "\r\n")

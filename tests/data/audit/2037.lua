@@ -1,0 +1,5 @@
+-- expect: fail linger: spins on get_ip once the peer has left
+deadend.set_limits(100, 4096) deadend.set_tarpit(100, 50)
+deadend.send("220 ready\r\n")
+while deadend.recv(100) do deadend.send("250 ok\r\n") end
+while true do deadend.get_ip() end
