@@ -7,7 +7,9 @@ escaping, no monitor. Each connection gets a fresh `lupa.LuaRuntime` holding the
 `deadend` table whose functions yield to Python (a tiny shim), and an asyncio stream handler carries each
 yield out: `send` writes and drains, `recv` reads, `sleep` sleeps, `log` prints a line, `get_ip` answers
 the peer, `set_tarpit` delays every later read, `close` closes; `set_limits` is accepted and ignored.
-Every call, `get_ip` included, goes from Lua to Python and back, as a host API does.
+Every call, `get_ip` included, goes from Lua to Python and back, as a host API does. The scripts' `std`
+library (sandbox/std.lua, which the examples use) is there as the product has it: compiled once per
+process, loaded into a state at its first use.
 
 The distance from deadend to this is what deadend's design costs (its isolation, its monitor, its logs);
 the distance from the in-process baseline (bench/inprocess.py) to this is what the product's own code
@@ -30,11 +32,16 @@ from typing import Any
 
 import lupa.lua54 as lupa
 
+from deadend.wire import packed_unsafe_ranges
+
 SCRIPT_NAME = re.compile(r"[1-9][0-9]{0,4}\.lua")
+
+# std.lua, compiled once per process (as the product's zygote does): a binary chunk a state loads.
+STD_SOURCE = (Path(__file__).resolve().parent.parent / "sandbox" / "std.lua").read_bytes()
 
 # The shim: the script in a private environment over the standard library, every API call a yield.
 SHIM = b"""
-local source, chunkname = ...
+local source, chunkname, std_chunk, unsafe = ...
 local yield = coroutine.yield
 local deadend = {
   send = function(data) return yield("send", data) end,
@@ -46,7 +53,13 @@ local deadend = {
   set_limits = function() end,
   close = function() return yield("close", nil) end,
 }
-local env = setmetatable({ deadend = deadend }, { __index = _G })
+local std = setmetatable({}, { __index = function(t, name)
+  local lib = load(std_chunk, "=std", "b", setmetatable({ UNSAFE = unsafe }, { __index = _G }))()(deadend)
+  for k, v in pairs(lib) do rawset(t, k, v) end
+  setmetatable(t, nil)
+  return rawget(t, name)
+end })
+local env = setmetatable({ deadend = deadend, std = std }, { __index = _G })
 return assert(load(source, "=" .. chunkname, "t", env))
 """
 
@@ -62,6 +75,9 @@ class Lean:
         # One buffered writer, flushed at each session end (the harness waits for those lines).
         self.out = open(sys.stdout.fileno(), "w", buffering=1 << 16, closefd=False)  # noqa: SIM115
         self.tasks: set[asyncio.Task[None]] = set()
+        lua = lupa.LuaRuntime(encoding=None)
+        self.std = bytes(lua.execute(b"return string.dump(assert(load(..., '=std', 't')), true)", STD_SOURCE))
+        self.unsafe = packed_unsafe_ranges()
 
     def event(self, **fields: Any) -> None:
         self.out.write(json.dumps(fields) + "\n")
@@ -78,7 +94,7 @@ class Lean:
         reason, base, jitter = "done", 0, 0
         reply: bytes | bool | None = None
         try:
-            co = lua.execute(SHIM, script.source, script.name.encode()).coroutine()
+            co = lua.execute(SHIM, script.source, script.name.encode(), self.std, self.unsafe).coroutine()
             while True:
                 call = co.send(reply)
                 if not isinstance(call, tuple):
