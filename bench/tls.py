@@ -156,7 +156,7 @@ def run(key_type: str, sessions: int, rounds: int, folder: Path) -> list[tuple[s
     # bench/run.py lifts them, so that they do not set the pace
     argv += ["--zygote-forks", "1000000000", "--call-rate", "10000000", "--call-rate-total", "1e8"]
     argv += ["--allow-root"] if os.geteuid() == 0 else []
-    served = Served(f"deadend ({key_type})", argv, warm=4)
+    served = Served(f"deadend ({key_type})", argv, warm=4, isolated=True)
     served.start([PLAIN, TLS])
     try:
         exchange(served.port(PLAIN), False, True), exchange(served.port(TLS), True, True)  # warm up
