@@ -615,7 +615,7 @@ def expected_hello(spec: Spec) -> ClientHello:
     )
 
 
-JA4_FORM = r"t(1[0-3]|s3|d[1-3]|00)[di]\d{4}[0-9A-Za-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}"
+JA4_FORM = r"t(1[0-3]|s[23]|d[1-3]|00)[di]\d{4}[0-9A-Za-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}"
 
 
 @settings(max_examples=300, deadline=None)
