@@ -428,8 +428,9 @@ def overlimit_frames(draw: st.DrawFn) -> bytes:
         return draw(st.sampled_from([ext, b"\x92\xa4send" + ext]))
     if choice == 4:  # nesting beyond msgpack's own stack (1024)
         return b"\x91" * draw(st.integers(1025, 1200)) + b"\xc0"
-    # headers claiming more elements than the bounds allow
-    return draw(st.sampled_from([b"\xdd\xff\xff\xff\xff", b"\xdc\x00\x05", b"\xdf\x00\x00\x00\x01", b"\x95"]))
+    # headers claiming more elements than the bounds allow (a fixarray holds at most 15: within ARRAY_MAX)
+    over = b"\xdc" + struct.pack(">H", ARRAY_MAX + 1)
+    return draw(st.sampled_from([b"\xdd\xff\xff\xff\xff", over, b"\xdc\xff\xff", b"\xdf\x00\x00\x00\x01"]))
 
 
 @st.composite
