@@ -40,6 +40,7 @@ compromised) worker are the same numbers.
 from __future__ import annotations
 
 import array
+import dataclasses
 import enum
 import functools
 import itertools
@@ -257,16 +258,10 @@ class Start:
     measure: bool = False  # `deadend audit`: report the session's usage (a "usage" request) before "done"
 
     def to_frame(self) -> list[Any]:
-        # Field by field: dataclasses.asdict deep-copies every value, the script's source included.
-        fields = {
-            "mode": self.mode,
-            "source": self.source,
-            "chunkname": self.chunkname,
-            "seed": list(self.seed),
-            "memory": self.memory,
-            "instructions": self.instructions,
-            "clock": self.clock,
-        }
+        # Field by field: dataclasses.asdict deep-copies every value, the script's source included. Every
+        # field, from the class itself: one added later travels without another line here.
+        fields = {name: getattr(self, name) for name in _START_FIELDS}
+        fields["seed"] = list(self.seed)
         return ["start", fields]
 
     @classmethod
@@ -296,6 +291,9 @@ class Start:
         ):
             raise ValueError("malformed start frame")
         return start
+
+
+_START_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Start))
 
 
 def go_frame(seed: tuple[int, int]) -> list[Any]:

@@ -303,8 +303,11 @@ def test_slot_reader_blames_the_slot_whose_frame_is_bad() -> None:
 # --- the plain dialect and the zygote's ------------------------------------------------------------------
 
 
-def test_start_frame_roundtrip() -> None:
-    start = wire.Start("run", b"src", "25.lua", (1, 2), 1 << 20, 1000, True)
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (True, True)])
+def test_start_frame_roundtrip(flags: tuple[bool, bool]) -> None:
+    """Every field crosses, measure (`deadend audit`) included: a frame built field by field once lost it."""
+    clock, measure = flags
+    start = wire.Start("run", b"src", "25.lua", (1, 2), 1 << 20, 1000, clock, measure)
     frame = msgpack.unpackb(wire.pack(start.to_frame()), raw=False)
     assert wire.Start.from_frame(frame) == start
 
