@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.pool import Lease
-from broker.rehearsal import as_logged, play
+from broker.rehearsal import TLS_NAME, as_logged, play
 from broker.sandboxes import Sandboxes, standalone
 from broker.session import Session, SessionSettings
 from broker.staticcheck import check
+from broker.tls import TlsService
 from broker.zygote import ZygoteLost
 from deadend import audit, wire
 from deadend.audit import Act, Behaviour, Run
@@ -34,6 +35,7 @@ from deadend.config import Ceilings, Config
 from deadend.logs import EventLog, Where, sanitize
 from deadend.reasons import Reason
 from deadend.scripts import Script, port_of, read_source
+from deadend.tlscert import generate_certificate
 from deadend.transcript import Transcript, TranscriptError, load
 
 SEND_TIMEOUT = 3.0  # seconds a client's send may wait for the script to take the bytes
@@ -88,6 +90,9 @@ class Auditor:
         self.seed = seed
         self.allow_clock = allow_clock
         self.slots = asyncio.Semaphore(workers)
+        # A script's deadend.starttls() gets a handshake, as in the broker and `deadend test`: a throwaway
+        # certificate, which the transcripts' clients (`! starttls`, `% tls`) do not verify.
+        self.tls = TlsService(generate_certificate(TLS_NAME, "ecdsa"))
         # two workers more than runs at once: the static checks compile in workers of their own
         self.config = Config(
             scripts=Path(),
@@ -201,7 +206,7 @@ class Auditor:
         self.stream.lines[conn] = []
         peer = transcript.peer_ip if transcript is not None else PEER_IP
         clock = transcript.allow_clock if transcript is not None else self.allow_clock
-        settings = SessionSettings(self.ceilings, clock, 1.0, measure=True)
+        settings = SessionSettings(self.ceilings, clock, 1.0, tls=self.tls, measure=True)
         lease = await self._lease(script)
         try:
             ours, theirs = await self._connection()

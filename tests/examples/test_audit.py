@@ -143,14 +143,19 @@ def test_diff_names_exactly_a_log_flood_after_auth(tmp_path: Path) -> None:
     result = deadend("audit", "--transcripts", transcripts, "--format", "json", *args)
     assert result.returncode == 1, result.stderr  # something changed
     changes = json.loads(result.stdout)["changes"]
+    # the two transcripts that get an AUTH refused, one of them after STARTTLS; no other run changed
     assert changes == [
         {
             "code": "logs",
             "text": "logs 1,005 lines instead of 5 when the client plays 25-auth-refused.transcript",
-        }
+        },
+        {
+            "code": "logs",
+            "text": "logs 1,006 lines instead of 6 when the client plays 25-starttls.transcript",
+        },
     ]
     shown = deadend("audit", "--transcripts", transcripts, *args)
-    assert "(ok) → " in shown.stdout and "(warn): 1 change(s)" in shown.stdout, shown.stdout
+    assert "(ok) → " in shown.stdout and "(warn): 2 change(s)" in shown.stdout, shown.stdout
 
 
 def test_a_script_against_itself_shows_no_change_the_runs_are_repeatable() -> None:
