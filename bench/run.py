@@ -164,8 +164,8 @@ class Sizes:
 
 
 QUICK = Sizes(
-    seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=100, rounds=2, concurrency=16,
-    dense=500, hold_seconds=10, busy=200,
+    seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=50, rounds=2, concurrency=16,
+    dense=200, hold_seconds=3, busy=100,
 )  # fmt: skip
 FULL = Sizes(
     seq=400, conc=800, smtp=800, calls=20000, reps=7, starts=100, sessions=1000, rounds=4, concurrency=16,
