@@ -622,9 +622,11 @@ def trio(checkouts: list[Checkout], scripts: Path, extra: list[str], warm: int, 
     return [*brokers, *(in_process(c, scripts, extra, warm) for c in checkouts), lean(scripts, extra)]
 
 
-def scripts_folder(calls: int) -> Path:
+def scripts_folder(calls: int, smtp_from: Checkout) -> Path:
+    """The scripts of figures 1, 2, 3 and 5, the same for every server: the SMTP script is `smtp_from`'s
+    examples/25.lua (with --before, the other checkout's: an older broker may lack what today's uses)."""
     folder = Path(tempfile.mkdtemp(prefix="deadend-bench-"))
-    smtp = (REPO / "examples" / "25.lua").read_text()
+    smtp = (smtp_from.root / "examples" / "25.lua").read_text()
     tarpit = "local TARPIT_BASE, TARPIT_JITTER = "
     fast = smtp.replace(tarpit + "100, 150", tarpit + "0, 0")
     if fast == smtp:
@@ -1545,13 +1547,17 @@ def method(r: Results) -> list[str]:
         " coroutine yields, an asyncio stream handler; no hardening, no monitor, log lines printed as they"
         " come. Clients run in this process; the servers are measured in rotating rounds.",
     ]
+    smtp_origin = ""
     if r.before:
+        smtp_origin = "the --before checkout's "
         lines.append(
             "deadend before, in-process before: the same servers of the --before checkout (its own code and"
-            " .venv), measured in the same rounds; the lean floor is shared."
+            " .venv), measured in the same rounds; the lean floor is shared. Every server runs the --before"
+            " checkout's 25.lua (figures 1-3), which an older broker can serve."
         )
     lines += [
-        f"1: connect() to the first byte of examples/25.lua's banner: {z.seq} sequential connections, then"
+        f"1: connect() to the first byte of {smtp_origin}examples/25.lua's banner: {z.seq} sequential"
+        " connections, then"
         f" {z.conc} by {c} clients each in a loop (connect, read the line, close); {z.rounds} rounds each.",
         f"2, 3: {z.smtp} sessions (banner, EHLO, QUIT; 25.lua with its tarpit set to 0) by {c} clients in a"
         " loop. CPU = broker utime+stime + zygote utime+stime + zygote cutime+cstime (its reaped children),"
@@ -1680,7 +1686,7 @@ def print_report(r: Results, quick: bool, now: datetime.datetime, load_start: st
 
 def run(z: Sizes, checkouts: list[Checkout]) -> Results:
     ready, inproc, bare = start_to_ready(z.starts)
-    scripts = scripts_folder(z.calls)
+    scripts = scripts_folder(z.calls, checkouts[-1])
     tarpits = one_script_folder(TARPIT_PORT, TARPIT_SCRIPT)
     busy = one_script_folder(BUSY_PORT, BUSY_SCRIPT)
     idle = one_script_folder(IDLE_PORT, IDLE_SCRIPT)
