@@ -164,7 +164,7 @@ class Sizes:
 
 
 QUICK = Sizes(
-    seq=40, conc=64, smtp=64, calls=2000, reps=3, starts=10, sessions=50, rounds=2, concurrency=16,
+    seq=40, conc=64, smtp=64, calls=10000, reps=5, starts=10, sessions=50, rounds=2, concurrency=16,
     dense=200, hold_seconds=3, busy=100,
 )  # fmt: skip
 FULL = Sizes(

@@ -700,9 +700,11 @@ def test_descriptor_exhaustion_the_budget_did_not_foresee(make_broker) -> None:
     open_at_limit = usage(pid).fds  # the pool may still be refilling: count again right before
     limit = max(idle.fds, open_at_limit) + 3
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
-    # A descriptor opened between the count and prlimit (the warm pool refilling) stays open above the
-    # new limit; no new one can be opened past it. So the bound is whichever is higher.
-    bound = max(limit, usage(pid).fds)
+    # RLIMIT_NOFILE bounds the numbers of new descriptors, not their count: below the limit at most
+    # `limit` can be open, and those opened before prlimit at or above it (the warm pool refilling) stay
+    # open until closed, never to be opened there again. So the bound is the limit plus those.
+    above = [fd for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) >= limit]
+    bound = limit + len(above)
     mark = b.mark()
     clients = [b.connect(8) for _ in range(10)]  # completed by the kernel, waiting in the backlog
     b.wait_for(r"accept on \S+ failed: Too many open files; pausing accepts", 5, since=mark)

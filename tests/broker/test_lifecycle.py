@@ -248,6 +248,10 @@ def test_blocked_stdout_does_not_stall_the_broker(tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if (
+            proc.stdout is not None
+        ):  # a failure above left it open: its ResourceWarning would fail a later test
+            proc.stdout.close()
     text = out.decode()
     assert proc.returncode == 0
     assert "session end reason=cpu-deadline" in text
@@ -267,7 +271,7 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def wait_listening(port: int, timeout: float = 15) -> None:
+def wait_listening(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
