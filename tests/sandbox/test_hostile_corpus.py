@@ -29,7 +29,7 @@ FLAGS = (
     "--session-time",
     "6",
     "--linger",
-    "1",
+    "2",  # a script spinning after close must reach --instructions first, on a loaded machine too
     "--workers",
     "80",
     "--log-rate",

@@ -161,7 +161,9 @@ def test_hostile_scripts_end_only_their_session(make_broker) -> None:
     scripts = {"7.lua": GOOD}
     for i, (source, _) in enumerate(HOSTILE.values()):
         scripts[f"{200 + i}.lua"] = f"deadend.send('x')\n{source}\n"
-    b = make_broker(scripts, "--cpu-slice", "1.5", "--memory", "16")
+    # 5M instructions: the metered loops end by the instruction ceiling well inside the 1.5 s slice even on
+    # a loaded machine (the pattern bomb, which the meter cannot see, by the slice)
+    b = make_broker(scripts, "--cpu-slice", "1.5", "--memory", "16", "--instructions", "5000000")
     hostile = [b.connect(200 + i) for i in range(len(HOSTILE))]
     for s in hostile:
         assert s.recv(1) == b"x"
