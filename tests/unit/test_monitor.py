@@ -7,6 +7,8 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker import monitor as m
 from deadend import wire
@@ -336,3 +338,26 @@ def test_after_tls_the_io_rules_are_unchanged() -> None:
     assert mon.received(b"GET / HTTP/1.1\r\n", 2.0)[0] == m.Reply(b"GET / HTTP/1.1\r\n")
     assert mon.handle(req("recv", 10), 2.0) == m.Reply(None)  # the limit counts plaintext recvs
     assert mon.final_reason(Reason.DONE) == Reason.DONE
+
+
+# --- the tarpit's jitter ------------------------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**126), st.integers(0, 10_000), st.integers(0, 10_000))
+def test_jitter_stays_in_its_range_and_repeats_from_its_seed(seed: int, a: int, span: int) -> None:
+    """A session's jitter comes from its seed (a replayed session is paced as it was) and stays within
+    [a, a + span], as random.randint would."""
+    one, two = m.Jitter(seed), m.Jitter(seed)
+    drawn = [one.randint(a, a + span) for _ in range(50)]
+    assert drawn == [two.randint(a, a + span) for _ in range(50)]
+    assert all(a <= x <= a + span for x in drawn)
+
+
+def test_jitter_covers_its_range_and_seeds_differ() -> None:
+    assert set(_draws(7, 2000)) == set(range(10))  # every value comes, none outside
+    assert _draws(7, 50) != _draws(8, 50)
+
+
+def _draws(seed: int, n: int) -> list[int]:
+    jitter = m.Jitter(seed)
+    return [jitter.randint(0, 9) for _ in range(n)]
