@@ -75,12 +75,18 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     try:
         broker.wait_for(r"ready: \d+ script")
         found: dict[str, tuple[Path, str]] = {}
-        for script in SCRIPTS:
-            transcript = first_transcript(script)
-            failure, local_port = asyncio.run(
+        transcripts = [first_transcript(script) for script in SCRIPTS]
+
+        async def every_session() -> list[tuple[str, int]]:
+            # all at once: the tarpits' pacing adds up to seconds when played one after the other
+            talks = (
                 talk(broker.port(int(script.stem)), transcript, client_part(transcript))
+                for script, transcript in zip(SCRIPTS, transcripts, strict=True)
             )
-            assert not failure, failure
+            return list(await asyncio.gather(*talks))
+
+        for script, (failure, local_port) in zip(SCRIPTS, asyncio.run(every_session()), strict=True):
+            assert not failure, f"{script.name}: {failure}"
             rx = rf"conn=([0-9a-f]{{12}}) peer=\S+ connect from {re.escape(HOST)} port {local_port} "
             conn = broker.wait_for(rx).group(1)
             closed_by = broker.session_end(conn).group(2)
