@@ -75,6 +75,7 @@ def test_nmap_names_every_example() -> None:
             assert seen.get("name") in ("ssh", "unknown", None) or seen.get("name", "").startswith("ssh")
             continue
         name, tunnel, product = expected
-        assert (seen.get("name"), seen.get("tunnel", "")) == (name, tunnel), (port, seen)
+        log = [line for line in run.stderr.splitlines() if f"port={port} " in line][-20:]
+        assert (seen.get("name"), seen.get("tunnel", "")) == (name, tunnel), (port, seen, log)
         assert product in seen.get("product", ""), (port, seen)
     assert elapsed < 60
