@@ -26,6 +26,19 @@ from deadend.logs import SCRIPT_LINE, unquote
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 DATA = Path(__file__).resolve().parent / "data"  # scripts and vectors the tests read
+# A valid recording header (docs/recording.md), for tests that write recordings by hand.
+RECORDING_HEADER: dict[str, object] = {
+    "format": "deadend-recording",
+    "version": 1,
+    "conn": "0123456789ab",
+    "port": 25,
+    "peer": "203.0.113.7",
+    "peer_port": 42702,
+    "script": "25.lua",
+    "script_sha256": "ab" * 32,
+    "started": "2025-11-25T14:24:49.250Z",
+    "started_unix": 1764080689.25,
+}
 FAKES = Path(__file__).resolve().parent / "fakes"  # the attacker's programs: compromised workers, a zygote
 HOST = "127.0.0.1"
 

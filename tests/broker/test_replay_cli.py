@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import RECORDING_HEADER, REPO
 
-HEADER = {
-    "format": "deadend-recording",
-    "version": 1,
-    "conn": "0123456789ab",
-    "port": 25,
-    "peer": "203.0.113.7",
-    "peer_port": 42702,
-    "script": "25.lua",
-    "script_sha256": "ab" * 32,
-    "started": "2025-11-25T14:24:49.250Z",
-    "started_unix": 1764080689.25,
-}
+HEADER = RECORDING_HEADER
 
 
 def test_absurd_numbers_in_a_subprocess_leave_no_traceback(tmp_path: Path) -> None:

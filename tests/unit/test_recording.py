@@ -32,7 +32,7 @@ from deadend.recording import (
 )
 from deadend.replay import add_replay_parser, run_replay
 from deadend.transcript import parse
-from tests.conftest import REPO
+from tests.conftest import RECORDING_HEADER, REPO
 
 META = SessionMeta("0123456789ab", 25, "203.0.113.7", 42702, "25.lua", "ab" * 32, 1764080689.25)
 NAME = "20251125T142449Z-25-0123456789ab.jsonl"
@@ -415,9 +415,7 @@ def test_a_failed_tls_line_ends_the_transcript(tmp_path: Path, capsys: pytest.Ca
 )
 def test_a_tampered_tls_line_is_refused(tmp_path: Path, change: dict[str, object], message: str) -> None:
     path = tmp_path / "r.jsonl"
-    header = json.dumps({"format": "deadend-recording", "version": 1, "conn": "0123456789ab", "port": 25,
-                         "peer": "203.0.113.7", "peer_port": 1, "script": "25.lua", "script_sha256": "x",
-                         "started": "2025-11-25T14:24:49.250Z", "started_unix": 1.0})  # fmt: skip
+    header = json.dumps(RECORDING_HEADER)
     line = json.dumps({"t": 0.1, "event": "tls", **tls_fields(), **change})
     path.write_text(f"{header}\n{line}\n")
     with pytest.raises(RecordingError, match=re.escape(message)):

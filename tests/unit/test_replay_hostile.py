@@ -20,20 +20,9 @@ from hypothesis import strategies as st
 from deadend.recording import MAX_LINE, Data, End, Gap, RecordingError, Truncated, open_recording
 from deadend.replay import add_replay_parser, conversation, run_replay, transcript_of
 from deadend.transcript import parse
+from tests.conftest import RECORDING_HEADER
 
-REPO = Path(__file__).resolve().parents[2]
-HEADER = {
-    "format": "deadend-recording",
-    "version": 1,
-    "conn": "0123456789ab",
-    "port": 25,
-    "peer": "203.0.113.7",
-    "peer_port": 42702,
-    "script": "25.lua",
-    "script_sha256": "ab" * 32,
-    "started": "2025-11-25T14:24:49.250Z",
-    "started_unix": 1764080689.25,
-}
+HEADER = RECORDING_HEADER
 ENTRIES: list[dict[str, object]] = [
     {"t": 0.1, "dir": "out", "data": "220 hi\r\n"},
     {"t": 0.2, "dir": "in", "data": "EHLO x\r\n"},
