@@ -5,6 +5,7 @@ skips its tests, saying which package to install (CI installs them all: .ci/run)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +26,43 @@ import pytest
 from deadend.sinks import OutEvent, SinkSet, Timing, parse_sink_url
 
 HOST = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def raw_server(on_accept: Callable[[socket.socket], bool]) -> Iterator[int]:
+    """A bare TCP server on loopback (something on the port that is not the collector), its port: each
+    connection goes to `on_accept` in the server's thread, which says whether to keep it open. Kept ones
+    are closed, and the thread stopped, at the end."""
+    server = socket.socket()
+    server.bind((HOST, 0))
+    server.listen()
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            if on_accept(conn):
+                held.append(conn)
+            else:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
 T = TypeVar("T")
 # Short enough for tests that stop a collector for seconds; the production defaults are in Timing.
 FAST = Timing(backoff_first=0.05, backoff_max=0.5, timeout=2.0, sync_interval=0.2, proven=0.3)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 from pathlib import Path
 
 from hpfeeds.asyncio import ClientSession
 
-from tests.sinks.collectors import HpfeedsBroker, Reports, all_delivered, make_event, run, sink_set, until
+from tests.sinks.collectors import (
+    HpfeedsBroker,
+    Reports,
+    all_delivered,
+    make_event,
+    raw_server,
+    run,
+    sink_set,
+    until,
+)
 
 
 def test_delivery_to_a_subscriber_in_order(hpfeeds_broker: HpfeedsBroker) -> None:
@@ -68,28 +76,17 @@ def test_a_broker_that_breaks_the_protocol(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("s\n")
     greetings = [b"\x00\x00\x00\x06\x09x", b"\x7f\xff\xff\xff\x03", b"\x00\x00\x00\x05"]
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    stop = threading.Event()
     accepted: list[socket.socket] = []
 
-    def serve() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            conn.sendall(greetings[len(accepted) % len(greetings)])
-            accepted.append(conn)  # kept open: the sink must notice on its own
+    def greet(conn: socket.socket) -> bool:
+        conn.sendall(greetings[len(accepted) % len(greetings)])
+        accepted.append(conn)
+        return True  # kept open: the sink must notice on its own
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     reports = Reports()
 
-    async def main() -> None:
-        url = f"hpfeeds://i@127.0.0.1:{server.getsockname()[1]}/c?secret_file={secret}"
+    async def main(port: int) -> None:
+        url = f"hpfeeds://i@127.0.0.1:{port}/c?secret_file={secret}"
         sinks = sink_set([url], reports)
         await sinks.start()
         sinks.publish(make_event(0))
@@ -97,14 +94,8 @@ def test_a_broker_that_breaks_the_protocol(tmp_path: Path) -> None:
         assert sinks.stats()[0].queued == 1 and sinks.stats()[0].delivered == 0
         await sinks.close(0.2)
 
-    try:
-        run(main)
-    finally:
-        stop.set()
-        thread.join()
-        for conn in accepted:
-            conn.close()
-        server.close()
+    with raw_server(greet) as port:
+        run(lambda: main(port))
     [down] = reports.matching(" down: ")
     assert "the broker broke the protocol" in down or "no hpfeeds greeting" in down, down
     assert len(accepted) >= 3

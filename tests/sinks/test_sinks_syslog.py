@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.sinks.collectors import (
     all_delivered,
     first_seen,
     make_event,
+    raw_server,
     rss_kib,
     run,
     sink_set,
@@ -128,29 +128,15 @@ def test_outage_mid_stream_every_event_arrives_in_order(rsyslog: Rsyslog, tmp_pa
 
 def test_stalled_collector_does_not_stall_publish(tmp_path: Path) -> None:
     """A raw TCP server that accepts and never reads: publish() stays O(1), memory stays bounded."""
-    server = socket.socket()
-    server.bind((HOST, 0))
-    server.listen()
-    held: list[socket.socket] = []
-    stop = threading.Event()
 
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                held.append(conn)
-            except TimeoutError:
-                continue
+    def hold(conn: socket.socket) -> bool:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        return True  # kept open, never read
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
     reports = Reports()
-    port = server.getsockname()[1]
     slowest = 0.0
 
-    async def main() -> None:
+    async def main(port: int) -> None:
         nonlocal slowest
         url = f"syslog+tcp://{HOST}:{port}?max_message=65536"
         spool = tmp_path / "spool"
@@ -172,14 +158,8 @@ def test_stalled_collector_does_not_stall_publish(tmp_path: Path) -> None:
         assert grown < 40 << 10, f"RSS grew by {grown} KiB"
         await sinks.close(0.5)
 
-    try:
-        run(main)
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        server.close()
+    with raw_server(hold) as port:
+        run(lambda: main(port))
     assert slowest < 0.05, f"one publish() took {slowest * 1000:.1f} ms"
     downs = reports.matching(" down: ")
     assert len(downs) == 1 and "stalled" in downs[0], reports.lines
@@ -188,41 +168,25 @@ def test_stalled_collector_does_not_stall_publish(tmp_path: Path) -> None:
 
 def test_collector_that_talks_back_is_dropped_with_backoff(tmp_path: Path) -> None:
     """Something on the port that answers (not a syslog server): one down line, retried with back-off."""
-    server = socket.socket()
-    server.bind((HOST, 0))
-    server.listen()
-    accepted = []
-    stop = threading.Event()
+    accepted: list[float] = []
 
-    def serve() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            accepted.append(time.monotonic())
-            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
-            conn.close()
+    def banner(conn: socket.socket) -> bool:
+        accepted.append(time.monotonic())
+        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        return False  # closed at once
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     reports = Reports()
 
-    async def main() -> None:
-        sinks = sink_set([f"syslog+tcp://{HOST}:{server.getsockname()[1]}"], reports)
+    async def main(port: int) -> None:
+        sinks = sink_set([f"syslog+tcp://{HOST}:{port}"], reports)
         await sinks.start()
         sinks.publish(make_event(0))
         await asyncio.sleep(3.0)
         assert sinks.stats()[0].queued == 1
         await sinks.close(0.2)
 
-    try:
-        run(main)
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
+    with raw_server(banner) as port:
+        run(lambda: main(port))
     downs = reports.matching(" down: ")
     assert len(downs) == 1, reports.lines
     assert "sent" in downs[0] or "closed" in downs[0], downs
